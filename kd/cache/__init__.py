@@ -1,0 +1,1 @@
+"""The teacher-logit cache: shard format, manifest, writer and reader."""

@@ -1,0 +1,103 @@
+"""The `kd` command line.
+
+    kd cache-logits --data train.jsonl --out cache/      # stage one: run the teacher once
+    kd inspect cache/ --verify                           # what is in a cache; checksums
+    kd train --from-cache cache/ --student ... --out s/  # stage two: train from the cache
+    kd gen-traces --prompts problems.jsonl --out t.jsonl # black-box reasoning traces
+    kd eval --model s/ --data test.jsonl --teacher T     # compare a student with its teacher
+    kd demo                                              # the whole pipeline on the embedded teacher
+
+Every stage module in `kd.stages` registers its own command; this file only assembles them and
+turns errors into one line (`kd: error: ...`, exit 1) unless --debug is given.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+import typer
+
+from kd import __version__
+from kd.pipeline.errors import KdError
+
+app = typer.Typer(
+    name="kd",
+    help="Offline knowledge distillation for LLMs: cache teacher logits once, train many students.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Stage modules, each exposing `register(app)`. Imported lazily by name so a missing optional
+# dependency of one stage does not break the others.
+STAGE_MODULES = (
+    "kd.stages.cache_logits",
+    "kd.stages.inspect",
+    "kd.stages.train",
+    "kd.stages.gen_traces",
+    "kd.stages.evaluate",
+    "kd.stages.demo",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"kd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Show version."),
+) -> None:
+    """kd: offline knowledge distillation for LLMs."""
+
+
+for _name in STAGE_MODULES:
+    try:
+        _module = importlib.import_module(_name)
+    except ModuleNotFoundError as _exc:  # a stage not written yet, or one whose module is absent
+        if _exc.name != _name:
+            raise
+        continue
+    _module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, printing user errors as one line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="kd", standalone_mode=False)
+    except KdError as exc:
+        if debug:
+            raise
+        print(f"kd: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("kd: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        command = f"{ctx.command_path}: " if ctx is not None else "kd: "
+        print(f"{command}error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("kd: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"kd: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared machinery: data, engines, losses, models, training."""

