@@ -1,0 +1,217 @@
+"""The shard format of kd's teacher-logit cache.
+
+A cache is a directory::
+
+    cache/
+      manifest.json            settings + every finished shard (rows, tokens, bytes, sha256)
+      shard-r000-00000.arrow   Arrow IPC file, zstd-compressed buffers
+      shard-r000-00001.arrow   (r000 = the rank that wrote it; one cache can hold many ranks)
+      ...
+
+Each shard row is one training sequence:
+
+==================  ============================================  =====================================
+column              type                                          meaning
+==================  ============================================  =====================================
+``row``             uint64                                        index of the record in the corpus
+``input_ids``       list<uint16|uint32>                           tokens (narrowest type for the vocab)
+``loss_mask``       list<bool>                                    True where the token is a target
+``teacher_ids``     list<fixed_size_list<uint16|uint32, K>>       top-k mode: the K most likely ids
+``teacher_values``  list<fixed_size_list<uint16|float32, K>>      top-k mode: their log-probs (T=1)
+``teacher_tail``    list<uint16|float32>                          top-k mode: log(1 - sum of top-k p)
+``teacher_ids``     list<list<uint16|uint32>>                     rs mode: unique sampled ids
+``teacher_counts``  list<list<uint8|uint16>>                      rs mode: how often each was drawn
+==================  ============================================  =====================================
+
+The teacher lists hold one entry per *target*: each position t >= 1 with ``loss_mask[t]`` set, in
+order. Entry j describes the teacher's distribution over token t given tokens [0, t), i.e. the
+logits at position t - 1. Position 0 is never a target. Stage two therefore never re-tokenizes.
+
+Value encodings (``manifest.value_encoding``):
+
+* ``q64``: a log-prob ``v <= 0`` is stored as ``q = round(-64 v)`` in uint16 (so values down to
+  -1023.98 nats), and along each top-k row as the difference to the previous entry (top-k rows are
+  sorted by probability, so differences are small non-negative numbers that zstd packs well).
+  Maximum absolute error 1/128 = 0.0078 nats. ``q = 65535`` encodes log 0 (an empty tail).
+* ``float32``: exact, 2x the bytes before compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+Q_SCALE = 64.0
+Q_EMPTY = 65535  # log 0
+Q_MAX_FINITE = 65534
+VALUE_ENCODINGS = ("q64", "float32")
+MODES = ("topk", "rs")
+IPC_COMPRESSION = ("zstd", 9)
+
+
+def id_type(vocab_size: int) -> pa.DataType:
+    """Narrowest unsigned Arrow type that holds every token id."""
+    if vocab_size <= 1 << 16:
+        return pa.uint16()
+    return pa.uint32()
+
+
+def count_type(num_samples: int) -> pa.DataType:
+    return pa.uint8() if num_samples <= 255 else pa.uint16()
+
+
+def schema(mode: str, vocab_size: int, k: int, value_encoding: str, num_samples: int = 0) -> pa.Schema:
+    """The Arrow schema of a shard for these settings."""
+    ids = id_type(vocab_size)
+    fields = [
+        pa.field("row", pa.uint64()),
+        pa.field("input_ids", pa.list_(ids)),
+        pa.field("loss_mask", pa.list_(pa.bool_())),
+    ]
+    if mode == "topk":
+        value = pa.uint16() if value_encoding == "q64" else pa.float32()
+        fields += [
+            pa.field("teacher_ids", pa.list_(pa.list_(ids, k))),
+            pa.field("teacher_values", pa.list_(pa.list_(value, k))),
+            pa.field("teacher_tail", pa.list_(value)),
+        ]
+    else:
+        fields += [
+            pa.field("teacher_ids", pa.list_(pa.list_(ids))),
+            pa.field("teacher_counts", pa.list_(pa.list_(count_type(num_samples)))),
+        ]
+    return pa.schema(fields)
+
+
+# ----------------------------------------------------------------------------- value codec
+
+
+def quantize_logprobs(values: np.ndarray) -> np.ndarray:
+    """float log-probs (<= 0, may be -inf) -> uint16 q64 codes (absolute, not yet delta-coded)."""
+    v = np.asarray(values, dtype=np.float64)
+    q = np.where(np.isfinite(v), np.rint(np.clip(-v, 0.0, Q_MAX_FINITE / Q_SCALE) * Q_SCALE), Q_EMPTY)
+    return q.astype(np.uint16)
+
+
+def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
+    """uint16 q64 codes (absolute) -> float32 log-probs, -inf for the empty code."""
+    q = np.asarray(q)
+    out = -(q.astype(np.float32) / np.float32(Q_SCALE))
+    out[q == Q_EMPTY] = -np.inf
+    return out
+
+
+def encode_topk_values(logprobs: np.ndarray, encoding: str) -> np.ndarray:
+    """[T, K] sorted-descending log-probs -> stored values (delta-coded q64 or float32)."""
+    if encoding == "float32":
+        return np.asarray(logprobs, dtype=np.float32)
+    q = quantize_logprobs(logprobs)
+    delta = q.astype(np.int32)
+    delta[:, 1:] = np.diff(delta, axis=1)
+    if (delta < 0).any():
+        raise ValueError("top-k log-probs must be sorted in descending order before q64 delta coding")
+    return delta.astype(np.uint16)
+
+
+def decode_topk_values(stored: np.ndarray, encoding: str) -> np.ndarray:
+    """Inverse of encode_topk_values: [T, K] -> float32 log-probs."""
+    if encoding == "float32":
+        return np.asarray(stored, dtype=np.float32)
+    q = np.cumsum(np.asarray(stored, dtype=np.int64), axis=1)
+    return dequantize_logprobs(np.minimum(q, Q_EMPTY).astype(np.uint16))
+
+
+def encode_tail(tail: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "float32":
+        return np.asarray(tail, dtype=np.float32)
+    return quantize_logprobs(tail)
+
+
+def decode_tail(stored: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "float32":
+        return np.asarray(stored, dtype=np.float32)
+    return dequantize_logprobs(stored)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass
+class TopKTargets:
+    """Teacher data for the targets of one sequence: ids[T, K], logprobs[T, K] (desc), tail[T]."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tail: np.ndarray
+
+
+@dataclass
+class SampledTargets:
+    """RS teacher data for the targets of one sequence: per target, unique ids and their counts."""
+
+    ids: list[np.ndarray]
+    counts: list[np.ndarray]
+
+
+def target_positions(loss_mask: np.ndarray) -> np.ndarray:
+    """Positions t >= 1 whose token is a target (the teacher entry j belongs to the j-th of these)."""
+    mask = np.asarray(loss_mask, dtype=bool).copy()
+    mask[:1] = False
+    return np.flatnonzero(mask)
+
+
+def build_batch(
+    schema_: pa.Schema,
+    rows: list[int],
+    input_ids: list[np.ndarray],
+    loss_masks: list[np.ndarray],
+    targets: list[TopKTargets] | list[SampledTargets],
+    value_encoding: str,
+) -> pa.RecordBatch:
+    """Assemble one Arrow record batch from per-sequence arrays (vectorised: no per-token Python)."""
+    ids_type = schema_.field("input_ids").type.value_type
+
+    def list_of(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        flat = np.concatenate(arrays) if arrays else np.zeros(0)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+    columns = [
+        pa.array(np.asarray(rows, dtype=np.uint64)),
+        list_of([np.asarray(a) for a in input_ids], ids_type),
+        list_of([np.asarray(m, dtype=bool) for m in loss_masks], pa.bool_()),
+    ]
+    if isinstance(targets[0], TopKTargets):
+        k = schema_.field("teacher_ids").type.value_type.list_size
+        value_type = schema_.field("teacher_tail").type.value_type
+
+        def list_of_fixed(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+            offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+            np.cumsum([len(a) for a in arrays], out=offsets[1:])
+            flat = np.concatenate([a.reshape(-1) for a in arrays])
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), k)
+            return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+        columns += [
+            list_of_fixed([t.ids for t in targets], ids_type),
+            list_of_fixed([encode_topk_values(t.logprobs, value_encoding) for t in targets], value_type),
+            list_of([encode_tail(t.tail, value_encoding) for t in targets], value_type),
+        ]
+    else:
+        counts_type = schema_.field("teacher_counts").type.value_type.value_type
+
+        def list_of_lists(per_seq: list[list[np.ndarray]], value_type: pa.DataType) -> pa.Array:
+            inner = list_of([a for seq in per_seq for a in seq], value_type)
+            outer_offsets = np.zeros(len(per_seq) + 1, dtype=np.int32)
+            np.cumsum([len(seq) for seq in per_seq], out=outer_offsets[1:])
+            return pa.ListArray.from_arrays(pa.array(outer_offsets), inner)
+
+        columns += [
+            list_of_lists([t.ids for t in targets], ids_type),
+            list_of_lists([t.counts for t in targets], counts_type),
+        ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema_)

@@ -1,0 +1,129 @@
+"""manifest.json: what a cache holds and how it was made.
+
+Several processes (ranks) may write into one cache, so every update happens under an exclusive
+file lock and is written to a temp file that replaces manifest.json atomically. A reader never sees
+a half-written manifest, and a shard appears in it only after its file was fsynced and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kd import __version__
+from kd.pipeline.errors import KdError
+
+MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that it is either the old or the new content, never a mix (tmp + fsync + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(cache_dir: Path) -> Iterator[None]:
+    """Exclusive lock over manifest updates of one cache (works across processes on one host/NFS-less FS)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a cache, or None if the directory has none yet."""
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise KdError(f"{path}: corrupt manifest ({exc.msg}); this is not a cache kd wrote") from exc
+
+
+def _write(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """First setting that differs between two settings dicts, as 'key: old -> new'."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = describe_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {a!r} -> {b!r}"
+    return ""
+
+
+def open_or_create(cache_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Start a cache, or join/resume one made with exactly the same settings; refuse any other."""
+    with locked(cache_dir):
+        manifest = read_manifest(cache_dir)
+        if manifest is None:
+            leftovers = [p.name for p in cache_dir.iterdir() if p.name not in (LOCK,) and not p.name.startswith(".")]
+            if leftovers:
+                raise KdError(f"--out {cache_dir}: directory is not empty and has no manifest.json; choose another")
+            manifest = {
+                "kd_version": __version__,
+                "settings": settings,
+                "shards": [],
+                "ranks": {},
+                "complete": False,
+            }
+            _write(cache_dir, manifest)
+            return manifest
+        if manifest.get("settings") != settings:
+            diff = describe_difference(manifest.get("settings", {}), settings)
+            raise KdError(
+                f"--out {cache_dir}: the cache there was made with different settings ({diff}); "
+                "use another --out directory or delete it"
+            )
+        return manifest
+
+
+def record_shard(cache_dir: Path, shard: dict[str, Any]) -> None:
+    """Add a finished shard (already renamed into place) to the manifest."""
+    with locked(cache_dir):
+        manifest = read_manifest(cache_dir)
+        assert manifest is not None
+        manifest["shards"] = [s for s in manifest["shards"] if s["file"] != shard["file"]] + [shard]
+        manifest["shards"].sort(key=lambda s: (s["rank"], s["index"]))
+        _write(cache_dir, manifest)
+
+
+def record_rank_done(cache_dir: Path, rank: int, stats: dict[str, Any]) -> dict[str, Any]:
+    """Mark a rank finished; the cache is complete once every rank of world_size is."""
+    with locked(cache_dir):
+        manifest = read_manifest(cache_dir)
+        assert manifest is not None
+        manifest["ranks"][str(rank)] = {"complete": True, **stats}
+        world_size = manifest["settings"]["world_size"]
+        manifest["complete"] = all(manifest["ranks"].get(str(r), {}).get("complete") for r in range(world_size))
+        _write(cache_dir, manifest)
+        return manifest

@@ -1,0 +1,46 @@
+"""What a teacher engine must do for stage one, whatever runs it.
+
+An engine takes a batch of tokenized sequences and returns, for every target position of each
+(see kd.cache.format.target_positions), either the top-k ids and log-probabilities at temperature 1
+plus the tail log-mass, or the unique ids and counts of N draws from the teacher's distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from kd.cache.format import SampledTargets, TopKTargets
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to record per target token."""
+
+    mode: str
+    """``topk`` (K most likely ids + tail mass) or ``rs`` (random-sampling KD: N draws, counted)."""
+    k: int = 64
+    """Top-k size in topk mode."""
+    num_samples: int = 64
+    """Draws per token in rs mode."""
+    seed: int = 0
+    """Base seed of the rs draws (each batch derives its own from its first row)."""
+
+
+@dataclass
+class SequenceToScore:
+    row: int
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+
+class TeacherEngine(Protocol):
+    """Any teacher runtime: transformers (CPU/GPU, device_map) or vLLM (prompt log-probs)."""
+
+    vocab_size: int
+
+    def score(self, batch: list[SequenceToScore]) -> list[TopKTargets | SampledTargets]: ...
+
+    def close(self) -> None: ...
