@@ -60,7 +60,7 @@ def build_tiny_model_dir(out: Path, tokenizer_dir: Path, seed: int = 0, layers: 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """Hugging Face directory of the embedded SmolLM2-135M-Instruct (converted once, cached in $KD_HOME)."""
-    from kd.pipeline.models import gguf_to_hf_dir, embedded_gguf_path
+    from kd.pipeline.models import embedded_gguf_path, gguf_to_hf_dir
 
     return gguf_to_hf_dir(embedded_gguf_path())
 

@@ -12,8 +12,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 def kd_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    env.update(
+        {
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+        }
+    )
     env.update(extra)
     return env
 
@@ -24,14 +31,14 @@ def kd_cmd(*args: str) -> list[str]:
 
 def run_kd(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `kd ARGS` to completion and return the completed process (text output)."""
-    return subprocess.run(kd_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env or kd_env(),
-                          cwd=REPO)
+    return subprocess.run(kd_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env or kd_env(), cwd=REPO)
 
 
 def start_kd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `kd ARGS` in the background (for kill tests)."""
-    return subprocess.Popen(kd_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or kd_env(), cwd=REPO)
+    return subprocess.Popen(
+        kd_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or kd_env(), cwd=REPO
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -19,6 +19,7 @@ from kd.pipeline.engines.logits_hf import topk_with_tail
 
 def bucket_kl(p_lp: np.ndarray, p_tail: np.ndarray, q_lp: np.ndarray, q_tail: np.ndarray) -> np.ndarray:
     """KL between two (K+1)-bucket distributions, each renormalised (as stage two does)."""
+
     def norm(lp, tail):
         allp = np.concatenate([lp, tail[:, None]], axis=1).astype(np.float64)
         return allp - np.logaddexp.reduce(allp, axis=1, keepdims=True)
@@ -49,8 +50,12 @@ def test_q64_error_under_001_nats_on_the_embedded_teacher(smollm2_dir, smollm2_t
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir)).eval()
     text = smollm2_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tom has 3 apples and buys 5 more. How many?"},
-         {"role": "assistant", "content": "Tom has 3 + 5 = 8 apples. The answer is 8."}], tokenize=False)
+        [
+            {"role": "user", "content": "Tom has 3 apples and buys 5 more. How many?"},
+            {"role": "assistant", "content": "Tom has 3 + 5 = 8 apples. The answer is 8."},
+        ],
+        tokenize=False,
+    )
     ids = torch.tensor([smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logits = model(ids).logits[0].float()
@@ -106,8 +111,10 @@ def test_build_batch_and_decode_roundtrip():
 def test_rs_roundtrip():
     schema = fmt.schema("rs", 1000, 0, "q64", num_samples=64)
     mask = np.array([0, 1, 1, 1], bool)
-    t = fmt.SampledTargets([np.array([3, 9]), np.array([1]), np.array([4, 5, 6])],
-                           [np.array([60, 4]), np.array([64]), np.array([1, 2, 61])])
+    t = fmt.SampledTargets(
+        [np.array([3, 9]), np.array([1]), np.array([4, 5, 6])],
+        [np.array([60, 4]), np.array([64]), np.array([1, 2, 61])],
+    )
     batch = fmt.build_batch(schema, [0], [np.array([1, 2, 3, 4])], [mask], [t], "q64")
     (got,) = decode_table(pa.Table.from_batches([batch]), "rs", "q64")
     assert [list(x) for x in got.teacher.ids] == [[3, 9], [1], [4, 5, 6]]

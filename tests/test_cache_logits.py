@@ -24,11 +24,18 @@ from tests.helpers import assert_one_line_error, run_kd, start_kd
 def make_corpus(path: Path, rows: int = 24) -> Path:
     rng = np.random.default_rng(0)
     with open(path, "w") as f:
-        for i in range(rows):
+        for _ in range(rows):
             a, b = rng.integers(2, 50, 2)
             words = " ".join(["then"] * int(rng.integers(1, 30)))
-            f.write(json.dumps({"question": f"Sam has {a} pens and gets {b} more. How many? {words}",
-                                "answer": f"Sam has {a} + {b} = {a + b} pens. {words}\n#### {a + b}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": f"Sam has {a} pens and gets {b} more. How many? {words}",
+                        "answer": f"Sam has {a} + {b} = {a + b} pens. {words}\n#### {a + b}",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -44,8 +51,20 @@ def cache_files(cache: Path) -> dict[str, str]:
 
 def test_cache_then_inspect_verify(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache"
-    proc = run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out),
-                  "--top-k", "16", "--shard-tokens", "300", "--json")
+    proc = run_kd(
+        "cache-logits",
+        "--teacher",
+        str(tiny_model_dir),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--top-k",
+        "16",
+        "--shard-tokens",
+        "300",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["complete"] and summary["shards_written"] >= 3
@@ -63,15 +82,40 @@ def test_cache_then_inspect_verify(tmp_path, corpus, tiny_model_dir):
         total = np.exp(seq.teacher.logprobs.astype(np.float64)).sum(1) + np.exp(seq.teacher.tail.astype(np.float64))
         np.testing.assert_allclose(total, 1.0, atol=0.02)
     # Rerunning the finished command writes nothing new.
-    again = json.loads(run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out",
-                              str(out), "--top-k", "16", "--shard-tokens", "300", "--json").stdout.splitlines()[-1])
+    again = json.loads(
+        run_kd(
+            "cache-logits",
+            "--teacher",
+            str(tiny_model_dir),
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--top-k",
+            "16",
+            "--shard-tokens",
+            "300",
+            "--json",
+        ).stdout.splitlines()[-1]
+    )
     assert again["shards_written"] == 0 and again["shards_reused"] == summary["shards_written"]
 
 
 def test_rs_mode_cache(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache-rs"
-    proc = run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out),
-                  "--sampling", "rs", "--samples", "32")
+    proc = run_kd(
+        "cache-logits",
+        "--teacher",
+        str(tiny_model_dir),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--sampling",
+        "rs",
+        "--samples",
+        "32",
+    )
     assert proc.returncode == 0, proc.stderr
     reader = CacheReader(out)
     assert reader.mode == "rs"
@@ -82,8 +126,18 @@ def test_rs_mode_cache(tmp_path, corpus, tiny_model_dir):
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
-    args = ["--teacher", str(tiny_model_dir), "--data", str(corpus), "--top-k", "8", "--shard-tokens", "40",
-            "--batch-size", "1"]
+    args = [
+        "--teacher",
+        str(tiny_model_dir),
+        "--data",
+        str(corpus),
+        "--top-k",
+        "8",
+        "--shard-tokens",
+        "40",
+        "--batch-size",
+        "1",
+    ]
     reference = tmp_path / "reference"
     assert run_kd("cache-logits", *args, "--out", str(reference)).returncode == 0
     expected = cache_files(reference)
@@ -119,8 +173,20 @@ def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
 @pytest.mark.slow
 def test_two_ranks_write_one_cache(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache"
-    args = ["--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8",
-            "--world-size", "2", "--shard-tokens", "200"]
+    args = [
+        "--teacher",
+        str(tiny_model_dir),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--top-k",
+        "8",
+        "--world-size",
+        "2",
+        "--shard-tokens",
+        "200",
+    ]
     procs = [start_kd("cache-logits", *args, "--rank", str(r)) for r in (0, 1)]
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -135,17 +201,26 @@ def test_two_ranks_write_one_cache(tmp_path, corpus, tiny_model_dir):
 
 def test_different_settings_are_refused(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache"
-    assert run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out),
-                  "--top-k", "8").returncode == 0
-    proc = run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out),
-                  "--top-k", "16")
+    assert (
+        run_kd(
+            "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8"
+        ).returncode
+        == 0
+    )
+    proc = run_kd(
+        "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "16"
+    )
     assert_one_line_error(proc, "different settings", "k: 8 -> 16")
 
 
 def test_corrupted_shard_fails_verify(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache"
-    assert run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out),
-                  "--top-k", "8").returncode == 0
+    assert (
+        run_kd(
+            "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8"
+        ).returncode
+        == 0
+    )
     shard = sorted(out.glob("shard-*.arrow"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -164,8 +239,11 @@ def test_corrupted_shard_fails_verify(tmp_path, corpus, tiny_model_dir):
         (['{"question": "a", "answer": "b"}'], ["--top-k", "100000"], ["--top-k 100000", "vocabulary"]),
         (['{"question": "a", "answer": "b"}'], ["--teacher", "/no/such/model"], ["--teacher /no/such/model"]),
         (['{"question": "a", "answer": "b"}'], ["--engine", "magic"], ["--engine magic"]),
-        (['{"question": "' + "long " * 300 + '", "answer": "b"}'], ["--max-seq-len", "64", "--overflow", "skip"],
-         ["no usable records", "skipped"]),
+        (
+            ['{"question": "' + "long " * 300 + '", "answer": "b"}'],
+            ["--max-seq-len", "64", "--overflow", "skip"],
+            ["no usable records", "skipped"],
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_cache(tmp_path, tiny_model_dir, records, flags, fragments):
@@ -182,17 +260,32 @@ def test_bad_input_is_one_line_and_leaves_no_cache(tmp_path, tiny_model_dir, rec
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("{oops\n")
-    proc = run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out",
-                  str(tmp_path / "c"), "--debug")
+    proc = run_kd(
+        "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(tmp_path / "c"), "--debug"
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
 def test_truncation_is_counted(tmp_path, tiny_model_dir):
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(json.dumps({"question": "q " * 10, "answer": "long answer " * 100}) + "\n"
-                      + json.dumps({"question": "short", "answer": "ok"}) + "\n")
-    proc = run_kd("cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out",
-                  str(tmp_path / "c"), "--max-seq-len", "64", "--json")
+    corpus.write_text(
+        json.dumps({"question": "q " * 10, "answer": "long answer " * 100})
+        + "\n"
+        + json.dumps({"question": "short", "answer": "ok"})
+        + "\n"
+    )
+    proc = run_kd(
+        "cache-logits",
+        "--teacher",
+        str(tiny_model_dir),
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "c"),
+        "--max-seq-len",
+        "64",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["rows_truncated"] == 1 and summary["rows_skipped"] == 0

@@ -1,6 +1,6 @@
 """Corpus reading, format detection and loss masks, on the real SmolLM2 tokenizer.
 
-    .venv/bin/python -m pytest tests/test_data.py -q
+.venv/bin/python -m pytest tests/test_data.py -q
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_truncate_and_skip(tmp_path, smollm2_tokenizer):
         ('{"conversations": [{"role": "user", "content": "hi"}]}\n', "d.jsonl:1: conversation has no assistant turn"),
         ('{"foo": 1}\n', "d.jsonl:1: unknown record format"),
         ('{"question": 3, "answer": "b"}\n', "d.jsonl:1: field 'question' must be a string"),
-        ('[1, 2]\n', "d.jsonl:1: expected a JSON object"),
+        ("[1, 2]\n", "d.jsonl:1: expected a JSON object"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, content, fragment):

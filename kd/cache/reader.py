@@ -129,7 +129,9 @@ def decode_table(table: pa.Table, mode: str, value_encoding: str) -> Iterator[Ca
         tails = decode_tail(tail_val.to_numpy(), value_encoding)
         for i in range(len(rows)):
             a, b = t_off[i], t_off[i + 1]
-            yield CachedSequence(int(rows[i]), input_ids[i], masks[i], TopKTargets(teacher_ids[a:b], values[a:b], tails[a:b]))
+            yield CachedSequence(
+                int(rows[i]), input_ids[i], masks[i], TopKTargets(teacher_ids[a:b], values[a:b], tails[a:b])
+            )
     else:
         outer_off, inner = _list_parts(table.column("teacher_ids"))
         inner_off = inner.offsets.to_numpy()

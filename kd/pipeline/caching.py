@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from kd import __version__
 from kd.cache import format as fmt
 from kd.cache.manifest import open_or_create, record_rank_done
 from kd.cache.writer import BackgroundShardWriter, PendingShard
@@ -159,15 +158,24 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     if read == 0:
         raise KdError(f"--data {cfg.data}: empty corpus (no records)")
     if not sequences and cfg.world_size == 1:
-        raise KdError(f"--data {cfg.data}: no usable records ({read} read, {skipped} skipped as too long or without targets)")
+        raise KdError(
+            f"--data {cfg.data}: no usable records ({read} read, {skipped} skipped as too long or without targets)"
+        )
     if skipped or truncated:
         action = "skipped" if cfg.overflow == "skip" else "truncated"
-        log(f"[yellow]{truncated if cfg.overflow == 'truncate' else skipped} sequences longer than --max-seq-len "
-            f"{cfg.max_seq_len} were {action}; {skipped} skipped in all[/yellow]")
+        log(
+            f"[yellow]{truncated if cfg.overflow == 'truncate' else skipped} sequences longer than --max-seq-len "
+            f"{cfg.max_seq_len} were {action}; {skipped} skipped in all[/yellow]"
+        )
 
     settings = {
         "format_version": fmt.FORMAT_VERSION,
-        "teacher": {"name": source.display_name, "kind": source.kind, "weights_fingerprint": weights_fingerprint(source)},
+        "teacher": {
+            "name": source.display_name,
+            "kind": source.kind,
+            "path": source.path,
+            "weights_fingerprint": weights_fingerprint(source),
+        },
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab_size,
         "mode": cfg.mode,
@@ -256,8 +264,9 @@ def _make_engine(cfg: CacheConfig, source, spec: TargetSpec):
         return VllmTeacher(source, spec, cfg.tensor_parallel_size, cfg.dtype, cfg.max_seq_len + 1, seed=cfg.seed)
     from kd.pipeline.engines.logits_hf import TransformersTeacher
 
-    return TransformersTeacher(source, spec, device=cfg.device or default_device(), dtype=cfg.dtype,
-                               device_map=cfg.device_map)
+    return TransformersTeacher(
+        source, spec, device=cfg.device or default_device(), dtype=cfg.dtype, device_map=cfg.device_map
+    )
 
 
 def default_device() -> str:

@@ -185,17 +185,32 @@ def normalize_record(record: dict[str, Any], fmt: str, source: str) -> Example:
         if not isinstance(extra, str):
             raise KdError(f"{source}: field 'input' must be a string")
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        return Example(source, messages=[{"role": "user", "content": user},
-                                         {"role": "assistant", "content": _require_str(record, "output", source)}])
+        return Example(
+            source,
+            messages=[
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": _require_str(record, "output", source)},
+            ],
+        )
     if fmt == "prompt_completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational form
             return Example(source, messages=_check_messages(prompt + completion, source, "prompt+completion"))
-        return Example(source, messages=[{"role": "user", "content": _require_str(record, "prompt", source)},
-                                         {"role": "assistant", "content": _require_str(record, "completion", source)}])
+        return Example(
+            source,
+            messages=[
+                {"role": "user", "content": _require_str(record, "prompt", source)},
+                {"role": "assistant", "content": _require_str(record, "completion", source)},
+            ],
+        )
     if fmt == "gsm8k":
-        return Example(source, messages=[{"role": "user", "content": _require_str(record, "question", source)},
-                                         {"role": "assistant", "content": _require_str(record, "answer", source)}])
+        return Example(
+            source,
+            messages=[
+                {"role": "user", "content": _require_str(record, "question", source)},
+                {"role": "assistant", "content": _require_str(record, "answer", source)},
+            ],
+        )
     if fmt == "text":
         text = _require_str(record, "text", source)
         if not text:

@@ -209,7 +209,6 @@ def load_causal_lm(
     dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
     device_map=``auto`` spreads a teacher larger than one GPU over all visible GPUs (accelerate).
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype, device)
@@ -237,8 +236,14 @@ def resolve_dtype(dtype: str, device: str = "cpu"):
     """Map a dtype flag to a torch dtype; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
     import torch
 
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if dtype not in table:
