@@ -1,6 +1,6 @@
 """`kd inspect CACHE [--verify] [--json]`: what a logit cache holds, and whether it is intact.
 
-    kd inspect cache/ --verify
+kd inspect cache/ --verify
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect(
         cache: str = typer.Argument(..., help="Cache directory written by `kd cache-logits`."),
-        verify: bool = typer.Option(False, "--verify", help="Check every shard's size and sha256 against the manifest."),
+        verify: bool = typer.Option(
+            False, "--verify", help="Check every shard's size and sha256 against the manifest."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
@@ -82,8 +84,12 @@ def register(app: typer.Typer) -> None:
                 ("teacher", f"{report['teacher']['name']} ({report['teacher']['weights_fingerprint']})"),
                 ("tokenizer", report["tokenizer_fingerprint"]),
                 ("vocab", report["vocab_size"]),
-                ("mode", f"{report['mode']} k={report['k']}" if report["mode"] == "topk"
-                 else f"rs samples={report['num_samples']}"),
+                (
+                    "mode",
+                    f"{report['mode']} k={report['k']}"
+                    if report["mode"] == "topk"
+                    else f"rs samples={report['num_samples']}",
+                ),
                 ("value encoding", report["value_encoding"]),
                 ("corpus", f"{report['corpus']['path']} ({report['corpus']['fingerprint']})"),
                 ("ranks", report["world_size"]),

@@ -54,7 +54,9 @@ def sample_counts(
     """Random-sampling KD: N draws per row from softmax(logits), returned as unique ids + counts."""
     probs = torch.softmax(logits.float(), dim=-1)
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
-    counts = torch.zeros_like(probs, dtype=torch.int32).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.int32))
+    counts = torch.zeros_like(probs, dtype=torch.int32).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=torch.int32)
+    )
     rows, ids = counts.nonzero(as_tuple=True)
     values = counts[rows, ids]
     splits = torch.bincount(rows, minlength=logits.shape[0]).tolist()
@@ -143,7 +145,11 @@ class TransformersTeacher:
             all_tail = torch.cat(tails).numpy()
             bounds = np.cumsum([0] + counts)
             return [
-                TopKTargets(all_ids[bounds[i] : bounds[i + 1]], all_lp[bounds[i] : bounds[i + 1]], all_tail[bounds[i] : bounds[i + 1]])
+                TopKTargets(
+                    all_ids[bounds[i] : bounds[i + 1]],
+                    all_lp[bounds[i] : bounds[i + 1]],
+                    all_tail[bounds[i] : bounds[i + 1]],
+                )
                 for i in range(len(batch))
             ]
         generator = torch.Generator(device=self.head.weight.device)

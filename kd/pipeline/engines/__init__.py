@@ -1,0 +1,1 @@
+"""Engines: teacher log-prob engines (stage one) and generation engines (gen-traces)."""
