@@ -41,12 +41,12 @@ demo: $(VENV)/.base-installed
 	$(BIN)/kd demo $(DEMO_ARGS)
 
 test: $(VENV)/.vllm-installed
-	$(BIN)/ruff check kd tests bench
+	$(BIN)/ruff check kd tests $(wildcard bench)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.base-installed
-	$(BIN)/ruff check kd tests bench
-	$(BIN)/ruff format --check kd tests bench
+	$(BIN)/ruff check kd tests $(wildcard bench)
+	$(BIN)/ruff format --check kd tests $(wildcard bench)
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,118 @@
+"""Held-out metrics of a student against the labels and (if cached) the teacher.
+
+* ``ce``: mean cross-entropy of the labels (nats/token); ``ppl`` = exp(ce)
+* ``kl``: mean forward KL(teacher || student) over the cached top-k + tail buckets, T = 1
+* ``top1_agreement``: share of tokens where the student's argmax is the teacher's most likely id
+* ``accuracy``: share of tokens where the student's argmax is the label
+* ``ece``: expected calibration error of the student's top-1 confidence against the label (15 bins)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kd.pipeline.batches import TrainSequence, collate
+from kd.pipeline.engines.logits_hf import split_body_and_head
+from kd.pipeline.losses import (
+    SampledTeacher,
+    SparseTeacher,
+    bucket_divergence,
+    fold_out_of_vocab,
+    retemper_sparse,
+    student_buckets,
+)
+
+ECE_BINS = 15
+
+
+def unwrap_causal_lm(model):
+    """The plain transformers model under DDP / peft wrappers."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+@torch.no_grad()
+def evaluate_sequences(
+    model,
+    seqs: list[TrainSequence],
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Compute the metrics above over `seqs` (teacher metrics only where sequences carry teacher data)."""
+    lm = unwrap_causal_lm(model)
+    was_training = lm.training
+    lm.eval()
+    body, head, softcap = split_body_and_head(lm)
+    vocab = head.weight.shape[0]
+    sums = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "correct": 0.0, "tokens": 0, "teacher_tokens": 0, "kl_tokens": 0}
+    conf_bins = np.zeros(ECE_BINS)
+    acc_bins = np.zeros(ECE_BINS)
+    count_bins = np.zeros(ECE_BINS)
+    for start in range(0, len(seqs), batch_size):
+        batch = collate(seqs[start : start + batch_size]).to(device)
+        with torch.autocast(
+            device_type=torch.device(device).type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = hidden[batch.hidden_rows, batch.hidden_cols]
+        teacher = batch.teacher
+        if isinstance(teacher, SparseTeacher):
+            teacher = fold_out_of_vocab(teacher, vocab)
+        for lo in range(0, hidden.shape[0], chunk_size):
+            hi = min(lo + chunk_size, hidden.shape[0])
+            logits = head(hidden[lo:hi]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            labels = batch.labels[lo:hi]
+            sums["ce"] += float((lse - logits.gather(1, labels[:, None]).squeeze(1)).sum())
+            confidence, top1 = (logits.max(dim=-1).values - lse).exp(), logits.argmax(dim=-1)
+            correct = (top1 == labels).float()
+            sums["correct"] += float(correct.sum())
+            sums["tokens"] += hi - lo
+            bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1).cpu().numpy()
+            np.add.at(conf_bins, bins, confidence.cpu().numpy())
+            np.add.at(acc_bins, bins, correct.cpu().numpy())
+            np.add.at(count_bins, bins, 1)
+            if isinstance(teacher, SparseTeacher):
+                ids = teacher.teacher_ids[lo:hi]
+                valid = torch.isfinite(teacher.teacher_logprobs[lo:hi])
+                student_lp, student_tail = student_buckets(logits, lse, ids, valid)
+                teacher_lp, teacher_tail = retemper_sparse(
+                    teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi], 1.0, vocab
+                )
+                kl = bucket_divergence(teacher_lp, teacher_tail, student_lp, student_tail, "forward_kl")
+                sums["kl"] += float(kl.sum())
+                sums["kl_tokens"] += hi - lo
+                teacher_top1 = ids.gather(1, teacher.teacher_logprobs[lo:hi].argmax(dim=1, keepdim=True)).squeeze(1)
+                sums["agree"] += float((top1 == teacher_top1).sum())
+                sums["teacher_tokens"] += hi - lo
+            elif isinstance(teacher, SampledTeacher):
+                ids = teacher.teacher_ids[lo:hi]
+                teacher_top1 = ids.gather(1, teacher.teacher_counts[lo:hi].argmax(dim=1, keepdim=True)).squeeze(1)
+                sums["agree"] += float((top1 == teacher_top1).sum())
+                sums["teacher_tokens"] += hi - lo
+    if was_training:
+        lm.train()
+    n = max(sums["tokens"], 1)
+    metrics = {
+        "ce": sums["ce"] / n,
+        "ppl": math.exp(min(sums["ce"] / n, 50.0)),
+        "accuracy": sums["correct"] / n,
+        "ece": float(np.abs(acc_bins - conf_bins).sum() / n),
+        "tokens": sums["tokens"],
+    }
+    if sums["kl_tokens"]:
+        metrics["kl"] = sums["kl"] / sums["kl_tokens"]
+    if sums["teacher_tokens"]:
+        metrics["top1_agreement"] = sums["agree"] / sums["teacher_tokens"]
+    return metrics

@@ -1,0 +1,77 @@
+"""Metrics to the console, a JSONL file, and optionally TensorBoard or Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kd.pipeline.errors import KdError
+from kd.pipeline.progress import log
+
+REPORT_TARGETS = ("none", "tensorboard", "wandb")
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to ``metrics.jsonl``; mirrors to TensorBoard/wandb."""
+
+    def __init__(
+        self,
+        out: Path,
+        report_to: str = "none",
+        run_config: dict[str, Any] | None = None,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            # Drop entries logged after the checkpoint we resume from: they will be redone.
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if report_to not in REPORT_TARGETS:
+            raise KdError(f"--report-to {report_to}: expected one of {', '.join(REPORT_TARGETS)}")
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise KdError("--report-to tensorboard needs `pip install tensorboard`") from exc
+            self._tb = SummaryWriter(str(out / "tensorboard"))
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise KdError("--report-to wandb needs `pip install wandb`") from exc
+            self._wandb = wandb.init(project="kd", config=run_config or {}, dir=str(out))
+
+    def log(self, metrics: dict[str, Any], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        step = metrics.get("step", 0)
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if console:
+            log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

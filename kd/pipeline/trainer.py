@@ -1,0 +1,581 @@
+"""One training loop for every kind of distillation.
+
+Cached KD (`--from-cache`), online KD (`--teacher` + `--data`), CE-only training and reasoning SFT
+differ only in where the teacher signal comes from and in the loss object; they share this loop:
+AdamW, cosine schedule with warmup and a floor, gradient accumulation, clipping, bf16 autocast,
+DDP under torchrun, atomic checkpoints with exact resume, periodic eval, HF-format output.
+
+Normalisation (the bug TRL had to fix): every micro-batch returns a loss SUM, and it is divided once
+by the number of target tokens (or the sum of token weights) of the whole global batch: all
+accumulation steps on all ranks. Every rank knows the global batch (the sampler is a pure function
+of seed, epoch and step), so no communication is needed for the count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kd.cache.reader import CacheReader
+from kd.pipeline.batches import Batch, TrainSequence, collate
+from kd.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kd.pipeline.data import iter_examples, tokenize_example
+from kd.pipeline.engines.logits_hf import split_body_and_head
+from kd.pipeline.errors import KdError
+from kd.pipeline.evaluation import evaluate_sequences, unwrap_causal_lm
+from kd.pipeline.losses import DenseTeacher, LossConfig, distill_loss_sum
+from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
+from kd.pipeline.progress import log, make_progress
+from kd.pipeline.students import apply_lora, build_student, count_parameters
+from kd.pipeline.tracking import MetricsLogger
+
+THINK_TAGS = ("<think>", "</think>")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `kd train` (each field's docstring is its --help text)."""
+
+    out: str
+    """Output directory: the final student (HF format), checkpoints/, metrics.jsonl."""
+    from_cache: str | None = None
+    """Cache written by `kd cache-logits`: cached KD."""
+    teacher: str | None = None
+    """Live teacher for online KD (with --data), or the model to cut with --student-from-teacher."""
+    data: str | None = None
+    """Training corpus for online KD (with --teacher) or plain SFT / reasoning SFT (without)."""
+    data_format: str | None = None
+    student: str | None = None
+    """Student: HF dir, .gguf, or config.json (random init)."""
+    student_from_teacher: bool = False
+    """Build the student from the teacher's embeddings, chosen --layers, final norm and head."""
+    layers: str | None = None
+    """Teacher layers kept by --student-from-teacher, e.g. 0,10,20,29 or even:8."""
+    alpha: float = 0.5
+    """Weight of CE; (1 - alpha) weights T^2 * divergence."""
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    """Sequences per micro-batch per process."""
+    accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of the peak learning rate."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0 disables)."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16, float32."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    eval_cache: str | None = None
+    eval_data: str | None = None
+    eval_every: int = 0
+    log_every: int = 10
+    resume: bool = False
+    lora: int | None = None
+    seed: int = 0
+    chunk_size: int = 1024
+    max_seq_len: int = 2048
+    tag_weight: float = 1.0
+    """Reasoning SFT: CE weight of the <think>/</think> tag tokens (MiniMind used 10)."""
+    report_to: str = "none"
+    device: str | None = None
+    teacher_device: str | None = None
+    limit: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.from_cache is None and self.data is None:
+            raise KdError("give --from-cache CACHE (cached KD) or --data PATH (online KD with --teacher, or SFT)")
+        if self.from_cache is not None and self.data is not None:
+            raise KdError("--from-cache and --data are exclusive: the cache already holds the training data")
+        if self.student is None and not self.student_from_teacher:
+            raise KdError("give --student (model dir, .gguf or config.json) or --student-from-teacher")
+        if self.student is not None and self.student_from_teacher:
+            raise KdError("--student and --student-from-teacher are exclusive")
+        for name, value in (("--batch-size", self.batch_size), ("--accumulation-steps", self.accumulation_steps)):
+            if value < 1:
+                raise KdError(f"{name} must be >= 1, got {value}")
+        if self.learning_rate <= 0:
+            raise KdError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.epochs <= 0:
+            raise KdError(f"--epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise KdError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.grad_clip < 0:
+            raise KdError(f"--grad-clip must be >= 0, got {self.grad_clip}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise KdError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
+            raise KdError(f"--dtype {self.dtype}: expected auto, bfloat16 or float32")
+        if self.tag_weight <= 0:
+            raise KdError(f"--tag-weight must be > 0, got {self.tag_weight}")
+        if self.tag_weight != 1.0 and self.mode != "sft":
+            raise KdError("--tag-weight applies to reasoning SFT (--data without --teacher)")
+        if self.eval_cache is not None and self.eval_data is not None:
+            raise KdError("--eval-cache and --eval-data are exclusive")
+
+    @property
+    def mode(self) -> str:
+        """cached, online or sft."""
+        if self.from_cache is not None:
+            return "cached"
+        return "online" if self.teacher is not None and not self.student_from_teacher else "sft"
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            alpha=self.alpha,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            jsd_beta=self.jsd_beta,
+            chunk_size=self.chunk_size,
+        )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sequences_from_cache(reader: CacheReader) -> list[TrainSequence]:
+    """All cached sequences in corpus-row order (independent of how ranks split stage one)."""
+    seqs = sorted(reader.iter_sequences(verify=True), key=lambda s: s.row)
+    return [TrainSequence(s.input_ids, s.loss_mask, s.teacher) for s in seqs]
+
+
+def tag_token_weights(tokenizer, input_ids: list[int], tag_weight: float) -> np.ndarray:
+    """Per-token weights: `tag_weight` on exactly the tokens that spell <think> or </think>, 1 elsewhere.
+
+    MiniMind's reasoning trainer up-weighted every token id that appears in the tags ('<', 'think',
+    '>' ...) wherever it occurred; here only the character spans of the tags themselves count.
+    """
+    weights = np.ones(len(input_ids), dtype=np.float32)
+    if tag_weight == 1.0:
+        return weights
+    text = tokenizer.decode(input_ids)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if encoding["input_ids"] != list(input_ids):
+        # Decode/encode is not a round trip for this tokenizer; fall back to matching tag token runs.
+        return weights
+    spans = []
+    for tag in THINK_TAGS:
+        start = text.find(tag)
+        while start != -1:
+            spans.append((start, start + len(tag)))
+            start = text.find(tag, start + 1)
+    for t, (a, b) in enumerate(encoding["offset_mapping"]):
+        if b > a and any(a < e and b > s for s, e in spans):
+            weights[t] = tag_weight
+    return weights
+
+
+def sequences_from_data(path: str, tokenizer, cfg: TrainConfig, data_format: str | None = None) -> list[TrainSequence]:
+    seqs = []
+    for example in iter_examples(path, data_format, cfg.limit):
+        tokenized = tokenize_example(example, tokenizer, cfg.max_seq_len)
+        if tokenized is None:
+            continue
+        weights = tag_token_weights(tokenizer, tokenized.input_ids, cfg.tag_weight) if cfg.tag_weight != 1.0 else None
+        seqs.append(
+            TrainSequence(
+                np.asarray(tokenized.input_ids, dtype=np.int64),
+                np.asarray(tokenized.loss_mask, dtype=bool),
+                None,
+                weights,
+            )
+        )
+    if not seqs:
+        raise KdError(f"--data {path}: no usable training sequences")
+    return seqs
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation of sequence indices for an epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# ----------------------------------------------------------------------------- model + loss
+
+
+class DistillStep(torch.nn.Module):
+    """Student forward + loss in one module, so DDP sees (and synchronises) the whole computation.
+
+    forward(batch) -> LossParts with SUMS over the batch's targets. The teacher (online KD) is held
+    outside the module's parameters: it is frozen, in eval mode and run under no_grad.
+    """
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        loss_config: LossConfig,
+        teacher=None,
+        teacher_device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.loss_config = loss_config
+        self._teacher = [teacher] if teacher is not None else []  # a list hides it from Module/DDP
+        self.teacher_device = teacher_device
+        if teacher is not None:
+            teacher_body, teacher_head, _ = split_body_and_head(teacher)
+            self._teacher_parts = (teacher_body, teacher_head)
+
+    def forward(self, batch: Batch):
+        lm = unwrap_causal_lm(self.student)
+        body, head, softcap = split_body_and_head(lm)
+        if softcap:
+            raise KdError("students with final logit soft-capping are not supported yet")
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = hidden[batch.hidden_rows, batch.hidden_cols]
+        teacher_signal = batch.teacher
+        if self._teacher:
+            teacher_body, teacher_head = self._teacher_parts
+            device = self.teacher_device or batch.input_ids.device
+            with torch.no_grad():
+                teacher_hidden = teacher_body(
+                    input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+                ).last_hidden_state
+                teacher_hidden = teacher_hidden[batch.hidden_rows.to(device), batch.hidden_cols.to(device)]
+            teacher_signal = DenseTeacher(
+                teacher_hidden=teacher_hidden.to(hidden.device),
+                teacher_head_weight=teacher_head.weight.to(hidden.device),
+                teacher_head_bias=None if teacher_head.bias is None else teacher_head.bias.to(hidden.device),
+            )
+        return distill_loss_sum(
+            hidden,
+            head.weight,
+            head.bias,
+            batch.labels,
+            teacher_signal,
+            self.loss_config,
+            token_weights=batch.token_weights,
+        )
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return DistEnv()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(cfg_device: str | None, env: DistEnv) -> torch.device:
+    if cfg_device:
+        return torch.device(cfg_device)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if dtype in ("bfloat16", "bf16") or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def learning_rate_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * peak."""
+    peak = cfg.learning_rate
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    span = max(total_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    floor = cfg.min_lr_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training; returns the final metrics. Only rank 0 writes files.
+
+    Running out of memory becomes a one-line KdError with the knobs that help, not an allocator trace.
+    """
+    try:
+        return _train(cfg)
+    except torch.OutOfMemoryError as error:
+        raise KdError(
+            "the student does not fit in GPU memory "
+            f"({str(error).splitlines()[0][:160]}); lower --batch-size or --max-seq-len (raise "
+            "--accumulation-steps to keep the global batch), lower --chunk-size, use --dtype bfloat16 or --lora"
+        ) from error
+    except RuntimeError as error:
+        if "can't allocate memory" not in str(error) and "not enough memory" not in str(error):
+            raise
+        raise KdError(
+            "the student does not fit in memory; lower --batch-size or --max-seq-len, or use --lora"
+        ) from error
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
+    env = init_distributed()
+    device = resolve_device(cfg.device, env)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = Path(cfg.out)
+
+    # Data and the teacher it implies.
+    reader = CacheReader(cfg.from_cache) if cfg.from_cache else None
+    teacher_source: ModelSource | None = None
+    if cfg.teacher is not None:
+        teacher_source = resolve_model(cfg.teacher, "--teacher")
+    elif reader is not None and cfg.student_from_teacher:
+        t = reader.settings["teacher"]
+        teacher_source = resolve_model(
+            t["path"] if t["kind"] != "gguf" or Path(t["path"]).is_file() else None, "--teacher"
+        )
+    if cfg.student_from_teacher and teacher_source is None:
+        raise KdError("--student-from-teacher needs --teacher (or a cache whose manifest names the teacher)")
+
+    student, tokenizer_source, layers = build_student(
+        cfg.student, teacher_source if cfg.student_from_teacher else None, cfg.layers, str(device)
+    )
+    if tokenizer_source.kind == "config":
+        if teacher_source is None and reader is not None:
+            teacher_source = resolve_model(reader.settings["teacher"]["path"], "--teacher")
+        if teacher_source is None:
+            raise KdError("--student config.json has no tokenizer; add --teacher so kd can use the teacher's")
+        tokenizer_source = teacher_source
+    tokenizer = load_tokenizer(tokenizer_source)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if reader is not None and reader.settings["tokenizer_fingerprint"] != fingerprint:
+        raise KdError(
+            f"--from-cache {cfg.from_cache}: the cache was made with another tokenizer "
+            f"({reader.settings['tokenizer_fingerprint']}) than the student's ({fingerprint}); "
+            "the student must share the teacher's tokenizer"
+        )
+    if reader is not None:
+        if reader.mode == "rs" and cfg.divergence != "forward_kl":
+            raise KdError(
+                f"--divergence {cfg.divergence} needs teacher log-probabilities; an RS cache stores only "
+                "sample counts (use a top-k cache)"
+            )
+        train_seqs = sequences_from_cache(reader)
+    else:
+        train_seqs = sequences_from_data(cfg.data, tokenizer, cfg, cfg.data_format)
+    if cfg.limit is not None:
+        train_seqs = train_seqs[: cfg.limit]
+
+    teacher_model = None
+    teacher_device = None
+    if cfg.mode == "online":
+        teacher_tokenizer = load_tokenizer(teacher_source)
+        if tokenizer_fingerprint(teacher_tokenizer) != fingerprint:
+            raise KdError("--teacher and --student use different tokenizers; kd distils only within one tokenizer")
+        teacher_device = torch.device(cfg.teacher_device) if cfg.teacher_device else device
+        teacher_model = load_causal_lm(teacher_source, dtype="auto", device=str(teacher_device)).eval()
+        teacher_model.requires_grad_(False)
+
+    eval_seqs = None
+    if cfg.eval_cache:
+        eval_reader = CacheReader(cfg.eval_cache)
+        if eval_reader.settings["tokenizer_fingerprint"] != fingerprint:
+            raise KdError(f"--eval-cache {cfg.eval_cache}: made with another tokenizer than the student's")
+        eval_seqs = sequences_from_cache(eval_reader)
+    elif cfg.eval_data:
+        eval_seqs = sequences_from_data(cfg.eval_data, tokenizer, cfg)
+
+    if cfg.lora:
+        student = apply_lora(student, cfg.lora)
+    student.train()
+    trainable, total_params = count_parameters(student)
+
+    global_batch = cfg.batch_size * cfg.accumulation_steps * env.world_size
+    if len(train_seqs) < global_batch:
+        raise KdError(
+            f"{len(train_seqs)} training sequences are fewer than one global batch ({global_batch} = "
+            "--batch-size x --accumulation-steps x processes); lower them"
+        )
+    steps_per_epoch = len(train_seqs) // global_batch
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+
+    module = DistillStep(student, cfg.loss_config(), teacher_model, teacher_device)
+    wrapped: torch.nn.Module = module
+    if env.world_size > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    start_step = 0
+    if cfg.resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        else:
+            state = load_checkpoint(checkpoint)
+            if state["config_fingerprint"] != _config_fingerprint(cfg):
+                raise KdError(f"--resume: {checkpoint} was written with different settings; use another --out")
+            module.student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            start_step = int(state["step"])
+            log(f"resumed from {checkpoint} (step {start_step})")
+
+    logger = MetricsLogger(
+        out, cfg.report_to, asdict(cfg), resume_step=start_step if cfg.resume else None, enabled=env.is_main
+    )
+    if env.is_main:
+        log(
+            f"training {cfg.mode} student: {trainable:,} trainable / {total_params:,} params"
+            + (f", layers {layers}" if layers else "")
+            + f"; {len(train_seqs)} sequences, {total_steps} steps of "
+            f"{global_batch} sequences"
+        )
+    amp = autocast_dtype(cfg.dtype, device)
+    last_metrics: dict[str, Any] = {}
+    tokens_seen = 0
+    started = time.perf_counter()
+    with make_progress("step") as progress:
+        task = progress.add_task("train", total=total_steps, completed=start_step)
+        for step in range(start_step, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            order = epoch_order(cfg.seed, epoch, len(train_seqs))
+            global_ids = order[index * global_batch : (index + 1) * global_batch]
+            global_seqs = [train_seqs[i] for i in global_ids]
+            if cfg.mode == "sft" and cfg.tag_weight != 1.0:
+                normaliser = float(
+                    sum(
+                        (s.token_weights[1:][s.loss_mask[1:]]).sum() if s.token_weights is not None else s.num_targets
+                        for s in global_seqs
+                    )
+                )
+            else:
+                normaliser = float(sum(s.num_targets for s in global_seqs))
+            lr = learning_rate_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(3, dtype=torch.float64)
+            step_start = time.perf_counter()
+            for micro in range(cfg.accumulation_steps):
+                first = (micro * env.world_size + env.rank) * cfg.batch_size
+                batch = collate(global_seqs[first : first + cfg.batch_size]).to(device)
+                sync = contextlib.nullcontext()
+                if env.world_size > 1 and micro < cfg.accumulation_steps - 1:
+                    sync = wrapped.no_sync()
+                with sync:
+                    with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        parts = wrapped(batch)
+                    # Each backward adds a gradient sum; dividing by the global token count here means
+                    # the accumulated gradient is the global mean. DDP averages over ranks, so scale
+                    # by world_size to turn that average back into a sum.
+                    (parts.total * (env.world_size / normaliser)).backward()
+                sums += torch.tensor(
+                    [float(parts.total), float(parts.ce), float(parts.divergence)], dtype=torch.float64
+                )
+            if env.world_size > 1:
+                dist.all_reduce(sums)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_tokens = int(normaliser) if cfg.tag_weight == 1.0 else sum(s.num_targets for s in global_seqs)
+            tokens_seen += step_tokens
+            progress.advance(task)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total_steps:
+                tokens = float(sum(s.num_targets for s in global_seqs))
+                last_metrics = {
+                    "step": done,
+                    "epoch": round(done / steps_per_epoch, 4),
+                    "loss": float(sums[0]) / normaliser,
+                    "ce": float(sums[1]) / tokens,
+                    "divergence": float(sums[2]) / tokens,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "step_seconds": time.perf_counter() - step_start,
+                    "tokens_per_second": tokens_seen / (time.perf_counter() - started),
+                }
+                logger.log(last_metrics, console=False)
+            if eval_seqs is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
+                metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
+                logger.log({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}}, console=False)
+                last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+            if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                _save(out, done, module, optimizer, cfg, env)
+    if eval_seqs is not None and not cfg.eval_every:
+        metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
+        logger.log({"step": total_steps, **{f"eval_{k}": v for k, v in metrics.items()}}, console=False)
+        last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+    _save(out, total_steps, module, optimizer, cfg, env)
+    if env.is_main:
+        save_student(module.student, tokenizer, out, cfg, last_metrics, layers)
+    logger.close()
+    if env.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"out": str(out), "steps": total_steps, "trainable_parameters": trainable, **last_metrics}
+
+
+def _config_fingerprint(cfg: TrainConfig) -> str:
+    """Settings that must not change across --resume (everything but bookkeeping flags)."""
+    ignore = {"resume", "save_every", "keep_checkpoints", "eval_every", "log_every", "report_to", "max_steps", "extra"}
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    return json.dumps(relevant, sort_keys=True)
+
+
+def _save(out: Path, step: int, module: DistillStep, optimizer, cfg: TrainConfig, env: DistEnv) -> None:
+    if env.is_main:
+        save_checkpoint(
+            out,
+            step,
+            {
+                "step": step,
+                "model": {
+                    k: v.detach().float() if v.is_floating_point() else v
+                    for k, v in module.student.state_dict().items()
+                },
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_state(),
+                "config_fingerprint": _config_fingerprint(cfg),
+            },
+            keep=cfg.keep_checkpoints,
+        )
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def save_student(student, tokenizer, out: Path, cfg: TrainConfig, metrics: dict[str, Any], layers) -> None:
+    """Write the student as a Hugging Face directory (safetensors, tokenizer, chat template)."""
+    model = student
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model = unwrap_causal_lm(model)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    summary = {"config": asdict(cfg), "layers_from_teacher": layers, "final_metrics": metrics}
+    (out / "kd_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

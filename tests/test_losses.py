@@ -1,0 +1,311 @@
+"""The distillation loss against dense references built from full logits.
+
+    .venv/bin/python -m pytest tests/test_losses.py -q
+
+Properties checked (after TRL's GKD tests and torchtune's chunked-loss tests): top-k = V gives
+exactly the dense divergence for every divergence and temperature, gradients included; chunked
+equals unchunked; equal distributions give 0; a top-k cache gives the K+1-bucket divergence; the
+RS estimator's gradient is unbiased; padding ids go to the tail, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd.cache.format import decode_tail, decode_topk_values, encode_tail, encode_topk_values
+from kd.pipeline.errors import KdError
+from kd.pipeline.losses import (
+    DIVERGENCES,
+    DenseTeacher,
+    LossConfig,
+    SampledTeacher,
+    SparseTeacher,
+    distill_loss_sum,
+    fold_out_of_vocab,
+    retemper_sparse,
+)
+
+N, H, V = 12, 16, 50
+
+
+def make_problem(seed: int = 0, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * scale / math.sqrt(H)
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    teacher_logits = torch.randn(N, V, generator=g, dtype=torch.float64) * scale
+    labels = torch.randint(0, V, (N,), generator=g)
+    return hidden, weight, bias, teacher_logits, labels
+
+
+def dense_reference(student_logits, teacher_logits, labels, name, temperature=1.0, alpha=0.0, beta=0.5):
+    """Straightforward dense loss sum, written independently of kd's implementation."""
+    p_log = F.log_softmax(teacher_logits / temperature, dim=-1)
+    q_log = F.log_softmax(student_logits / temperature, dim=-1)
+    p, q = p_log.exp(), q_log.exp()
+    if name == "forward_kl":
+        d = F.kl_div(q_log, p_log, log_target=True, reduction="none").sum(-1)
+    elif name == "reverse_kl":
+        d = F.kl_div(p_log, q_log, log_target=True, reduction="none").sum(-1)
+    elif name == "jsd":  # TRL's generalized_jsd_loss
+        m_log = torch.log(beta * p + (1 - beta) * q)
+        d = beta * (p * (p_log - m_log)).sum(-1) + (1 - beta) * (q * (q_log - m_log)).sum(-1)
+    else:
+        d = 0.5 * (p - q).abs().sum(-1)
+    ce = F.cross_entropy(student_logits, labels, reduction="sum")
+    return alpha * ce + (1 - alpha) * temperature**2 * d.sum(), ce, d.sum()
+
+
+def full_topk(teacher_logits, k):
+    logp = F.log_softmax(teacher_logits, dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    rest = logp.scatter(1, ids, float("-inf"))
+    return SparseTeacher(ids, values, torch.logsumexp(rest, dim=-1))
+
+
+def kd_loss(hidden, weight, bias, labels, teacher, **cfg):
+    chunk = cfg.pop("chunk_size", 5)
+    return distill_loss_sum(hidden, weight, bias, labels, teacher, LossConfig(chunk_size=chunk, **cfg))
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_equal_to_vocab_is_the_dense_loss_with_gradients(name, temperature):
+    hidden, weight, bias, teacher_logits, labels = make_problem()
+    alpha = 0.3
+    # Dense reference through plain autograd.
+    h_ref, w_ref, b_ref = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    ref_total, ref_ce, ref_div = dense_reference(
+        F.linear(h_ref, w_ref, b_ref), teacher_logits, labels, name, temperature, alpha
+    )
+    ref_total.backward()
+    # kd: top-k with K = V and an empty tail.
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    parts = kd_loss(
+        h, w, b, labels, full_topk(teacher_logits, V), alpha=alpha, temperature=temperature, divergence=name
+    )
+    parts.total.backward()
+    assert float(parts.total.detach()) == pytest.approx(float(ref_total), rel=1e-5, abs=1e-6)
+    assert float(parts.ce) == pytest.approx(float(ref_ce), rel=1e-5)
+    assert float(parts.divergence) == pytest.approx(float(ref_div), rel=1e-5, abs=1e-6)
+    for got, want in ((h.grad, h_ref.grad), (w.grad, w_ref.grad), (b.grad, b_ref.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_online_dense_teacher_matches_reference(name):
+    hidden, weight, bias, teacher_logits, labels = make_problem(1)
+    g = torch.Generator().manual_seed(5)
+    teacher_hidden = torch.randn(N, 8, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(V, 8, generator=g, dtype=torch.float64)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_total, _, _ = dense_reference(
+        F.linear(h_ref, w_ref, bias), teacher_hidden @ teacher_weight.T, labels, name, 1.5, 0.5
+    )
+    ref_total.backward()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    teacher = DenseTeacher(teacher_hidden=teacher_hidden, teacher_head_weight=teacher_weight)
+    parts = kd_loss(h, w, bias, labels, teacher, alpha=0.5, temperature=1.5, divergence=name)
+    parts.total.backward()
+    assert float(parts.total.detach()) == pytest.approx(float(ref_total), rel=1e-5)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, N, 10 * N])
+def test_chunked_equals_unchunked(chunk_size):
+    hidden, weight, bias, teacher_logits, labels = make_problem(2)
+    teacher = full_topk(teacher_logits, 8)
+    results = []
+    for chunk in (N, chunk_size):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        parts = kd_loss(h, w, bias, labels, teacher, alpha=0.2, temperature=2.0, chunk_size=chunk)
+        parts.total.backward()
+        results.append((float(parts.total.detach()), h.grad, w.grad))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-10)
+    torch.testing.assert_close(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_identical_distributions_give_zero(name):
+    hidden, weight, bias, _, labels = make_problem(3)
+    student_logits = F.linear(hidden, weight, bias)
+    for teacher in (full_topk(student_logits, V), full_topk(student_logits, 5), DenseTeacher(student_logits)):
+        parts = kd_loss(hidden, weight, bias, labels, teacher, alpha=0.0, divergence=name)
+        assert abs(float(parts.divergence)) < 1e-9
+
+
+def test_topk_with_tail_is_the_bucket_divergence():
+    """K < V: KL over the K cached ids plus one bucket holding everything else, for both sides."""
+    hidden, weight, bias, teacher_logits, labels = make_problem(4)
+    k = 6
+    teacher = full_topk(teacher_logits, k)
+    parts = kd_loss(hidden, weight, bias, labels, teacher, alpha=0.0)
+    p = F.softmax(teacher_logits, -1)
+    q = F.softmax(F.linear(hidden, weight, bias), -1)
+    ids = teacher.teacher_ids
+    p_top, q_top = p.gather(1, ids), q.gather(1, ids)
+    p_b = torch.cat([p_top, 1 - p_top.sum(1, keepdim=True)], 1)
+    q_b = torch.cat([q_top, 1 - q_top.sum(1, keepdim=True)], 1)
+    expected = (p_b * (p_b.log() - q_b.log())).sum()
+    assert float(parts.divergence) == pytest.approx(float(expected), rel=1e-8)
+    # ...and it is a lower bound of the dense KL (data processing inequality).
+    dense = F.kl_div(q.log(), p.log(), log_target=True, reduction="sum")
+    assert float(parts.divergence) <= float(dense) + 1e-12
+
+
+def test_quantized_cache_values_stay_within_a_hundredth_of_a_nat():
+    hidden, weight, bias, teacher_logits, labels = make_problem(5)
+    exact = full_topk(teacher_logits.float(), 16)
+    q = decode_topk_values(encode_topk_values(exact.teacher_logprobs.numpy(), "q64"), "q64")
+    tail = decode_tail(encode_tail(exact.teacher_tail_logmass.numpy(), "q64"), "q64")
+    quantized = SparseTeacher(exact.teacher_ids, torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(tail)))
+    a = kd_loss(hidden.float(), weight.float(), bias.float(), labels, exact, alpha=0.0)
+    b = kd_loss(hidden.float(), weight.float(), bias.float(), labels, quantized, alpha=0.0)
+    assert abs(float(a.divergence) - float(b.divergence)) / N < 0.01
+
+
+def test_rs_estimator_gradient_is_unbiased():
+    """E[counts/N] = p, so the mean RS gradient over many draws approaches the dense forward-KL gradient."""
+    hidden, weight, bias, teacher_logits, labels = make_problem(6, scale=1.5)
+    p = F.softmax(teacher_logits, -1)
+    h_ref = hidden.clone().requires_grad_()
+    ref, _, _ = dense_reference(F.linear(h_ref, weight, bias), teacher_logits, labels, "forward_kl")
+    ref.backward()
+    g = torch.Generator().manual_seed(0)
+    num_samples, trials = 16, 400
+    grads = torch.zeros_like(hidden)
+    for _ in range(trials):
+        draws = torch.multinomial(p, num_samples, replacement=True, generator=g)
+        counts = torch.zeros(N, V, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones_like(draws, dtype=torch.float64)
+        )
+        ids = torch.arange(V).expand(N, V)
+        h = hidden.clone().requires_grad_()
+        parts = kd_loss(h, weight, bias, labels, SampledTeacher(ids, counts, num_samples), alpha=0.0)
+        parts.total.backward()
+        grads += h.grad
+    mean = grads / trials
+    # Monte-Carlo error shrinks like 1/sqrt(trials * samples); the bias would not.
+    err = (mean - h_ref.grad).norm() / h_ref.grad.norm()
+    assert err < 0.05, float(err)
+
+
+def test_rs_value_is_cross_entropy_against_the_counts():
+    hidden, weight, bias, _, labels = make_problem(7)
+    ids = torch.tensor([[3, 9, 0]] * N)
+    counts = torch.tensor([[5.0, 3.0, 0.0]] * N)  # a padded row slot has count 0
+    parts = kd_loss(hidden, weight, bias, labels, SampledTeacher(ids, counts, 8), alpha=0.0)
+    logq = F.log_softmax(F.linear(hidden, weight, bias), -1)
+    expected = -(5 / 8 * logq[:, 3] + 3 / 8 * logq[:, 9]).sum()
+    assert float(parts.divergence) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_rs_refuses_temperature_and_other_divergences():
+    hidden, weight, bias, _, labels = make_problem(7)
+    teacher = SampledTeacher(torch.zeros(N, 1, dtype=torch.long), torch.ones(N, 1), 1)
+    with pytest.raises(KdError, match="--temperature"):
+        kd_loss(hidden, weight, bias, labels, teacher, temperature=2.0)
+    with pytest.raises(KdError, match="--divergence"):
+        kd_loss(hidden, weight, bias, labels, teacher, divergence="tvd")
+
+
+def test_alpha_one_is_plain_cross_entropy_and_weights_apply():
+    hidden, weight, bias, teacher_logits, labels = make_problem(8)
+    logits = F.linear(hidden, weight, bias)
+    parts = kd_loss(hidden, weight, bias, labels, full_topk(teacher_logits, 4), alpha=1.0)
+    assert float(parts.total.detach()) == pytest.approx(
+        float(F.cross_entropy(logits, labels, reduction="sum")), rel=1e-10
+    )
+    weights = torch.linspace(0.5, 3.0, N, dtype=torch.float64)
+    weighted = distill_loss_sum(hidden, weight, bias, labels, None, LossConfig(chunk_size=5), token_weights=weights)
+    expected = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
+    assert float(weighted.total.detach()) == pytest.approx(float(expected), rel=1e-10)
+    assert weighted.weight_sum == pytest.approx(float(weights.sum()))
+
+
+def test_padding_ids_of_a_bigger_teacher_go_to_the_tail():
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.1]], dtype=torch.float64))
+    teacher = SparseTeacher(torch.tensor([[7, V + 3, 2]]), logp, torch.log(torch.tensor([0.2], dtype=torch.float64)))
+    folded = fold_out_of_vocab(teacher, V)
+    assert torch.isneginf(folded.teacher_logprobs[0, 1])
+    assert float(folded.teacher_tail_logmass.exp()[0]) == pytest.approx(0.4)
+    total = torch.logsumexp(torch.cat([folded.teacher_logprobs, folded.teacher_tail_logmass[:, None]], 1), 1)
+    assert float(total.exp()[0]) == pytest.approx(1.0)
+    # The loss runs on it and counts the student's id 0 (the placeholder) in its tail, not in a slot.
+    hidden, weight, bias, _, _ = make_problem(9)
+    parts = kd_loss(hidden[:1], weight, bias, torch.tensor([7]), teacher, alpha=0.0)
+    q = F.softmax(F.linear(hidden[:1], weight, bias), -1)[0]
+    p_b = torch.tensor([0.5, 0.1, 0.4], dtype=torch.float64)
+    q_b = torch.stack([q[7], q[2], 1 - q[7] - q[2]])
+    assert float(parts.divergence) == pytest.approx(float((p_b * (p_b / q_b).log()).sum()), rel=1e-8)
+
+
+def test_dense_teacher_with_padding_vocab():
+    hidden, weight, bias, teacher_logits, labels = make_problem(10)
+    padded = torch.cat([teacher_logits, torch.full((N, 4), -60.0, dtype=torch.float64)], 1)
+    a = kd_loss(hidden, weight, bias, labels, DenseTeacher(padded), alpha=0.0)
+    b = kd_loss(hidden, weight, bias, labels, DenseTeacher(teacher_logits), alpha=0.0)
+    assert float(a.divergence) == pytest.approx(float(b.divergence), rel=1e-9)
+    heavy = torch.cat([teacher_logits, torch.full((N, 4), 20.0, dtype=torch.float64)], 1)
+    with pytest.raises(KdError, match="lacks"):
+        kd_loss(hidden, weight, bias, labels, DenseTeacher(heavy), alpha=0.0)
+
+
+def test_retemper_is_exact_when_the_tail_is_empty_and_normalised_otherwise():
+    logits = torch.randn(4, V, dtype=torch.float64)
+    full = full_topk(logits, V)
+    lp, tail = retemper_sparse(full.teacher_logprobs, full.teacher_tail_logmass, 3.0, V)
+    want = F.log_softmax(logits / 3.0, -1).gather(1, full.teacher_ids)
+    torch.testing.assert_close(lp, want)
+    assert torch.isneginf(tail).all()
+    part = full_topk(logits, 5)
+    lp, tail = retemper_sparse(part.teacher_logprobs, part.teacher_tail_logmass, 0.5, V)
+    torch.testing.assert_close(torch.logsumexp(torch.cat([lp, tail[:, None]], 1), 1), torch.zeros(4, dtype=lp.dtype))
+
+
+def test_no_grad_evaluation_matches_training_values():
+    hidden, weight, bias, teacher_logits, labels = make_problem(11)
+    teacher = full_topk(teacher_logits, 10)
+    with torch.no_grad():
+        evaluated = kd_loss(hidden, weight, bias, labels, teacher, alpha=0.4, temperature=1.3)
+    trained = kd_loss(hidden.clone().requires_grad_(), weight, bias, labels, teacher, alpha=0.4, temperature=1.3)
+    assert float(evaluated.total) == pytest.approx(float(trained.total.detach()), rel=1e-6)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    hidden, weight, bias, teacher_logits, labels = (t.float() if t.is_floating_point() else t for t in make_problem(12))
+    teacher = full_topk(teacher_logits, 16)
+    w32 = weight.clone().requires_grad_()
+    ref = kd_loss(hidden, w32, bias, labels, teacher, alpha=0.5)
+    ref.total.backward()
+    w16 = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kd_loss(hidden, w16, bias, labels, teacher, alpha=0.5)
+    got.total.backward()
+    assert float(got.total.detach()) == pytest.approx(float(ref.total.detach()), rel=0.03)
+    assert w16.grad.dtype == torch.float32
+    cos = F.cosine_similarity(w16.grad.flatten(), w32.grad.flatten(), dim=0)
+    assert float(cos) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"alpha": 1.5}, "--alpha"),
+        ({"alpha": -0.1}, "--alpha"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"divergence": "kl"}, "--divergence"),
+        ({"divergence": "jsd", "jsd_beta": 0.0}, "--jsd-beta"),
+        ({"chunk_size": 0}, "--chunk-size"),
+    ],
+)
+def test_bad_settings_name_the_flag(kwargs, flag):
+    with pytest.raises(KdError, match=flag):
+        LossConfig(**kwargs)
