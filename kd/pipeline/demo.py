@@ -1,0 +1,242 @@
+"""The whole distillation on one machine, step by step, each step a real `kd` command.
+
+The demo writes its own prompts (arithmetic word problems with known answers), samples reasoning
+traces from the teacher, caches the teacher's logits over them, trains two students of the same
+size on the same budget (cached KD and a CE-only baseline), evaluates the teacher and both students
+on held-out problems, and writes report.md with plots. Every step is a subprocess running the
+command printed in the report, so any step can be rerun by hand; a step whose output is complete is
+reused on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kd.pipeline.errors import KdError
+from kd.pipeline.progress import log
+
+
+@dataclass
+class DemoConfig:
+    """Knobs of `kd demo` (defaults fit a 2-core CPU in about 15 minutes)."""
+
+    out: str = "demo-out"
+    """Where every artefact and report.md go."""
+    teacher: str | None = None
+    """Teacher model [default: the embedded SmolLM2-135M-Instruct]."""
+    train_problems: int = 64
+    """Generated training prompts."""
+    eval_problems: int = 24
+    """Held-out prompts (reference solutions for token metrics; answers for accuracy)."""
+    samples: int = 2
+    """Teacher traces per training prompt."""
+    max_new_tokens: int = 128
+    """Token budget per trace / per answer."""
+    layers: str = "even:8"
+    """Teacher layers the students are cut from."""
+    top_k: int = 64
+    epochs: float = 2.0
+    """Training budget of each student (same for both)."""
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    alpha: float = 0.0
+    """CE weight of the KD student (the baseline is CE only: alpha = 1)."""
+    temperature: float = 1.0
+    engine: str = "auto"
+    """gen-traces engine: auto (vllm if installed, else transformers)."""
+    seed: int = 0
+
+
+@dataclass
+class Step:
+    name: str
+    args: list[str]
+    done_marker: str
+    """Path (relative to out) that exists only once the step has fully succeeded."""
+    stdout_to: str | None = None
+
+    def display(self) -> str:
+        line = "kd " + " ".join(shlex.quote(a) for a in self.args)
+        return line + (f" > {self.stdout_to}" if self.stdout_to else "")
+
+
+def build_steps(cfg: DemoConfig) -> list[Step]:
+    teacher = ["--teacher", cfg.teacher] if cfg.teacher else []
+    teacher_model = cfg.teacher or "smollm2-135m-instruct"
+    student_common = [
+        "--from-cache",
+        "cache-train",
+        "--student-from-teacher",
+        "--layers",
+        cfg.layers,
+        "--epochs",
+        str(cfg.epochs),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--learning-rate",
+        str(cfg.learning_rate),
+        "--warmup-steps",
+        "5",
+        "--seed",
+        str(cfg.seed),
+        "--eval-cache",
+        "cache-heldout",
+        "--eval-every",
+        "10",
+        "--log-every",
+        "1",
+        "--temperature",
+        str(cfg.temperature),
+        *teacher,
+    ]
+    eval_common = [
+        "--cache",
+        "cache-heldout",
+        "--data",
+        "heldout.jsonl",
+        "--generate",
+        str(cfg.eval_problems),
+        "--max-new-tokens",
+        str(cfg.max_new_tokens),
+        "--json",
+    ]
+    engine = [] if cfg.engine == "auto" else ["--engine", cfg.engine]
+    return [
+        Step(
+            "prompts",
+            ["make-problems", "--count", str(cfg.train_problems), "--seed", str(cfg.seed), "--out", "train.jsonl"],
+            "train.jsonl",
+        ),
+        Step(
+            "held-out prompts",
+            [
+                "make-problems",
+                "--count",
+                str(cfg.eval_problems),
+                "--seed",
+                str(cfg.seed + 1000),
+                "--out",
+                "heldout.jsonl",
+            ],
+            "heldout.jsonl",
+        ),
+        Step(
+            "teacher traces",
+            [
+                "gen-traces",
+                *teacher,
+                *engine,
+                "--prompts",
+                "train.jsonl",
+                "--out",
+                "traces.jsonl",
+                "--n",
+                str(cfg.samples),
+                "--max-new-tokens",
+                str(cfg.max_new_tokens),
+                "--filter",
+                "all",
+                "--seed",
+                str(cfg.seed),
+                "--json",
+            ],
+            "traces.summary.json",
+            stdout_to="traces.summary.json",
+        ),
+        Step(
+            "teacher logits (train)",
+            ["cache-logits", *teacher, "--data", "traces.jsonl", "--out", "cache-train", "--top-k", str(cfg.top_k)],
+            "cache-train/manifest.json",
+        ),
+        Step(
+            "teacher logits (held-out)",
+            ["cache-logits", *teacher, "--data", "heldout.jsonl", "--out", "cache-heldout", "--top-k", str(cfg.top_k)],
+            "cache-heldout/manifest.json",
+        ),
+        Step(
+            "student: cached KD",
+            ["train", *student_common, "--alpha", str(cfg.alpha), "--out", "student-kd"],
+            "student-kd/kd_training.json",
+        ),
+        Step(
+            "student: CE only",
+            ["train", *student_common, "--alpha", "1.0", "--out", "student-ce"],
+            "student-ce/kd_training.json",
+        ),
+        Step(
+            "eval: teacher",
+            ["eval", "--model", teacher_model, *eval_common],
+            "eval-teacher.json",
+            stdout_to="eval-teacher.json",
+        ),
+        Step(
+            "eval: KD student",
+            ["eval", "--model", "student-kd", *eval_common],
+            "eval-student-kd.json",
+            stdout_to="eval-student-kd.json",
+        ),
+        Step(
+            "eval: CE student",
+            ["eval", "--model", "student-ce", *eval_common],
+            "eval-student-ce.json",
+            stdout_to="eval-student-ce.json",
+        ),
+    ]
+
+
+def _complete(out: Path, step: Step) -> bool:
+    marker = out / step.done_marker
+    if not marker.exists():
+        return False
+    if marker.name == "manifest.json":
+        return bool(json.loads(marker.read_text()).get("complete"))
+    return True
+
+
+def run_step(out: Path, step: Step) -> float:
+    """Run one step's command in `out`; stdout goes to a file atomically if the step wants it."""
+    command = [sys.executable, "-m", "kd.cli", *step.args]
+    log(f"[bold]→ {step.name}[/bold]: {step.display()}")
+    started = time.perf_counter()
+    stdout = subprocess.PIPE if step.stdout_to else None
+    proc = subprocess.run(command, cwd=out, stdout=stdout, text=True)
+    if proc.returncode != 0:
+        raise KdError(
+            f"demo step '{step.name}' failed (exit {proc.returncode}); rerun it with: cd {out} && "
+            f"{step.display()} --debug"
+        )
+    if step.stdout_to:
+        from kd.cache.manifest import atomic_write_text
+
+        atomic_write_text(out / step.stdout_to, proc.stdout)
+    return time.perf_counter() - started
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run (or resume) the demo and write report.md; returns the report path."""
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "demo-settings.json"
+    settings = asdict(cfg)
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise KdError(f"{out} holds a demo made with other settings; pass another --out or delete it")
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    timings_file = out / "timings.json"
+    timings: dict[str, Any] = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    steps = build_steps(cfg)
+    for step in steps:
+        if _complete(out, step):
+            log(f"[dim]✓ {step.name}: reused ({step.done_marker} exists)[/dim]")
+            continue
+        timings[step.name] = run_step(out, step)
+        timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+    from kd.pipeline.report import write_report
+
+    return write_report(out, cfg, steps, timings)

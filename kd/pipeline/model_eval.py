@@ -1,0 +1,159 @@
+"""Evaluating a model end to end for `kd eval` and the demo report.
+
+Token-level metrics come from kd.pipeline.evaluation on a cache (or on top-k computed live from a
+teacher); answer accuracy comes from greedy generation verified against each record's reference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd.cache.reader import CacheReader
+from kd.pipeline.batches import TrainSequence
+from kd.pipeline.caching import default_device
+from kd.pipeline.data import iter_examples, iter_raw_records, tokenize_example
+from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
+from kd.pipeline.errors import KdError
+from kd.pipeline.evaluation import evaluate_sequences
+from kd.pipeline.models import load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
+from kd.pipeline.progress import make_progress
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    data: str | None = None
+    cache: str | None = None
+    teacher: str | None = None
+    data_format: str | None = None
+    top_k: int = 64
+    generate: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    max_seq_len: int = 2048
+    limit: int | None = None
+    device: str | None = None
+
+
+def model_size_bytes(source) -> int:
+    path = Path(source.path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) + sum(f.stat().st_size for f in path.glob("*.bin"))
+
+
+def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
+    device = cfg.device or default_device()
+    source = resolve_model(cfg.model, "--model")
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source, dtype="float32" if device == "cpu" else "auto", device=device).eval()
+    metrics: dict[str, Any] = {
+        "model": cfg.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "size_bytes": model_size_bytes(source),
+    }
+    if cfg.cache:
+        reader = CacheReader(cfg.cache)
+        if reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            raise KdError(f"--cache {cfg.cache}: made with another tokenizer than --model's")
+        seqs = [TrainSequence(s.input_ids, s.loss_mask, s.teacher) for s in reader.iter_sequences()]
+        if cfg.limit:
+            seqs = seqs[: cfg.limit]
+    else:
+        seqs = []
+        for example in iter_examples(cfg.data, cfg.data_format, cfg.limit):
+            tokenized = tokenize_example(example, tokenizer, cfg.max_seq_len)
+            if tokenized is not None:
+                seqs.append(TrainSequence(np.asarray(tokenized.input_ids), np.asarray(tokenized.loss_mask, bool)))
+        if not seqs:
+            raise KdError(f"--data {cfg.data}: no usable records")
+        if cfg.teacher:
+            _attach_live_teacher(seqs, cfg, device, tokenizer)
+    metrics.update(evaluate_sequences(model, seqs, cfg.batch_size, device=device))
+    if cfg.generate:
+        if not cfg.data:
+            raise KdError("--generate needs --data (prompts with reference answers)")
+        metrics.update(answer_accuracy(model, tokenizer, cfg, device))
+    return metrics
+
+
+def _attach_live_teacher(seqs: list[TrainSequence], cfg: EvalConfig, device: str, tokenizer) -> None:
+    from kd.pipeline.engines.logits_hf import TransformersTeacher
+
+    teacher_source = resolve_model(cfg.teacher, "--teacher")
+    if tokenizer_fingerprint(load_tokenizer(teacher_source)) != tokenizer_fingerprint(tokenizer):
+        raise KdError("--teacher and --model use different tokenizers")
+    engine = TransformersTeacher(teacher_source, TargetSpec("topk", cfg.top_k), device=device)
+    for start in range(0, len(seqs), cfg.batch_size):
+        chunk = seqs[start : start + cfg.batch_size]
+        scored = engine.score([SequenceToScore(i, s.input_ids, s.loss_mask) for i, s in enumerate(chunk)])
+        for seq, targets in zip(chunk, scored, strict=True):
+            seq.teacher = targets
+    engine.close()
+
+
+def _prompt_and_reference(record: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The question and reference answer of a prompt record (GSM8K, prompt/answer or a conversation)."""
+    from kd.pipeline.verify import extract_reference
+
+    if "question" in record:
+        return record["question"], extract_reference(record.get("answer"))
+    if "prompt" in record and isinstance(record["prompt"], str):
+        return record["prompt"], extract_reference(record.get("answer") or record.get("reference"))
+    turns = record.get("conversations") or record.get("messages")
+    if isinstance(turns, list):
+        user = next((t["content"] for t in turns if t.get("role") == "user"), None)
+        reference = (record.get("meta") or {}).get("reference")
+        return user, reference
+    return None, None
+
+
+@torch.no_grad()
+def answer_accuracy(model, tokenizer, cfg: EvalConfig, device: str) -> dict[str, Any]:
+    """Greedy answers to the first `cfg.generate` prompts, verified against their references."""
+    from kd.pipeline.engines.generation import render_prompt
+    from kd.pipeline.verify import answers_match, extract_answer
+
+    prompts = []
+    for _, record in iter_raw_records(cfg.data):
+        question, reference = _prompt_and_reference(record)
+        if question is not None and reference is not None:
+            prompts.append((question, reference))
+        if len(prompts) >= cfg.generate:
+            break
+    if not prompts:
+        raise KdError(f"--data {cfg.data}: no prompt with a reference answer to verify")
+    tokenizer.padding_side = "left"
+    correct = generated = 0
+    started = time.perf_counter()
+    with make_progress("prompt") as progress:
+        task = progress.add_task("answering", total=len(prompts))
+        for start in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[start : start + cfg.batch_size]
+            texts = [render_prompt(tokenizer, q) for q, _ in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            for (_, reference), tokens in zip(chunk, new, strict=True):
+                tokens = tokens[tokens != (tokenizer.pad_token_id or tokenizer.eos_token_id)]
+                generated += int(tokens.numel()) + 1
+                answer = extract_answer(tokenizer.decode(tokens, skip_special_tokens=True))
+                correct += bool(answer is not None and answers_match(answer, reference))
+            progress.advance(task, len(chunk))
+    seconds = time.perf_counter() - started
+    return {
+        "answer_accuracy": correct / len(prompts),
+        "answered": len(prompts),
+        "generation_tokens_per_second": generated / seconds,
+    }

@@ -1,0 +1,163 @@
+"""report.md and its plots for `kd demo`, built only from the files the run wrote.
+
+Every number in the report is read from a metrics file of the run (eval-*.json, metrics.jsonl,
+traces.summary.json, the cache manifests), so the report cannot disagree with what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MODELS = (
+    ("teacher", "eval-teacher.json"),
+    ("KD student", "eval-student-kd.json"),
+    ("CE-only student", "eval-student-ce.json"),
+)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plot(out: Path, curves: dict[str, list[dict[str, Any]]], evals: dict[str, dict[str, Any]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in curves.items():
+        train = [r for r in rows if "ce" in r]
+        axes[0].plot([r["step"] for r in train], [r["ce"] for r in train], label=f"{label}: train CE")
+        if any(r["divergence"] for r in train):
+            axes[0].plot([r["step"] for r in train], [r["divergence"] for r in train], "--", label=f"{label}: train KL")
+        ev = [r for r in rows if "eval_kl" in r]
+        axes[1].plot([r["step"] for r in ev], [r["eval_kl"] for r in ev], marker="o", label=f"{label}: held-out KL")
+        axes[1].plot(
+            [r["step"] for r in ev], [r["eval_ce"] for r in ev], marker="x", ls=":", label=f"{label}: held-out CE"
+        )
+    axes[0].set(title="training loss", xlabel="step", ylabel="nats/token")
+    axes[1].set(title="held-out metrics", xlabel="step", ylabel="nats/token")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    files.append("curves.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(evals)
+    width = 0.38
+    xs = range(len(names))
+    accuracy = [evals[n].get("answer_accuracy", 0.0) for n in names]
+    agreement = [evals[n].get("top1_agreement", 0.0) for n in names]
+    ax.bar([x - width / 2 for x in xs], accuracy, width, label="answer accuracy")
+    ax.bar([x + width / 2 for x in xs], agreement, width, label="top-1 agreement with teacher")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("held-out problems")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    files.append("accuracy.png")
+    return files
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
+    evals = {name: json.loads((out / file).read_text()) for name, file in MODELS}
+    curves = {
+        "KD": read_jsonl(out / "student-kd" / "metrics.jsonl"),
+        "CE-only": read_jsonl(out / "student-ce" / "metrics.jsonl"),
+    }
+    traces = json.loads((out / "traces.summary.json").read_text())
+    manifest = json.loads((out / "cache-train" / "manifest.json").read_text())
+    shards = manifest["shards"]
+    cache_bytes = sum(s["bytes"] for s in shards)
+    cache_targets = sum(s["targets"] for s in shards)
+    plots = _plot(out, curves, evals)
+
+    kd, ce = evals["KD student"], evals["CE-only student"]
+    verdicts = []
+    for key, label, better in (
+        ("kl", "held-out KL to the teacher", "lower"),
+        ("ce", "held-out CE", "lower"),
+        ("top1_agreement", "top-1 agreement", "higher"),
+        ("answer_accuracy", "answer accuracy", "higher"),
+    ):
+        a, b = kd.get(key), ce.get(key)
+        if a is None or b is None:
+            continue
+        wins = a < b if better == "lower" else a > b
+        tie = abs(a - b) < 1e-9
+        verdicts.append(
+            f"- {label}: KD {_fmt(a)} vs CE-only {_fmt(b)} → "
+            + ("tie" if tie else ("**KD better**" if wins else "**CE-only better**"))
+        )
+
+    lines = [
+        "# kd demo report",
+        "",
+        f"Teacher: `{cfg.teacher or 'smollm2-135m-instruct'}` (embedded SmolLM2-135M-Instruct unless set). "
+        f"Students: {cfg.layers} of the teacher's layers, trained for {cfg.epochs} epochs each on the same "
+        f"cache, data order and learning rate; the KD student uses alpha={cfg.alpha}, T={cfg.temperature}; "
+        "the baseline uses CE only (alpha=1).",
+        "",
+        "## Did distillation help?",
+        "",
+        *verdicts,
+        "",
+        "## Held-out results",
+        "",
+        "| model | params | size on disk (MB) | CE | KL to teacher | top-1 agreement | ECE | answer accuracy | "
+        "gen tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, _ in MODELS:
+        e = evals[name]
+        lines.append(
+            f"| {name} | {_fmt(e['parameters'])} | {e['size_bytes'] / 1e6:.1f} | {_fmt(e['ce'])} | {_fmt(e.get('kl'))} "
+            f"| {_fmt(e.get('top1_agreement'))} | {_fmt(e['ece'])} | {_fmt(e.get('answer_accuracy'))} "
+            f"({e.get('answered', 0)} problems) | {_fmt(e.get('generation_tokens_per_second'), 1)} |"
+        )
+    lines += [
+        "",
+        "CE, KL and agreement are per token over the reference solutions of the held-out problems "
+        "(`cache-heldout`); answer accuracy is greedy generation checked against the known answer.",
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+        "## Data",
+        "",
+        f"- traces: {_fmt(traces.get('samples'))} samples from {_fmt(traces.get('prompts'))} prompts; verified "
+        f"correct share {_fmt(traces.get('correct_share', traces.get('accepted_share')))}; kept "
+        f"{_fmt(traces.get('accepted'))} (filter: all non-truncated, de-duplicated)",
+        f"- cache: {len(shards)} shard(s), {cache_targets:,} target tokens, {cache_bytes:,} bytes "
+        f"({cache_bytes / max(cache_targets, 1):.1f} B/token, top-{cfg.top_k} + tail, q64)",
+        "",
+        "## Steps and commands",
+        "",
+        f"Run from `{out}`; each command can be rerun on its own.",
+        "",
+        "| step | seconds | command |",
+        "|---|---|---|",
+    ]
+    for step in steps:
+        seconds = timings.get(step.name)
+        lines.append(f"| {step.name} | {_fmt(seconds, 1) if seconds is not None else 'reused'} | `{step.display()}` |")
+    lines.append("")
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
