@@ -290,3 +290,22 @@ def test_truncation_is_counted(tmp_path, tiny_model_dir):
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["rows_truncated"] == 1 and summary["rows_skipped"] == 0
     assert "truncated" in proc.stderr
+
+
+@pytest.mark.slow
+def test_embedded_teacher_on_gsm8k(tmp_path, gsm8k_train):
+    """The issue's acceptance run: the embedded SmolLM2 teacher over the first 200 GSM8K problems."""
+    out = tmp_path / "gsm8k-cache"
+    proc = run_kd(
+        "cache-logits", "--data", str(gsm8k_train), "--limit", "200", "--out", str(out), "--json", timeout=1800
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    inspect = run_kd("inspect", str(out), "--verify", "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    report = json.loads(inspect.stdout)
+    assert report["complete"] and report["rows"] == 200 and report["k"] == 64
+    assert report["teacher"]["name"].startswith("SmolLM2-135M-Instruct")
+    # GSM8K answers are ~100+ tokens each; a real teacher covers most of its mass with 64 ids.
+    assert report["targets"] > 200 * 50
+    assert 0.8 < report["topk_mass_mean"] <= 1.0
+    assert report["bytes_per_target_token"] < 400

@@ -42,8 +42,19 @@ def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir):
             for q, a in QUESTIONS
         )
     )
-    common = ["cache-logits", "--teacher", str(smollm2_dir), "--data", str(data), "--top-k", str(K), "--dtype", "fp32",
-              "--value-encoding", "float32"]
+    common = [
+        "cache-logits",
+        "--teacher",
+        str(smollm2_dir),
+        "--data",
+        str(data),
+        "--top-k",
+        str(K),
+        "--dtype",
+        "fp32",
+        "--value-encoding",
+        "float32",
+    ]
     hf = run_kd(*common, "--engine", "transformers", "--out", str(tmp_path / "hf"))
     assert hf.returncode == 0, hf.stderr[-2000:]
     vl = run_kd(*common, "--engine", "vllm", "--out", str(tmp_path / "vllm"), timeout=900)
@@ -74,3 +85,56 @@ def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir):
         np.testing.assert_allclose(np.exp(tail_a), np.exp(tail_b), atol=0.02)
     assert compared > 20
     assert same_top1 == compared
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_trained_student_loads_in_vllm(tmp_path, tiny_model_dir):
+    """The student kd train writes is a Hugging Face directory that vLLM serves as it is."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in QUESTIONS * 2
+        )
+    )
+    cache = tmp_path / "cache"
+    made = run_kd(
+        "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(data), "--out", str(cache), "--top-k", str(K)
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    student = tmp_path / "student"
+    trained = run_kd(
+        "train",
+        "--from-cache",
+        str(cache),
+        "--student",
+        str(tiny_model_dir),
+        "--out",
+        str(student),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    scored = run_kd(
+        "cache-logits",
+        "--teacher",
+        str(student),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "again"),
+        "--top-k",
+        str(K),
+        "--engine",
+        "vllm",
+        "--dtype",
+        "fp32",
+        timeout=900,
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    rows = cached_targets(tmp_path / "again")
+    assert len(rows) == len(QUESTIONS) * 2
+    assert all(np.isfinite(lp).all() for _, lp, _ in rows.values())

@@ -154,8 +154,9 @@ def test_accumulation_is_invariant(tmp_path, cache, student_config):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path, cache, student_config):
-    """torchrun with 2 gloo processes x 2 sequences == 1 process x 4 sequences."""
+@pytest.mark.parametrize(("sharding", "port"), [("ddp", "29517"), ("fsdp", "29527")])
+def test_two_processes_match_one(tmp_path, cache, eval_cache, student_config, sharding, port):
+    """torchrun with 2 gloo processes x 2 sequences == 1 process x 4 sequences, with DDP and with FSDP2."""
     common = [
         "train",
         "--from-cache",
@@ -181,7 +182,7 @@ def test_ddp_two_processes_match_one(tmp_path, cache, student_config):
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29517",
+            port,
             "-m",
             "kd.cli",
             *common,
@@ -189,6 +190,7 @@ def test_ddp_two_processes_match_one(tmp_path, cache, student_config):
             str(double),
             "--batch-size",
             "2",
+            *(["--fsdp", "--save-every", "2", "--eval-cache", str(eval_cache)] if sharding == "fsdp" else []),
         ],
         capture_output=True,
         text=True,
@@ -204,6 +206,9 @@ def test_ddp_two_processes_match_one(tmp_path, cache, student_config):
     assert len(single_losses) == 3
     assert ddp_losses == pytest.approx(single_losses, rel=1e-6)
     assert_same_weights(single, double, atol=2e-5)
+    if sharding == "fsdp":  # the gathered checkpoint holds full weights; eval ran on the gathered head
+        assert (double / "checkpoints").is_dir()
+        assert any("eval_kl" in m for m in metrics(double))
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return layers
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
+def decoder_layers(model) -> torch.nn.ModuleList:
     body = getattr(model, model.base_model_prefix, None)
     layers = getattr(body, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
@@ -92,7 +92,7 @@ def build_student(
     """Return the student model (fp32 master weights on `device`) and the source its tokenizer comes from."""
     if from_teacher is not None:
         teacher = load_causal_lm(from_teacher, dtype="float32", device="cpu")
-        chosen = parse_layers(layers or "even:8", len(_decoder_layers(teacher)))
+        chosen = parse_layers(layers or "even:8", len(decoder_layers(teacher)))
         model = student_from_teacher(teacher, chosen)
         del teacher
         return model.to(device), from_teacher, chosen

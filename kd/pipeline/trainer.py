@@ -36,6 +36,14 @@ from kd.pipeline.evaluation import evaluate_sequences, unwrap_causal_lm
 from kd.pipeline.losses import DenseTeacher, LossConfig, distill_loss_sum
 from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import log, make_progress
+from kd.pipeline.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    gathered,
+    load_full_state,
+    plain_copy,
+    shard_with_fsdp2,
+)
 from kd.pipeline.students import apply_lora, build_student, count_parameters
 from kd.pipeline.tracking import MetricsLogger
 
@@ -51,9 +59,9 @@ class TrainConfig:
     from_cache: str | None = None
     """Cache written by `kd cache-logits`: cached KD."""
     teacher: str | None = None
-    """Live teacher for online KD (with --data), or the model to cut with --student-from-teacher."""
+    """Live teacher for online KD (with --data and --alpha < 1), or the model --student-from-teacher cuts."""
     data: str | None = None
-    """Training corpus for online KD (with --teacher) or plain SFT / reasoning SFT (without)."""
+    """Training corpus for online KD (with --teacher) or plain SFT / reasoning SFT (without, or --alpha 1)."""
     data_format: str | None = None
     student: str | None = None
     """Student: HF dir, .gguf, or config.json (random init)."""
@@ -89,6 +97,8 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     lora: int | None = None
+    fsdp: bool = False
+    """Under torchrun, shard the student with FSDP2 instead of replicating it with DDP."""
     seed: int = 0
     chunk_size: int = 1024
     max_seq_len: int = 2048
@@ -128,6 +138,8 @@ class TrainConfig:
             raise KdError(f"--tag-weight must be > 0, got {self.tag_weight}")
         if self.tag_weight != 1.0 and self.mode != "sft":
             raise KdError("--tag-weight applies to reasoning SFT (--data without --teacher)")
+        if self.fsdp and self.lora:
+            raise KdError("--fsdp with --lora is not supported; LoRA students are small enough for DDP")
         if self.eval_cache is not None and self.eval_data is not None:
             raise KdError("--eval-cache and --eval-data are exclusive")
 
@@ -136,7 +148,9 @@ class TrainConfig:
         """cached, online or sft."""
         if self.from_cache is not None:
             return "cached"
-        return "online" if self.teacher is not None and not self.student_from_teacher else "sft"
+        # With --alpha 1 the teacher is not needed as a signal (it may still be the model that
+        # --student-from-teacher cuts), so that is plain SFT.
+        return "online" if self.teacher is not None and self.alpha < 1.0 else "sft"
 
     def loss_config(self) -> LossConfig:
         return LossConfig(
@@ -425,7 +439,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     module = DistillStep(student, cfg.loss_config(), teacher_model, teacher_device)
     wrapped: torch.nn.Module = module
-    if env.world_size > 1:
+    fsdp = cfg.fsdp and env.world_size > 1
+    if fsdp:
+        shard_with_fsdp2(module, unwrap_causal_lm(module.student), device, env.world_size)
+    elif env.world_size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -441,8 +458,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             state = load_checkpoint(checkpoint)
             if state["config_fingerprint"] != _config_fingerprint(cfg):
                 raise KdError(f"--resume: {checkpoint} was written with different settings; use another --out")
-            module.student.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_full_state(module, module.student, optimizer, state, fsdp)
             set_rng_state(state["rng"])
             start_step = int(state["step"])
             log(f"resumed from {checkpoint} (step {start_step})")
@@ -486,7 +502,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 first = (micro * env.world_size + env.rank) * cfg.batch_size
                 batch = collate(global_seqs[first : first + cfg.batch_size]).to(device)
                 sync = contextlib.nullcontext()
-                if env.world_size > 1 and micro < cfg.accumulation_steps - 1:
+                last_micro = micro == cfg.accumulation_steps - 1
+                if fsdp:
+                    module.set_requires_gradient_sync(last_micro)
+                elif env.world_size > 1 and not last_micro:
                     sync = wrapped.no_sync()
                 with sync:
                     with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -516,24 +535,27 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                     "ce": float(sums[1]) / tokens,
                     "divergence": float(sums[2]) / tokens,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "step_seconds": time.perf_counter() - step_start,
                     "tokens_per_second": tokens_seen / (time.perf_counter() - started),
                 }
                 logger.log(last_metrics, console=False)
             if eval_seqs is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
-                metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
+                with gathered(module):
+                    metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
                 logger.log({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}}, console=False)
                 last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                _save(out, done, module, optimizer, cfg, env)
+                _save(out, done, module, optimizer, cfg, env, fsdp)
     if eval_seqs is not None and not cfg.eval_every:
-        metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
+        with gathered(module):
+            metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
         logger.log({"step": total_steps, **{f"eval_{k}": v for k, v in metrics.items()}}, console=False)
         last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
-    _save(out, total_steps, module, optimizer, cfg, env)
+    final_state = _save(out, total_steps, module, optimizer, cfg, env, fsdp)
     if env.is_main:
-        save_student(module.student, tokenizer, out, cfg, last_metrics, layers)
+        student_to_save = plain_copy(unwrap_causal_lm(module.student), final_state) if fsdp else module.student
+        save_student(student_to_save, tokenizer, out, cfg, last_metrics, layers)
     logger.close()
     if env.world_size > 1:
         dist.barrier()
@@ -548,18 +570,20 @@ def _config_fingerprint(cfg: TrainConfig) -> str:
     return json.dumps(relevant, sort_keys=True)
 
 
-def _save(out: Path, step: int, module: DistillStep, optimizer, cfg: TrainConfig, env: DistEnv) -> None:
+def _save(
+    out: Path, step: int, module: DistillStep, optimizer, cfg: TrainConfig, env: DistEnv, fsdp: bool
+) -> dict[str, torch.Tensor]:
+    """Write a checkpoint (rank 0) and return the full student weights. Collective under FSDP2."""
+    model_state = full_model_state(module.student, fsdp)
+    optimizer_state = full_optimizer_state(module, optimizer, fsdp)
     if env.is_main:
         save_checkpoint(
             out,
             step,
             {
                 "step": step,
-                "model": {
-                    k: v.detach().float() if v.is_floating_point() else v
-                    for k, v in module.student.state_dict().items()
-                },
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "rng": rng_state(),
                 "config_fingerprint": _config_fingerprint(cfg),
             },
@@ -567,6 +591,7 @@ def _save(out: Path, step: int, module: DistillStep, optimizer, cfg: TrainConfig
         )
     if env.world_size > 1:
         dist.barrier()
+    return model_state
 
 
 def save_student(student, tokenizer, out: Path, cfg: TrainConfig, metrics: dict[str, Any], layers) -> None:

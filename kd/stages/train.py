@@ -68,6 +68,9 @@ def register(app: typer.Typer) -> None:
         eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
         log_every: int = typer.Option(10, "--log-every", help="Log metrics every N steps."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+        fsdp: bool = typer.Option(
+            False, "--fsdp", help="Under torchrun, shard the student with FSDP2 (too big for one GPU) instead of DDP."
+        ),
         lora: int = typer.Option(
             None, "--lora", help="Train LoRA adapters of this rank (peft) instead of all weights."
         ),
@@ -120,6 +123,7 @@ def register(app: typer.Typer) -> None:
             log_every=log_every,
             resume=resume,
             lora=lora,
+            fsdp=fsdp,
             seed=seed,
             chunk_size=chunk_size,
             max_seq_len=max_seq_len,

@@ -17,7 +17,6 @@ from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
 from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for
 
-
 CPU_MEMORY_UTILIZATION = 0.2
 """On the CPU backend vLLM reserves this share of the NUMA node's RAM for weights + KV cache (its
 GPU default of 0.9 fails to start beside anything else: "Available memory ... is less than desired")."""
