@@ -119,3 +119,21 @@ def test_rs_roundtrip():
     (got,) = decode_table(pa.Table.from_batches([batch]), "rs", "q64")
     assert [list(x) for x in got.teacher.ids] == [[3, 9], [1], [4, 5, 6]]
     assert [list(x) for x in got.teacher.counts] == [[60, 4], [64], [1, 2, 61]]
+
+
+def test_adaptive_topk_keeps_the_mass_and_moves_the_rest_to_the_tail():
+    from kd.cache.format import TopKTargets, truncate_to_mass
+
+    probs = np.array([[0.9, 0.0995, 0.0004, 0.0001], [0.4, 0.3, 0.2, 0.05]])
+    tail = np.log(1 - probs.sum(axis=1))
+    targets = TopKTargets(np.array([[5, 6, 7, 8], [1, 2, 3, 4]]), np.log(probs).astype(np.float32), tail)
+    cut = truncate_to_mass(targets, 1e-3)
+    # Row 0: 0.9 + 0.0995 = 0.9995 >= 1 - 1e-3, so two ids stay; row 1 keeps all four.
+    assert list(cut.ids[0]) == [5, 6, 0, 0] and np.isneginf(cut.logprobs[0, 2:]).all()
+    assert list(cut.ids[1]) == [1, 2, 3, 4]
+    total = np.logaddexp.reduce(np.concatenate([cut.logprobs, cut.tail[:, None]], axis=1).astype(np.float64), axis=1)
+    np.testing.assert_allclose(np.exp(total), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.exp(cut.tail[0]), 0.0005, rtol=1e-3)
+    # The q64 codec stores the empty slots and decodes them back as empty.
+    stored = fmt.encode_topk_values(cut.logprobs, "q64")
+    assert np.isneginf(fmt.decode_topk_values(stored, "q64")[0, 2:]).all()

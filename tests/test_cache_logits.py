@@ -124,6 +124,36 @@ def test_rs_mode_cache(tmp_path, corpus, tiny_model_dir):
         assert len(seq.teacher.ids) == int(seq.loss_mask[1:].sum())
 
 
+def test_adaptive_topk_cache(tmp_path, corpus, tiny_model_dir):
+    """--mass-epsilon stores only the leading ids holding 1 - eps of the mass; the rest is tail."""
+    out = tmp_path / "cache-adaptive"
+    proc = run_kd(
+        "cache-logits",
+        "--teacher",
+        str(tiny_model_dir),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--top-k",
+        "32",
+        "--mass-epsilon",
+        "0.5",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["settings"]["mass_epsilon"] == 0.5
+    kept = []
+    for seq in CacheReader(out).iter_sequences():
+        valid = np.isfinite(seq.teacher.logprobs)
+        kept += list(valid.sum(axis=1))
+        probs = np.exp(seq.teacher.logprobs.astype(np.float64))  # 0 on empty slots
+        smallest_kept = np.where(valid, probs, np.inf).min(axis=1)
+        # Every kept id was needed: without the smallest, the kept ids hold less than 1 - eps.
+        assert (probs.sum(axis=1) - smallest_kept < 0.5 + 1e-3).all()
+        np.testing.assert_allclose(probs.sum(axis=1) + np.exp(seq.teacher.tail.astype(np.float64)), 1.0, atol=0.02)
+    assert min(kept) >= 1 and max(kept) <= 32
+
+
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
     args = [

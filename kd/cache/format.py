@@ -156,6 +156,29 @@ class SampledTargets:
     counts: list[np.ndarray]
 
 
+def truncate_to_mass(targets: TopKTargets, epsilon: float) -> TopKTargets:
+    """Adaptive top-k: per token keep the fewest leading ids holding >= 1 - epsilon of the mass.
+
+    The dropped ids' mass joins the tail, so the cached distribution over ids + tail still sums to 1
+    and the loss treats the dropped slots like any id outside the top-k. Dropped slots become empty
+    (id 0, log-prob -inf), which zstd stores almost for free: a confident teacher (most tokens of a
+    worked solution) then costs a few ids instead of k.
+    """
+    logprobs = np.asarray(targets.logprobs, dtype=np.float64)
+    probs = np.exp(logprobs)
+    before = np.cumsum(probs, axis=1) - probs  # mass of the slots ahead of each slot
+    keep = before < 1.0 - epsilon
+    keep[:, 0] = True
+    dropped = np.where(keep, 0.0, probs).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        tail = np.logaddexp(np.asarray(targets.tail, dtype=np.float64), np.log(dropped))
+    return TopKTargets(
+        np.where(keep, targets.ids, 0).astype(targets.ids.dtype),
+        np.where(keep, logprobs, -np.inf).astype(np.float32),
+        tail.astype(np.float32),
+    )
+
+
 def target_positions(loss_mask: np.ndarray) -> np.ndarray:
     """Positions t >= 1 whose token is a target (the teacher entry j belongs to the j-th of these)."""
     mask = np.asarray(loss_mask, dtype=bool).copy()

@@ -53,6 +53,8 @@ class CacheConfig:
     """Draws per target token in rs mode."""
     value_encoding: str = "q64"
     """q64 (uint16, max error 0.0078 nats) or float32."""
+    mass_epsilon: float = 0.0
+    """Adaptive top-k: keep only the leading ids until they hold 1 - epsilon of the mass (0: always k)."""
     max_seq_len: int = 2048
     """Longest sequence; longer ones are truncated or skipped (see overflow)."""
     overflow: str = "truncate"
@@ -82,6 +84,10 @@ class CacheConfig:
             raise KdError(f"--top-k must be >= 1, got {self.top_k}")
         if not 1 <= self.samples <= 65535:
             raise KdError(f"--samples must be in [1, 65535], got {self.samples}")
+        if not 0.0 <= self.mass_epsilon < 1.0:
+            raise KdError(f"--mass-epsilon must be in [0, 1), got {self.mass_epsilon}")
+        if self.mass_epsilon and self.sampling == "rs":
+            raise KdError("--mass-epsilon applies to top-k caches, not --sampling rs")
         if self.value_encoding not in fmt.VALUE_ENCODINGS:
             raise KdError(f"--value-encoding {self.value_encoding}: expected one of {', '.join(fmt.VALUE_ENCODINGS)}")
         if self.max_seq_len < 2:
@@ -183,6 +189,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
         "num_samples": cfg.samples if cfg.mode == "rs" else None,
         "seed": cfg.seed if cfg.mode == "rs" else None,
         "value_encoding": cfg.value_encoding if cfg.mode == "topk" else None,
+        "mass_epsilon": cfg.mass_epsilon if cfg.mode == "topk" else None,
         "engine": cfg.engine,
         "dtype": cfg.dtype,
         "corpus": {
@@ -222,6 +229,8 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
                     shard_seqs = [sequences[p] for p in positions]
                     t0 = time.perf_counter()
                     targets = _score_shard(engine, shard_seqs, cfg.batch_size, progress, task)
+                    if cfg.mass_epsilon:
+                        targets = [fmt.truncate_to_mass(t, cfg.mass_epsilon) for t in targets]
                     teacher_seconds += time.perf_counter() - t0
                     batch = fmt.build_batch(
                         schema,

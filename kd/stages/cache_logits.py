@@ -40,6 +40,12 @@ def register(app: typer.Typer) -> None:
         value_encoding: str = typer.Option(
             "q64", "--value-encoding", help="q64 (uint16, max error 0.0078 nats) or float32."
         ),
+        mass_epsilon: float = typer.Option(
+            0.0,
+            "--mass-epsilon",
+            help="Adaptive top-k: per token keep only the leading ids until they hold 1-EPS of the teacher's "
+            "mass (at most --top-k); the rest joins the tail. 0 keeps k ids everywhere.",
+        ),
         max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Longest sequence in tokens."),
         overflow: str = typer.Option(
             "truncate", "--overflow", help="What to do with longer sequences: truncate or skip (counted either way)."
@@ -78,6 +84,7 @@ def register(app: typer.Typer) -> None:
             sampling=sampling,
             samples=samples,
             value_encoding=value_encoding,
+            mass_epsilon=mass_epsilon,
             max_seq_len=max_seq_len,
             overflow=overflow,
             batch_size=batch_size,
