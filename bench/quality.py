@@ -4,7 +4,8 @@
 
 Teacher: the embedded SmolLM2-135M-Instruct. Student: 8 of its 30 layers (even:8), embeddings, norm
 and head copied. Data: GSM8K train (first --train-rows) for training, GSM8K test (first --test-rows)
-held out. Every run sees the same sequences in the same order for the same number of steps (the
+held out; each student trains on the first --train-limit sequences. Every run sees the same
+sequences in the same order for the same number of steps (the
 same token budget): CE-only, cached top-16 + tail, cached top-64 + tail, RS-KD, online full-vocab KD.
 Held-out metrics come from `kd eval` against a top-64 cache of the test rows (KL over 64 ids +
 tail; the RS and top-16 runs are measured on the same yardstick).
@@ -25,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-rows", type=int, default=160)
     parser.add_argument("--test-rows", type=int, default=60)
+    parser.add_argument("--train-limit", type=int, default=96, help="sequences each student trains on")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -78,9 +80,11 @@ def main() -> None:
         "--seed",
         "0",
         "--dtype",
-        "bfloat16",
+        "auto",
         "--log-every",
         "1",
+        "--limit",
+        str(args.train_limit),
     ]
     runs = {
         "ce_only": ["--from-cache", str(work / "cache-top64"), "--alpha", "1.0"],
@@ -92,8 +96,6 @@ def main() -> None:
             "smollm2-135m-instruct",
             "--data",
             train,
-            "--limit",
-            str(args.train_rows),
             "--alpha",
             str(args.alpha),
         ],

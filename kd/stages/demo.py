@@ -34,7 +34,11 @@ def register(app: typer.Typer) -> None:
         learning_rate: float = typer.Option(defaults.learning_rate, "--learning-rate", help="Peak learning rate."),
         alpha: float = typer.Option(defaults.alpha, "--alpha", help="CE weight of the KD student."),
         temperature: float = typer.Option(defaults.temperature, "--temperature", help="Distillation temperature."),
-        dtype: str = typer.Option(defaults.dtype, "--dtype", help="Students' training dtype: bfloat16 or float32."),
+        dtype: str = typer.Option(
+            defaults.dtype,
+            "--dtype",
+            help="Students' training dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16 or float32.",
+        ),
         engine: str = typer.Option(defaults.engine, "--engine", help="gen-traces engine: auto, vllm or transformers."),
         seed: int = typer.Option(defaults.seed, "--seed", help="Seed of prompts, sampling and training."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
