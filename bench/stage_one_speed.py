@@ -1,6 +1,6 @@
 """Stage one: end-to-end tokens/s against the teacher's forward-only tokens/s (issue 2).
 
-    .venv/bin/python bench/stage_one_speed.py [--rows 48] [--batch-size 8] [--top-k 64] [--rounds 3]
+    .venv/bin/python bench/stage_one_speed.py [--rows 32] [--batch-size 8] [--top-k 64] [--rounds 3]
 
 One process, one loaded teacher (the embedded SmolLM2-135M-Instruct unless --teacher), the same
 length-sorted batches of GSM8K train problems, modes interleaved round by round so machine noise
@@ -53,7 +53,7 @@ def padded(batch: list[SequenceToScore]) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=None)
-    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)

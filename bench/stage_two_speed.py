@@ -1,6 +1,6 @@
 """Stage two: step time, tokens/s and peak memory of cached KD against CE-only and online KD (issue 3).
 
-    .venv/bin/python bench/stage_two_speed.py [--rows 32] [--batch-size 8] [--steps 3] [--rounds 3]
+    .venv/bin/python bench/stage_two_speed.py [--rows 16] [--batch-size 4] [--steps 2] [--rounds 2]
 
 Student: 8 of the embedded SmolLM2-135M-Instruct's 30 layers (the demo's student). Batches: the
 same GSM8K train sequences for every mode, scored by the teacher once up front (top-64 + tail and
@@ -105,15 +105,15 @@ def child_memory(args, device: str, amp) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=None)
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16", help="autocast dtype: bfloat16 or float32")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16, float32")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    amp = torch.bfloat16 if args.dtype in ("bf16", "bfloat16") else None
+    amp = torch.bfloat16 if args.dtype in ("bf16", "bfloat16") or (args.dtype == "auto" and device == "cuda") else None
     torch.manual_seed(0)
     if args.memory_of:
         child_memory(args, device, amp)

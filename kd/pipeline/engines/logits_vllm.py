@@ -22,7 +22,7 @@ CPU_MEMORY_UTILIZATION = 0.2
 GPU default of 0.9 fails to start beside anything else: "Available memory ... is less than desired")."""
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -30,7 +30,7 @@ def _has_cuda() -> bool:
 
 def vllm_memory_utilization(requested: float) -> float:
     """`gpu_memory_utilization` for this machine: as requested on GPUs, a modest share of RAM on CPU."""
-    return requested if _has_cuda() else min(requested, CPU_MEMORY_UTILIZATION)
+    return requested if has_cuda() else min(requested, CPU_MEMORY_UTILIZATION)
 
 
 class VllmTeacher:
@@ -65,7 +65,7 @@ class VllmTeacher:
             "seed": seed,
             "enable_prefix_caching": False,
             # On CPU, vLLM's torch.compile warm-up takes minutes for a one-off scoring pass.
-            "enforce_eager": not _has_cuda(),
+            "enforce_eager": not has_cuda(),
             "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
         }
         if max_model_len:

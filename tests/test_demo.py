@@ -1,0 +1,63 @@
+"""`kd demo` end to end on the embedded teacher, shrunk to a few problems, then rerun.
+
+    .venv/bin/python -m pytest tests/test_demo.py -q
+
+The full-size demo is `make demo`; this checks the same steps on a budget CI can afford: every
+artefact and the report exist, the report's table holds the three models, and a second run reuses
+every finished step instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_kd
+
+
+@pytest.mark.slow
+def test_demo_runs_and_reruns_from_its_finished_steps(tmp_path):
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--train-problems",
+        "6",
+        "--eval-problems",
+        "3",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "160",
+        "--epochs",
+        "1",
+        "--engine",
+        "transformers",
+    ]
+    first = run_kd(*args, timeout=2400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for row in ("| teacher |", "| KD student |", "| CE-only student |"):
+        assert row in report
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
+    for name in ("teacher", "student-kd", "student-ce"):
+        metrics = json.loads((out / f"eval-{name}.json").read_text())
+        assert metrics["tokens"] > 0 and "answer_accuracy" in metrics
+    assert json.loads((out / "eval-teacher.json").read_text())["kl"] == pytest.approx(0.0, abs=0.02)
+    assert (out / "student-kd" / "model.safetensors").is_file()
+    assert "kd gen-traces" in report and "kd cache-logits" in report and "kd train" in report
+
+    artefacts = [
+        out / "traces.jsonl",
+        out / "cache-train" / "manifest.json",
+        out / "student-kd" / "model.safetensors",
+        out / "student-ce" / "model.safetensors",
+        out / "eval-teacher.json",
+    ]
+    stamps = [p.stat().st_mtime_ns for p in artefacts]
+    second = run_kd(*args, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stderr.count("reused") == 10  # every step
+    assert [p.stat().st_mtime_ns for p in artefacts] == stamps  # and nothing was rewritten
