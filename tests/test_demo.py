@@ -33,6 +33,8 @@ def test_demo_runs_and_reruns_from_its_finished_steps(tmp_path):
         "160",
         "--epochs",
         "1",
+        "--batch-size",
+        "1",
         "--engine",
         "transformers",
     ]

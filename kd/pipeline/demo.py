@@ -31,13 +31,13 @@ class DemoConfig:
     """Where every artefact and report.md go."""
     teacher: str | None = None
     """Teacher model [default: the embedded SmolLM2-135M-Instruct]."""
-    train_problems: int = 48
+    train_problems: int = 32
     """Generated training prompts."""
     eval_problems: int = 24
     """Held-out prompts (reference solutions for token metrics; answers for accuracy)."""
     samples: int = 2
     """Teacher traces per training prompt."""
-    max_new_tokens: int = 192
+    max_new_tokens: int = 160
     """Token budget per trace / per answer."""
     layers: str = "even:8"
     """Teacher layers the students are cut from."""

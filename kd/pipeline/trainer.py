@@ -515,7 +515,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                     # by world_size to turn that average back into a sum.
                     (parts.total * (env.world_size / normaliser)).backward()
                 sums += torch.tensor(
-                    [float(parts.total), float(parts.ce), float(parts.divergence)], dtype=torch.float64
+                    [float(parts.total.detach()), float(parts.ce), float(parts.divergence)], dtype=torch.float64
                 )
             if env.world_size > 1:
                 dist.all_reduce(sums)

@@ -69,7 +69,11 @@ class VllmTeacher:
             "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
         }
         if max_model_len:
-            kwargs["max_model_len"] = max_model_len
+            # --max-seq-len may exceed what the model supports; vLLM refuses a longer context outright.
+            from transformers import AutoConfig
+
+            limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+            kwargs["max_model_len"] = min(max_model_len, int(limit)) if limit else max_model_len
         self.llm = LLM(**kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
