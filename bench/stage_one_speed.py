@@ -28,6 +28,7 @@ import torch
 from common import require_gsm8k, write_results
 
 from kd.cache import format as fmt
+from kd.cache.manifest import open_or_create
 from kd.cache.writer import BackgroundShardWriter, PendingShard
 from kd.pipeline.data import iter_examples, tokenize_example
 from kd.pipeline.engines.logits_hf import TransformersTeacher
@@ -91,6 +92,7 @@ def main() -> None:
             values.cpu(), top.cpu()
 
     def stage_one(out: Path) -> None:
+        open_or_create(out, {"bench": "stage_one_speed"})  # the writer records each shard in a manifest
         writer = BackgroundShardWriter(out, schema)
         try:
             for index, batch in enumerate(batches):
