@@ -25,7 +25,7 @@ from kd.pipeline.progress import log
 
 @dataclass
 class DemoConfig:
-    """Knobs of `kd demo` (defaults fit a 2-core CPU in about 15 minutes)."""
+    """Knobs of `kd demo` (sized for a 2-core CPU; the 15-minute target is not yet verified on an idle machine)."""
 
     out: str = "demo-out"
     """Where every artefact and report.md go."""
