@@ -37,16 +37,20 @@ CONFIGS = {
 }
 
 
+def ipc_bytes(table: pa.Table) -> int:
+    """Size of `table` as a shard: Arrow IPC file with kd's zstd settings (kd.cache.writer.write_shard)."""
+    sink = io.BytesIO()
+    options = pa.ipc.IpcWriteOptions(compression=pa.Codec(*IPC_COMPRESSION))
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.tell()
+
+
 def teacher_column_bytes(reader: CacheReader) -> int:
     total = 0
     for shard in reader.shards:
         table = reader.read_table(shard)
-        teacher = table.select([n for n in table.column_names if n.startswith("teacher_")])
-        sink = io.BytesIO()
-        options = pa.ipc.IpcWriteOptions(compression=pa.Codec(*IPC_COMPRESSION))
-        with pa.ipc.new_file(sink, teacher.schema, options=options) as writer:
-            writer.write_table(teacher)
-        total += sink.tell()
+        total += ipc_bytes(table.select([n for n in table.column_names if n.startswith("teacher_")]))
     return total
 
 
@@ -69,11 +73,7 @@ def adaptive_bytes(reader: CacheReader, epsilon: float) -> tuple[float, float, f
             cut,
             reader.value_encoding,
         )
-        sink = io.BytesIO()
-        options = pa.ipc.IpcWriteOptions(compression=pa.Codec(*IPC_COMPRESSION))
-        with pa.ipc.new_file(sink, schema, options=options) as writer:
-            writer.write_batch(batch)
-        total_bytes += sink.tell()
+        total_bytes += ipc_bytes(pa.Table.from_batches([batch]))
         for full, small in zip(seqs, cut, strict=True):
             kept += int(np.isfinite(small.logprobs).sum())
             tokens += len(small.ids)

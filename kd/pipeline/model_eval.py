@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kd.cache.reader import CacheReader
-from kd.pipeline.batches import TrainSequence
+from kd.pipeline.batches import TrainSequence, sequences_from_cache
 from kd.pipeline.caching import default_device
 from kd.pipeline.data import iter_examples, iter_raw_records, tokenize_example
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
@@ -62,7 +62,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         reader = CacheReader(cfg.cache)
         if reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise KdError(f"--cache {cfg.cache}: made with another tokenizer than --model's")
-        seqs = [TrainSequence(s.input_ids, s.loss_mask, s.teacher) for s in reader.iter_sequences()]
+        seqs = sequences_from_cache(reader)
         if cfg.limit:
             seqs = seqs[: cfg.limit]
     else:

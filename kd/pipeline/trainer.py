@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from kd.cache.reader import CacheReader
-from kd.pipeline.batches import Batch, TrainSequence, collate
+from kd.pipeline.batches import Batch, TrainSequence, collate, sequences_from_cache
 from kd.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kd.pipeline.data import iter_examples, tokenize_example
 from kd.pipeline.engines.logits_hf import split_body_and_head
@@ -163,12 +163,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def sequences_from_cache(reader: CacheReader) -> list[TrainSequence]:
-    """All cached sequences in corpus-row order (independent of how ranks split stage one)."""
-    seqs = sorted(reader.iter_sequences(verify=True), key=lambda s: s.row)
-    return [TrainSequence(s.input_ids, s.loss_mask, s.teacher) for s in seqs]
 
 
 def tag_token_weights(tokenizer, input_ids: list[int], tag_weight: float) -> np.ndarray:
@@ -474,6 +468,15 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             f"{global_batch} sequences"
         )
     amp = autocast_dtype(cfg.dtype, device)
+
+    def evaluate_and_log(step: int) -> dict[str, float]:
+        """Held-out metrics at `step` (every rank takes part: under FSDP2 the head is gathered)."""
+        with gathered(module):
+            metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
+        prefixed = {f"eval_{k}": v for k, v in metrics.items()}
+        logger.log({"step": step, **prefixed}, console=False)
+        return prefixed
+
     last_metrics: dict[str, Any] = {}
     tokens_seen = 0
     started = time.perf_counter()
@@ -541,17 +544,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 }
                 logger.log(last_metrics, console=False)
             if eval_seqs is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
-                with gathered(module):
-                    metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
-                logger.log({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}}, console=False)
-                last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+                last_metrics.update(evaluate_and_log(done))
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
                 _save(out, done, module, optimizer, cfg, env, fsdp)
     if eval_seqs is not None and not cfg.eval_every:
-        with gathered(module):
-            metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
-        logger.log({"step": total_steps, **{f"eval_{k}": v for k, v in metrics.items()}}, console=False)
-        last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+        last_metrics.update(evaluate_and_log(total_steps))
     final_state = _save(out, total_steps, module, optimizer, cfg, env, fsdp)
     if env.is_main:
         student_to_save = plain_copy(unwrap_causal_lm(module.student), final_state) if fsdp else module.student

