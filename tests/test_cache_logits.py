@@ -269,6 +269,8 @@ def test_corrupted_shard_fails_verify(tmp_path, corpus, tiny_model_dir):
         (['{"question": "a", "answer": "b"}'], ["--top-k", "100000"], ["--top-k 100000", "vocabulary"]),
         (['{"question": "a", "answer": "b"}'], ["--teacher", "/no/such/model"], ["--teacher /no/such/model"]),
         (['{"question": "a", "answer": "b"}'], ["--engine", "magic"], ["--engine magic"]),
+        (['{"question": "a", "answer": "b"}'], ["--mass-epsilon", "1.5"], ["--mass-epsilon must be in [0, 1)"]),
+        (['{"question": "a", "answer": "b"}'], ["--mass-epsilon", "0.1", "--sampling", "rs"], ["--mass-epsilon"]),
         (
             ['{"question": "' + "long " * 300 + '", "answer": "b"}'],
             ["--max-seq-len", "64", "--overflow", "skip"],

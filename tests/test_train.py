@@ -398,6 +398,7 @@ def test_lora_student_is_saved_merged(tmp_path, cache, tiny_model_dir):
         (["--divergence", "hellinger"], ["--divergence hellinger"]),
         (["--batch-size", "0"], ["--batch-size must be >= 1"]),
         (["--batch-size", "64"], ["fewer than one global batch"]),
+        (["--fsdp", "--lora", "4"], ["--fsdp with --lora"]),
     ],
 )
 def test_bad_flags(tmp_path, cache, student_config, flags, fragments):
