@@ -19,6 +19,19 @@ DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float1
 """kd's --dtype spellings -> vLLM's."""
 
 
+def vllm_dtype(dtype: str) -> str:
+    """vLLM's dtype for kd's --dtype: ``auto`` is vLLM's own choice on GPUs and float32 on CPU.
+
+    vLLM's CPU backend turns ``auto`` into bfloat16, which CPUs without bf16 matrix instructions
+    (AVX2-only, like the 2-core CI machine) emulate: measured 18.7 generated tok/s in bf16 against
+    68.4 in fp32 for SmolLM2-135M (50 GSM8K prompts, eager mode). kd's other engines already read
+    ``auto`` as fp32 on CPU.
+    """
+    if dtype == "auto":
+        return "auto" if has_cuda() else "float32"
+    return DTYPES.get(dtype, dtype)
+
+
 def has_cuda() -> bool:
     import torch
 
@@ -55,7 +68,7 @@ def engine_args(
         "tokenizer": path,
         "seed": seed,
         "tensor_parallel_size": tensor_parallel_size,
-        "dtype": DTYPES.get(dtype, dtype),
+        "dtype": vllm_dtype(dtype),
         "gpu_memory_utilization": vllm_memory_utilization(gpu_memory_utilization),
         # vLLM's torch.compile warm-up takes minutes on a small CPU; eager mode starts in seconds.
         "enforce_eager": not has_cuda(),
