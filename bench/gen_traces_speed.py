@@ -7,6 +7,10 @@ train problems with the R1 defaults (temperature 0.6, top-p 0.95) and --n sample
 the real `kd gen-traces` command. Tokens/s counts generated tokens over generation time (model
 loading excluded, as `kd gen-traces --json` reports it); accepted/min counts samples whose final
 answer verified correct per minute of generation.
+
+Then the traces are used the way the issue's done-check asks: `kd train --data` runs reasoning
+SFT (CE only, --tag-weight on the think tags) for --train-steps steps on the accepted traces of the
+engine that accepted the most, in a student cut from the teacher, and the losses are recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--engines", default="transformers,vllm")
+    parser.add_argument("--train-steps", type=int, default=4, help="SFT steps on the accepted traces (0: skip).")
     args = parser.parse_args()
     gsm8k = require_gsm8k()
     work = WORK / f"gen-traces-{args.prompts}x{args.n}-{args.max_new_tokens}"
@@ -75,8 +80,57 @@ def main() -> None:
         payload["ratio_vllm_to_transformers"] = (
             table["vllm"]["tokens_per_second"] / table["transformers"]["tokens_per_second"]
         )
+    if args.train_steps:
+        payload["sft_on_traces"] = train_on_traces(work, results, args.train_steps)
     write_results("gen_traces_speed", payload)
     print(json.dumps(payload, indent=1))
+
+
+def train_on_traces(work, results: dict, steps: int) -> dict:
+    """`kd train --data` (reasoning SFT) on the accepted traces of the engine that accepted the most."""
+    engine = max(results, key=lambda e: results[e].get("accepted") or 0)
+    if not results[engine].get("accepted"):
+        return {"skipped": "no engine accepted any trace"}
+    traces = work / f"{engine}.jsonl"
+    out = work / f"sft-{engine}"
+    metrics = out / "final.json"
+    run_step(
+        [
+            "train",
+            "--data",
+            str(traces),
+            "--teacher",
+            "smollm2-135m-instruct",
+            "--student-from-teacher",
+            "--layers",
+            "even:8",
+            "--alpha",
+            "1",
+            "--tag-weight",
+            "10",
+            "--max-steps",
+            str(steps),
+            "--batch-size",
+            str(min(2, results[engine]["accepted"])),
+            "--log-every",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        metrics,
+        work / f"sft-{engine}.log",
+    )
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [row["loss"] for row in logged if "loss" in row]
+    return {
+        "engine": engine,
+        "traces": results[engine]["accepted"],
+        "steps": steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "student_saved": (out / "model.safetensors").is_file() or any(out.glob("*.safetensors")),
+    }
 
 
 if __name__ == "__main__":
