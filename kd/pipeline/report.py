@@ -135,7 +135,9 @@ def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
     lines += [
         "",
         "CE, KL and agreement are per token over the reference solutions of the held-out problems "
-        "(`cache-heldout`); answer accuracy is greedy generation checked against the known answer.",
+        "(`cache-heldout`); answer accuracy is greedy generation checked against the known answer. "
+        "Size on disk is the weight files as stored: a quantised GGUF teacher (the embedded one is 4-bit "
+        "Q4_1) takes fewer bytes per parameter than the students, which are saved as float32 safetensors.",
         "",
         *[f"![{p}]({p})" for p in plots],
         "",

@@ -1,6 +1,6 @@
 """`kd demo`: the whole distillation on the embedded teacher, with a report; `kd make-problems`.
 
-kd demo                                   # writes demo-out/report.md (target: <= 15 min on 2 CPU cores)
+kd demo                                   # writes demo-out/report.md (about 11 min on 2 idle CPU cores)
 kd demo --teacher my-model/ --train-problems 500 --layers 0,4,8,12 --out my-demo
 """
 
