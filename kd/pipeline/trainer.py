@@ -177,8 +177,8 @@ def tag_token_weights(tokenizer, input_ids: list[int], tag_weight: float) -> np.
     text = tokenizer.decode(input_ids)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if encoding["input_ids"] != list(input_ids):
-        # Decode/encode is not a round trip for this tokenizer; fall back to matching tag token runs.
-        return weights
+        # Decode/encode is not a round trip for this tokenizer: match the tags' own token runs instead.
+        return _weight_tag_token_runs(tokenizer, input_ids, weights, tag_weight)
     spans = []
     for tag in THINK_TAGS:
         start = text.find(tag)
@@ -188,6 +188,17 @@ def tag_token_weights(tokenizer, input_ids: list[int], tag_weight: float) -> np.
     for t, (a, b) in enumerate(encoding["offset_mapping"]):
         if b > a and any(a < e and b > s for s, e in spans):
             weights[t] = tag_weight
+    return weights
+
+
+def _weight_tag_token_runs(tokenizer, input_ids: list[int], weights: np.ndarray, tag_weight: float) -> np.ndarray:
+    """Set `tag_weight` where the token ids of a tag, tokenized on its own, occur as a run."""
+    ids = list(input_ids)
+    for tag in THINK_TAGS:
+        run = tokenizer(tag, add_special_tokens=False)["input_ids"]
+        for start in range(len(ids) - len(run) + 1):
+            if run and ids[start : start + len(run)] == run:
+                weights[start : start + len(run)] = tag_weight
     return weights
 
 
