@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.pipeline.data import iter_examples, tokenize_example
+from kd.pipeline.data import Example, TokenizedExample, iter_examples, tokenize_example
 from kd.pipeline.trainer import tag_token_weights
 from tests.helpers import run_kd
 
@@ -43,9 +43,14 @@ def tag_runs(tokenizer, ids: list[int]) -> set[int]:
     return covered
 
 
+def tokenized_trace(tokenizer) -> TokenizedExample:
+    return tokenize_example(Example(source="trace", text=TRACE), tokenizer)
+
+
 def test_tag_weight_lands_on_the_tags_only(smollm2_tokenizer):
-    ids = smollm2_tokenizer(TRACE, add_special_tokens=False)["input_ids"]
-    weights = tag_token_weights(smollm2_tokenizer, ids, WEIGHT)
+    tokenized = tokenized_trace(smollm2_tokenizer)
+    ids = tokenized.input_ids
+    weights = tag_token_weights(tokenized, WEIGHT)
     weighted = {t for t, w in enumerate(weights) if w == WEIGHT}
     assert weighted == tag_runs(smollm2_tokenizer, ids)
     assert set(weights.tolist()) == {1.0, WEIGHT}
@@ -57,8 +62,8 @@ def test_tag_weight_lands_on_the_tags_only(smollm2_tokenizer):
 
 
 def test_weight_one_changes_nothing(smollm2_tokenizer):
-    ids = smollm2_tokenizer(TRACE, add_special_tokens=False)["input_ids"]
-    assert tag_token_weights(smollm2_tokenizer, ids, 1.0).tolist() == [1.0] * len(ids)
+    tokenized = tokenized_trace(smollm2_tokenizer)
+    assert tag_token_weights(tokenized, 1.0).tolist() == [1.0] * len(tokenized.input_ids)
 
 
 @pytest.mark.slow

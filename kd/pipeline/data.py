@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ class TokenizedExample:
     input_ids: list[int]
     loss_mask: list[int]
     truncated: bool = False
+    text: str = ""
+    """The string that was tokenized (chat template applied), which `offsets` index into."""
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+    """Character span of each token in `text`; (0, 0) for tokens that are not in it (special tokens)."""
 
     @property
     def num_targets(self) -> int:
@@ -284,16 +288,18 @@ def tokenize_example(
     or left with no target token after truncation. The caller counts and reports skips.
     """
     if example.text is not None:
-        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
+        text = example.text
+        encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], [tuple(o) for o in encoding["offset_mapping"]]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids = ids + [tokenizer.eos_token_id]
+            ids, offsets = ids + [tokenizer.eos_token_id], offsets + [(0, 0)]
         mask = [1] * len(ids)
     else:
         text, spans = assistant_char_spans(tokenizer, example.messages, example.source)
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoding["input_ids"]
+        ids, offsets = encoding["input_ids"], [tuple(o) for o in encoding["offset_mapping"]]
         mask = [0] * len(ids)
-        for t, (start, end) in enumerate(encoding["offset_mapping"]):
+        for t, (start, end) in enumerate(offsets):
             if end <= start:
                 continue
             for span_start, span_end in spans:
@@ -304,6 +310,6 @@ def tokenize_example(
     if max_seq_len is not None and len(ids) > max_seq_len:
         if overflow == "skip":
             return None
-        ids, mask, truncated = ids[:max_seq_len], mask[:max_seq_len], True
-    result = TokenizedExample(example.source, ids, mask, truncated)
+        ids, mask, offsets, truncated = ids[:max_seq_len], mask[:max_seq_len], offsets[:max_seq_len], True
+    result = TokenizedExample(example.source, ids, mask, truncated, text, offsets)
     return result if result.num_targets > 0 else None

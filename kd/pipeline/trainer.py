@@ -29,7 +29,7 @@ import torch.distributed as dist
 from kd.cache.reader import CacheReader
 from kd.pipeline.batches import Batch, TrainSequence, collate, sequences_from_cache
 from kd.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kd.pipeline.data import iter_examples, tokenize_example
+from kd.pipeline.data import TokenizedExample, iter_examples, tokenize_example
 from kd.pipeline.engines.logits_hf import split_body_and_head
 from kd.pipeline.errors import KdError
 from kd.pipeline.evaluation import evaluate_sequences, unwrap_causal_lm
@@ -165,40 +165,26 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def tag_token_weights(tokenizer, input_ids: list[int], tag_weight: float) -> np.ndarray:
+def tag_token_weights(tokenized: TokenizedExample, tag_weight: float) -> np.ndarray:
     """Per-token weights: `tag_weight` on exactly the tokens that spell <think> or </think>, 1 elsewhere.
 
     MiniMind's reasoning trainer up-weighted every token id that appears in the tags ('<', 'think',
-    '>' ...) wherever it occurred; here only the character spans of the tags themselves count.
+    '>' ...) wherever it occurred; here only the tokens whose character span overlaps a tag count,
+    found through the offsets the tokenizer gave when the example was tokenized.
     """
-    weights = np.ones(len(input_ids), dtype=np.float32)
+    weights = np.ones(len(tokenized.input_ids), dtype=np.float32)
     if tag_weight == 1.0:
         return weights
-    text = tokenizer.decode(input_ids)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if encoding["input_ids"] != list(input_ids):
-        # Decode/encode is not a round trip for this tokenizer: match the tags' own token runs instead.
-        return _weight_tag_token_runs(tokenizer, input_ids, weights, tag_weight)
+    text = tokenized.text
     spans = []
     for tag in THINK_TAGS:
         start = text.find(tag)
         while start != -1:
             spans.append((start, start + len(tag)))
             start = text.find(tag, start + 1)
-    for t, (a, b) in enumerate(encoding["offset_mapping"]):
+    for t, (a, b) in enumerate(tokenized.offsets):
         if b > a and any(a < e and b > s for s, e in spans):
             weights[t] = tag_weight
-    return weights
-
-
-def _weight_tag_token_runs(tokenizer, input_ids: list[int], weights: np.ndarray, tag_weight: float) -> np.ndarray:
-    """Set `tag_weight` where the token ids of a tag, tokenized on its own, occur as a run."""
-    ids = list(input_ids)
-    for tag in THINK_TAGS:
-        run = tokenizer(tag, add_special_tokens=False)["input_ids"]
-        for start in range(len(ids) - len(run) + 1):
-            if run and ids[start : start + len(run)] == run:
-                weights[start : start + len(run)] = tag_weight
     return weights
 
 
@@ -208,7 +194,7 @@ def sequences_from_data(path: str, tokenizer, cfg: TrainConfig, data_format: str
         tokenized = tokenize_example(example, tokenizer, cfg.max_seq_len)
         if tokenized is None:
             continue
-        weights = tag_token_weights(tokenizer, tokenized.input_ids, cfg.tag_weight) if cfg.tag_weight != 1.0 else None
+        weights = tag_token_weights(tokenized, cfg.tag_weight) if cfg.tag_weight != 1.0 else None
         seqs.append(
             TrainSequence(
                 np.asarray(tokenized.input_ids, dtype=np.int64),
