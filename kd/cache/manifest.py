@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,14 @@ LOCK = ".manifest.lock"
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that it is either the old or the new content, never a mix (tmp + fsync + rename)."""
+    atomic_write_lines(path, (text,))
+
+
+def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
+    """atomic_write_text for content streamed in pieces (a large JSONL never held as one string)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -98,32 +98,16 @@ def _attach_live_teacher(seqs: list[TrainSequence], cfg: EvalConfig, device: str
     engine.close()
 
 
-def _prompt_and_reference(record: dict[str, Any]) -> tuple[str | None, str | None]:
-    """The question and reference answer of a prompt record (GSM8K, prompt/answer or a conversation)."""
-    from kd.pipeline.verify import extract_reference
-
-    if "question" in record:
-        return record["question"], extract_reference(record.get("answer"))
-    if "prompt" in record and isinstance(record["prompt"], str):
-        return record["prompt"], extract_reference(record.get("answer") or record.get("reference"))
-    turns = record.get("conversations") or record.get("messages")
-    if isinstance(turns, list):
-        user = next((t["content"] for t in turns if t.get("role") == "user"), None)
-        reference = (record.get("meta") or {}).get("reference")
-        return user, reference
-    return None, None
-
-
 @torch.no_grad()
 def answer_accuracy(model, tokenizer, cfg: EvalConfig, device: str) -> dict[str, Any]:
     """Greedy answers to the first `cfg.generate` prompts, verified against their references."""
     from kd.pipeline.engines.generation import render_prompt
-    from kd.pipeline.verify import answers_match, extract_answer
+    from kd.pipeline.verify import answers_match, extract_answer, question_and_reference
 
     prompts = []
     for _, record in iter_raw_records(cfg.data):
-        question, reference = _prompt_and_reference(record)
-        if question is not None and reference is not None:
+        question, reference = question_and_reference(record)
+        if isinstance(question, str) and reference is not None:
             prompts.append((question, reference))
         if len(prompts) >= cfg.generate:
             break

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.cache.manifest import atomic_write_text, describe_difference
+from kd.cache.manifest import atomic_write_lines, atomic_write_text, describe_difference
 from kd.pipeline.data import corpus_fingerprint, iter_raw_records
 from kd.pipeline.engines.generation import (
     DEFAULT_TEMPLATE,
@@ -38,7 +38,7 @@ from kd.pipeline.engines.generation import (
 )
 from kd.pipeline.errors import KdError, where
 from kd.pipeline.progress import log, make_progress
-from kd.pipeline.verify import answers_match, extract_answer, extract_reference
+from kd.pipeline.verify import answers_match, extract_answer, question_and_reference
 
 FILTERS = ("correct", "all", "pass-rate:LO-HI")
 
@@ -166,19 +166,6 @@ class Prompt:
     source: str
 
 
-def _question_and_reference(record: dict[str, Any]) -> tuple[Any, Any]:
-    if "question" in record:
-        return record["question"], record.get("answer")
-    if "prompt" in record:
-        return record["prompt"], record.get("answer", record.get("reference"))
-    turns = record.get("conversations", record.get("messages"))
-    if isinstance(turns, list):
-        user = next((t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"), None)
-        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-        return user, record.get("reference", record.get("answer", meta.get("reference")))
-    return None, None
-
-
 def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
     """Read problems; the id is the record's ``id`` field, else its line (row) number."""
     if not Path(path).is_file():
@@ -189,7 +176,7 @@ def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
         if limit is not None and len(prompts) >= limit:
             break
         source = where(path, line_no)
-        question, answer = _question_and_reference(record)
+        question, reference = question_and_reference(record)
         if not isinstance(question, str) or not question.strip():
             raise KdError(
                 f"{source}: no usable question (expected a non-empty 'question' or 'prompt' string, "
@@ -199,8 +186,7 @@ def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
         if prompt_id in seen:
             raise KdError(f"{source}: duplicate prompt id {prompt_id!r} (also at {seen[prompt_id]})")
         seen[prompt_id] = source
-        reference = answer if isinstance(answer, (str, int, float)) and not isinstance(answer, bool) else None
-        prompts.append(Prompt(prompt_id, question.strip(), extract_reference(reference), source))
+        prompts.append(Prompt(prompt_id, question.strip(), reference, source))
     if not prompts:
         raise KdError(f"--prompts {path}: no prompts in the file")
     return prompts
@@ -390,17 +376,6 @@ def _output_record(prompt: Prompt, entry: dict[str, Any], trace: Trace, correct:
     return {"id": f"{prompt.id}-{entry['sample']}", "conversations": turns, "meta": meta}
 
 
-def write_jsonl_atomically(path: Path, records: list[dict[str, Any]]) -> None:
-    """Stream records to a temp file, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -527,7 +502,7 @@ def run_gen_traces(cfg: TracesConfig) -> dict[str, Any]:
                     if engine is not client:
                         engine.close()
             records, counts = build_output(prompts, ledger.records, cfg)
-            write_jsonl_atomically(out, records)
+            atomic_write_lines(out, (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         finally:
             ledger.close()
     finally:

@@ -90,6 +90,29 @@ def extract_reference(answer_field: str | int | float | None) -> str | None:
     return result or None
 
 
+def question_and_reference(record: dict) -> tuple[object, str | None]:
+    """The question and extracted reference answer of a prompt record, for gen-traces and eval alike.
+
+    Record shapes: GSM8K (``question``/``answer``), ``prompt`` with ``answer`` or ``reference``, or a
+    conversation (``conversations``/``messages``: the first user turn, and a top-level ``reference``
+    or ``answer``, else ``meta.reference`` as `kd gen-traces` writes it). The question is returned
+    as found (the caller says what is wrong with it); the reference is None when there is none.
+    """
+    if "question" in record:
+        question, answer = record["question"], record.get("answer")
+    elif "prompt" in record:
+        question, answer = record["prompt"], record.get("answer", record.get("reference"))
+    else:
+        turns = record.get("conversations", record.get("messages"))
+        if not isinstance(turns, list):
+            return None, None
+        question = next((t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"), None)
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        answer = record.get("reference", record.get("answer", meta.get("reference")))
+    usable = isinstance(answer, (str, int, float)) and not isinstance(answer, bool)
+    return question, extract_reference(answer) if usable else None
+
+
 def extract_answer(text: str, strict: bool = False) -> str | None:
     """A model's final answer, normalised; None if it gave none.
 
