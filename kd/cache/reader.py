@@ -1,7 +1,14 @@
-"""Reading a teacher-logit cache back: manifest checks, checksums and decoded sequences."""
+"""Reading a teacher-logit cache back: manifest checks, record batches, checksums on first open.
+
+The unit of reading is a shard's record batch (a `CacheUnit`, listed in the manifest): a reader
+memory-maps the shard, decompresses one record batch, and decodes only the rows it was asked for.
+Nothing here holds more than the batches its caller holds; a shard's sha256 is checked the first
+time this process opens it, not in a pre-pass over the whole cache.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,20 +17,38 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kd.cache.format import SampledTargets, TopKTargets, decode_tail, decode_topk_values
+from kd.cache.format import READABLE_VERSIONS, SampledTargets, TopKTargets, decode_tail, decode_topk_values
 from kd.cache.manifest import read_manifest
 from kd.cache.writer import sha256_file
 from kd.pipeline.errors import KdError
 
+OPEN_SHARDS = 8
+"""Memory-mapped shard files kept open at once (least recently used closed first)."""
+
 
 @dataclass
 class CachedSequence:
-    """One cached training sequence with its teacher data (one entry per target position)."""
+    """One cached training sequence with its teacher data (one entry per target position).
+
+    Ids keep their stored width (uint16/uint32) until a batch is collated for the loss.
+    """
 
     row: int
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    teacher: TopKTargets | SampledTargets
+    teacher: TopKTargets | SampledTargets | None
+
+
+@dataclass(frozen=True)
+class CacheUnit:
+    """One record batch of one shard: what a reader decodes at a time."""
+
+    shard: int
+    """Position of the shard in the manifest's shard list."""
+    batch: int
+    """Record batch index inside the shard file."""
+    rows: int
+    targets: int
 
 
 class CacheReader:
@@ -33,25 +58,37 @@ class CacheReader:
         cache_dir: the directory `kd cache-logits --out` wrote.
         require_complete: refuse a cache whose writer has not finished (an interrupted stage one
             must be resumed first; its shards are valid but the corpus is not fully covered).
+        flag: the command-line flag that named the cache, for error messages.
     """
 
-    def __init__(self, cache_dir: str | Path, require_complete: bool = True) -> None:
+    def __init__(self, cache_dir: str | Path, require_complete: bool = True, flag: str = "--from-cache") -> None:
         self.dir = Path(cache_dir)
+        self.flag = flag
         if not self.dir.is_dir():
-            raise KdError(f"{self.dir}: no such cache directory")
+            raise KdError(f"{flag} {self.dir}: no such cache directory")
         manifest = read_manifest(self.dir)
         if manifest is None:
-            raise KdError(f"{self.dir}: not a kd cache (no manifest.json)")
+            raise KdError(f"{flag} {self.dir}: not a kd cache (no manifest.json)")
         self.manifest: dict[str, Any] = manifest
         self.settings: dict[str, Any] = manifest["settings"]
+        version = self.settings.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise KdError(
+                f"{flag} {self.dir}: cache format version {version} is not one this kd reads "
+                f"({', '.join(map(str, READABLE_VERSIONS))}); re-create it with this kd's `kd cache-logits`"
+            )
         if require_complete and not manifest.get("complete"):
             done = sorted(int(r) for r, v in manifest.get("ranks", {}).items() if v.get("complete"))
             raise KdError(
-                f"{self.dir}: cache is incomplete (ranks finished: {done or 'none'} of "
+                f"{flag} {self.dir}: cache is incomplete (ranks finished: {done or 'none'} of "
                 f"{self.settings['world_size']}); rerun the same `kd cache-logits` command to resume it"
             )
         if not manifest["shards"]:
-            raise KdError(f"{self.dir}: cache has no shards (empty corpus?)")
+            raise KdError(f"{flag} {self.dir}: cache has no shards (empty corpus?)")
+        self._open: OrderedDict[int, tuple[pa.MemoryMappedFile, pa.ipc.RecordBatchFileReader]] = OrderedDict()
+        self.verified: set[int] = set()
+        """Shards (manifest positions) whose checksum this process has checked."""
+        self.verify_on_open = True
 
     @property
     def mode(self) -> str:
@@ -69,37 +106,90 @@ class CacheReader:
     def shards(self) -> list[dict[str, Any]]:
         return self.manifest["shards"]
 
+    @property
+    def num_rows(self) -> int:
+        return sum(int(s["rows"]) for s in self.shards)
+
+    def units(self) -> list[CacheUnit]:
+        """Every record batch of every shard, in manifest order (v1 shards are one unit each)."""
+        units = []
+        for position, shard in enumerate(self.shards):
+            batches = shard.get("batches") or [[shard["rows"], shard["targets"]]]
+            units += [CacheUnit(position, i, int(rows), int(targets)) for i, (rows, targets) in enumerate(batches)]
+        return units
+
     def verify(self) -> list[str]:
         """Check every shard's size and sha256 against the manifest; return the problems found."""
-        problems = []
-        for shard in self.shards:
-            path = self.dir / shard["file"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif path.stat().st_size != shard["bytes"]:
-                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']} (truncated?)")
-            elif sha256_file(path) != shard["sha256"]:
-                problems.append(f"{path}: sha256 mismatch (corrupted)")
-        return problems
+        return [problem for shard in self.shards if (problem := self._check(shard, full=True))]
 
-    def read_table(self, shard: dict[str, Any], verify: bool = True) -> pa.Table:
-        """Read one shard as an Arrow table, checking its checksum first if `verify`."""
+    def _check(self, shard: dict[str, Any], full: bool) -> str | None:
         path = self.dir / shard["file"]
-        if verify:
-            if not path.is_file():
-                raise KdError(f"{path}: shard listed in the manifest is missing")
-            if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
-                raise KdError(f"{path}: shard is corrupted or truncated (checksum mismatch); re-create the cache")
+        if not path.is_file():
+            return f"{path}: shard listed in the manifest is missing"
+        if path.stat().st_size != shard["bytes"]:
+            return f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']} (truncated?)"
+        if full and sha256_file(path) != shard["sha256"]:
+            return f"{path}: sha256 mismatch (corrupted)"
+        return None
+
+    def _file(self, position: int) -> pa.ipc.RecordBatchFileReader:
+        """The shard's IPC reader, memory-mapped; checked (size + sha256) the first time it is opened."""
+        if position in self._open:
+            self._open.move_to_end(position)
+            return self._open[position][1]
+        shard = self.shards[position]
+        problem = self._check(shard, full=self.verify_on_open and position not in self.verified)
+        if problem:
+            raise KdError(f"{problem}; re-create the cache (rerun `kd cache-logits` after deleting that shard)")
+        self.verified.add(position)
+        path = self.dir / shard["file"]
         try:
-            with pa.memory_map(str(path)) as source:
-                return pa.ipc.open_file(source).read_all()
+            source = pa.memory_map(str(path))
+            reader = pa.ipc.open_file(source)
         except (pa.ArrowInvalid, OSError) as exc:
             raise KdError(f"{path}: unreadable shard ({exc})") from exc
+        self._open[position] = (source, reader)
+        while len(self._open) > OPEN_SHARDS:
+            _, (old_source, _) = self._open.popitem(last=False)
+            old_source.close()
+        return reader
+
+    def read_unit(self, unit: CacheUnit) -> pa.RecordBatch:
+        """Decompress one record batch (still in stored widths)."""
+        reader = self._file(unit.shard)
+        path = self.dir / self.shards[unit.shard]["file"]
+        try:
+            batch = reader.get_batch(unit.batch)
+        except (pa.ArrowInvalid, OSError, IndexError) as exc:
+            raise KdError(f"{path}: unreadable record batch {unit.batch} ({exc})") from exc
+        if batch.num_rows != unit.rows:
+            raise KdError(f"{path}: record batch {unit.batch} has {batch.num_rows} rows, manifest says {unit.rows}")
+        return batch
+
+    def read_table(self, shard: dict[str, Any], verify: bool = True) -> pa.Table:
+        """A whole shard as an Arrow table (benchmarks and small tools; training reads units)."""
+        position = self.shards.index(shard)
+        if not verify:
+            self.verified.add(position)
+        reader = self._file(position)
+        return pa.Table.from_batches([reader.get_batch(i) for i in range(reader.num_record_batches)])
+
+    def decode(self, batch: pa.RecordBatch, rows: np.ndarray | None = None) -> list[CachedSequence]:
+        """Decode the given rows (all if None) of a record batch into CachedSequence objects."""
+        if rows is not None:
+            batch = batch.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return list(decode_table(batch, self.mode, self.value_encoding))
 
     def iter_sequences(self, verify: bool = True) -> Iterator[CachedSequence]:
-        """Decode every sequence of every shard, in manifest order."""
-        for shard in self.shards:
-            yield from decode_table(self.read_table(shard, verify), self.mode, self.value_encoding)
+        """Decode every sequence, unit by unit in manifest order (memory: one record batch)."""
+        self.verify_on_open = verify
+        for unit in self.units():
+            yield from self.decode(self.read_unit(unit))
+
+    def close(self) -> None:
+        for source, _ in self._open.values():
+            source.close()
+        self._open.clear()
 
 
 def _split(values: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
@@ -112,19 +202,27 @@ def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Arra
     return offsets - offsets[0], array.values.slice(offsets[0], offsets[-1] - offsets[0])
 
 
-def decode_table(table: pa.Table, mode: str, value_encoding: str) -> Iterator[CachedSequence]:
-    """Turn a shard table into CachedSequence objects (vectorised per column)."""
+def decode_table(
+    table: pa.Table | pa.RecordBatch, mode: str | None, value_encoding: str | None
+) -> Iterator[CachedSequence]:
+    """Turn shard rows into CachedSequence objects (vectorised per column; ids keep their stored width).
+
+    mode None: a prepared corpus without teacher columns (kd.pipeline.training.prepared).
+    """
     rows = table.column("row").to_numpy()
     ids_off, ids_val = _list_parts(table.column("input_ids"))
     mask_off, mask_val = _list_parts(table.column("loss_mask"))
-    input_ids = _split(ids_val.to_numpy(zero_copy_only=False).astype(np.int64), ids_off)
+    input_ids = _split(ids_val.to_numpy(zero_copy_only=False), ids_off)
     masks = _split(mask_val.to_numpy(zero_copy_only=False), mask_off)
-    if mode == "topk":
+    if mode is None:
+        for i in range(len(rows)):
+            yield CachedSequence(int(rows[i]), input_ids[i], masks[i], None)
+    elif mode == "topk":
         t_off, t_val = _list_parts(table.column("teacher_ids"))
         k = t_val.type.list_size
-        teacher_ids = t_val.values.to_numpy().reshape(-1, k).astype(np.int64)
+        teacher_ids = t_val.flatten().to_numpy().reshape(-1, k)  # flatten() honours slice offsets; .values does not
         _, v_val = _list_parts(table.column("teacher_values"))
-        values = decode_topk_values(v_val.values.to_numpy().reshape(-1, k), value_encoding)
+        values = decode_topk_values(v_val.flatten().to_numpy().reshape(-1, k), value_encoding)
         tail_off, tail_val = _list_parts(table.column("teacher_tail"))
         tails = decode_tail(tail_val.to_numpy(), value_encoding)
         for i in range(len(rows)):
@@ -135,11 +233,13 @@ def decode_table(table: pa.Table, mode: str, value_encoding: str) -> Iterator[Ca
     else:
         outer_off, inner = _list_parts(table.column("teacher_ids"))
         inner_off = inner.offsets.to_numpy()
-        flat_ids = inner.values.to_numpy().astype(np.int64)
+        flat_ids = inner.values.to_numpy()
         _, c_inner = _list_parts(table.column("teacher_counts"))
+        count_off = c_inner.offsets.to_numpy()
         flat_counts = c_inner.values.to_numpy().astype(np.int64)
         for i in range(len(rows)):
             lo, hi = outer_off[i], outer_off[i + 1]
-            ids = [flat_ids[inner_off[j] - inner_off[0] : inner_off[j + 1] - inner_off[0]] for j in range(lo, hi)]
-            counts = [flat_counts[inner_off[j] - inner_off[0] : inner_off[j + 1] - inner_off[0]] for j in range(lo, hi)]
+            # inner.offsets index the unsliced .values arrays, so they are used as they are.
+            ids = [flat_ids[inner_off[j] : inner_off[j + 1]] for j in range(lo, hi)]
+            counts = [flat_counts[count_off[j] : count_off[j + 1]] for j in range(lo, hi)]
             yield CachedSequence(int(rows[i]), input_ids[i], masks[i], SampledTargets(ids, counts))

@@ -21,7 +21,7 @@ import numpy as np
 
 from kd.cache import format as fmt
 from kd.cache.manifest import open_or_create, record_rank_done
-from kd.cache.writer import BackgroundShardWriter, PendingShard
+from kd.cache.writer import BackgroundShardWriter
 from kd.pipeline.data import corpus_fingerprint, iter_examples, tokenize_example
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
 from kd.pipeline.errors import KdError
@@ -232,22 +232,28 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
                     if cfg.mass_epsilon:
                         targets = [fmt.truncate_to_mass(t, cfg.mass_epsilon) for t in targets]
                     teacher_seconds += time.perf_counter() - t0
-                    batch = fmt.build_batch(
-                        schema,
-                        [s.row for s in shard_seqs],
-                        [s.input_ids for s in shard_seqs],
-                        [s.loss_mask for s in shard_seqs],
-                        targets,
-                        cfg.value_encoding,
-                    )
+                    counts = [int(s.loss_mask[1:].sum()) for s in shard_seqs]
+                    start = 0
+                    for end in fmt.cut_points(counts, fmt.BATCH_TARGETS):
+                        part = shard_seqs[start:end]
+                        batch = fmt.build_batch(
+                            schema,
+                            [s.row for s in part],
+                            [s.input_ids for s in part],
+                            [s.loss_mask for s in part],
+                            targets[start:end],
+                            cfg.value_encoding,
+                        )
+                        writer.submit_batch(cfg.rank, index, batch)
+                        start = end
                     shard_stats = {
                         "rows": len(shard_seqs),
                         "first_row": shard_seqs[0].row,
                         "last_row": shard_seqs[-1].row,
                         "tokens": int(sum(len(s.input_ids) for s in shard_seqs)),
-                        "targets": int(sum(int(s.loss_mask[1:].sum()) for s in shard_seqs)),
+                        "targets": int(sum(counts)),
                     }
-                    writer.submit(PendingShard(cfg.rank, index, [batch], shard_stats))
+                    writer.finish_shard(cfg.rank, index, shard_stats)
         finally:
             writer.close()
             engine.close()
