@@ -37,6 +37,8 @@ class CachedSequence:
     input_ids: np.ndarray
     loss_mask: np.ndarray
     teacher: TopKTargets | SampledTargets | None
+    token_weights: np.ndarray | None = None
+    """Per-position CE weights (prepared corpora with --tag-weight); None means 1."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class CacheReader:
 
     @property
     def mode(self) -> str:
+        """topk, rs, or prepared (a tokenized corpus without teacher data)."""
         return self.settings["mode"]
 
     @property
@@ -127,9 +130,11 @@ class CacheReader:
         if not path.is_file():
             return f"{path}: shard listed in the manifest is missing"
         if path.stat().st_size != shard["bytes"]:
-            return f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']} (truncated?)"
+            return (
+                f"{path}: shard is corrupted or truncated ({path.stat().st_size} bytes, manifest says {shard['bytes']})"
+            )
         if full and sha256_file(path) != shard["sha256"]:
-            return f"{path}: sha256 mismatch (corrupted)"
+            return f"{path}: shard is corrupted or truncated (sha256 mismatch)"
         return None
 
     def _file(self, position: int) -> pa.ipc.RecordBatchFileReader:
@@ -166,6 +171,29 @@ class CacheReader:
             raise KdError(f"{path}: record batch {unit.batch} has {batch.num_rows} rows, manifest says {unit.rows}")
         return batch
 
+    def sequence_lengths(self, unit: CacheUnit) -> np.ndarray:
+        """Token length of each sequence of a unit, from the `input_ids` offsets alone.
+
+        Reads only that column (Arrow decompresses nothing else) and does not count as the shard's
+        first open: its checksum is still checked when training first reads it.
+        """
+        shard = self.shards[unit.shard]
+        path = self.dir / shard["file"]
+        problem = self._check(shard, full=False)
+        if problem:
+            raise KdError(f"{problem}; re-create the cache")
+        field = self._ids_field
+        with pa.memory_map(str(path)) as source:
+            options = pa.ipc.IpcReadOptions(included_fields=[field])
+            batch = pa.ipc.open_file(source, options=options).get_batch(unit.batch)
+            offsets = batch.column(0).offsets.to_numpy()
+        return np.diff(offsets)[: unit.rows].astype(np.int32)
+
+    @property
+    def _ids_field(self) -> int:
+        with pa.memory_map(str(self.dir / self.shards[0]["file"])) as source:
+            return pa.ipc.open_file(source).schema.get_field_index("input_ids")
+
     def read_table(self, shard: dict[str, Any], verify: bool = True) -> pa.Table:
         """A whole shard as an Arrow table (benchmarks and small tools; training reads units)."""
         position = self.shards.index(shard)
@@ -178,7 +206,8 @@ class CacheReader:
         """Decode the given rows (all if None) of a record batch into CachedSequence objects."""
         if rows is not None:
             batch = batch.take(pa.array(np.asarray(rows, dtype=np.int64)))
-        return list(decode_table(batch, self.mode, self.value_encoding))
+        mode = None if self.mode == "prepared" else self.mode
+        return list(decode_table(batch, mode, self.value_encoding))
 
     def iter_sequences(self, verify: bool = True) -> Iterator[CachedSequence]:
         """Decode every sequence, unit by unit in manifest order (memory: one record batch)."""
@@ -215,8 +244,12 @@ def decode_table(
     input_ids = _split(ids_val.to_numpy(zero_copy_only=False), ids_off)
     masks = _split(mask_val.to_numpy(zero_copy_only=False), mask_off)
     if mode is None:
+        weights: list[np.ndarray | None] = [None] * len(rows)
+        if "token_weights" in table.schema.names:
+            w_off, w_val = _list_parts(table.column("token_weights"))
+            weights = _split(w_val.to_numpy(zero_copy_only=False), w_off)
         for i in range(len(rows)):
-            yield CachedSequence(int(rows[i]), input_ids[i], masks[i], None)
+            yield CachedSequence(int(rows[i]), input_ids[i], masks[i], None, weights[i])
     elif mode == "topk":
         t_off, t_val = _list_parts(table.column("teacher_ids"))
         k = t_val.type.list_size

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
-from kd.cache.reader import CacheReader
 from kd.pipeline.losses import SampledTeacher, SparseTeacher
 
 
@@ -63,12 +62,6 @@ class Batch:
             teacher,
             None if self.token_weights is None else self.token_weights.to(device),
         )
-
-
-def sequences_from_cache(reader: CacheReader) -> list[TrainSequence]:
-    """All cached sequences in corpus-row order (independent of how ranks split stage one)."""
-    seqs = sorted(reader.iter_sequences(verify=True), key=lambda s: s.row)
-    return [TrainSequence(s.input_ids, s.loss_mask, s.teacher) for s in seqs]
 
 
 def collate(seqs: list[TrainSequence], pad_id: int = 0) -> Batch:

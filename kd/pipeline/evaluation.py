@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -39,13 +41,17 @@ def unwrap_causal_lm(model):
 @torch.no_grad()
 def evaluate_sequences(
     model,
-    seqs: list[TrainSequence],
+    seqs: Iterable[TrainSequence],
     batch_size: int = 8,
     chunk_size: int = 1024,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Compute the metrics above over `seqs` (teacher metrics only where sequences carry teacher data)."""
+    """Compute the metrics above over `seqs` (teacher metrics only where sequences carry teacher data).
+
+    `seqs` may be a stream (a cache read record batch by record batch): only `batch_size` sequences
+    are held at a time.
+    """
     lm = unwrap_causal_lm(model)
     was_training = lm.training
     lm.eval()
@@ -55,8 +61,9 @@ def evaluate_sequences(
     conf_bins = np.zeros(ECE_BINS)
     acc_bins = np.zeros(ECE_BINS)
     count_bins = np.zeros(ECE_BINS)
-    for start in range(0, len(seqs), batch_size):
-        batch = collate(seqs[start : start + batch_size]).to(device)
+    stream = iter(seqs)
+    while chunk := list(itertools.islice(stream, batch_size)):
+        batch = collate(chunk).to(device)
         with torch.autocast(
             device_type=torch.device(device).type,
             dtype=autocast_dtype or torch.float32,

@@ -6,6 +6,7 @@ teacher); answer accuracy comes from greedy generation verified against each rec
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from kd.cache.reader import CacheReader
-from kd.pipeline.batches import TrainSequence, sequences_from_cache
+from kd.pipeline.batches import TrainSequence
 from kd.pipeline.caching import default_device
 from kd.pipeline.data import iter_examples, iter_raw_records, tokenize_example
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
@@ -59,12 +60,10 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         "size_bytes": model_size_bytes(source),
     }
     if cfg.cache:
-        reader = CacheReader(cfg.cache)
+        reader = CacheReader(cfg.cache, flag="--cache")
         if reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise KdError(f"--cache {cfg.cache}: made with another tokenizer than --model's")
-        seqs = sequences_from_cache(reader)
-        if cfg.limit:
-            seqs = seqs[: cfg.limit]
+        seqs = itertools.islice(reader.iter_sequences(), cfg.limit)  # streamed: one record batch at a time
     else:
         seqs = []
         for example in iter_examples(cfg.data, cfg.data_format, cfg.limit):

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kd.cache.reader import CacheReader
-from kd.pipeline.batches import Batch, TrainSequence, collate, sequences_from_cache
+from kd.cache.reader import CacheReader, CacheUnit
+from kd.pipeline.batches import Batch
 from kd.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kd.pipeline.data import TokenizedExample, iter_examples, tokenize_example
+from kd.pipeline.data import TokenizedExample
 from kd.pipeline.engines.logits_hf import split_body_and_head
 from kd.pipeline.errors import KdError
 from kd.pipeline.evaluation import evaluate_sequences, unwrap_causal_lm
@@ -46,6 +46,9 @@ from kd.pipeline.sharding import (
 )
 from kd.pipeline.students import apply_lora, build_student, count_parameters
 from kd.pipeline.tracking import MetricsLogger
+from kd.pipeline.training.order import EpochPlan, OrderSettings
+from kd.pipeline.training.prepared import prepare_corpus
+from kd.pipeline.training.stream import StepLoader
 
 THINK_TAGS = ("<think>", "</think>")
 
@@ -78,6 +81,12 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 4
     """Sequences per micro-batch per process."""
+    batch_tokens: int | None = None
+    """Fill each micro-batch up to this many padded tokens (longest x count) instead of --batch-size sequences."""
+    shuffle_window: int = 1024
+    """Sequences shuffled together; the data path holds about this many (see kd/pipeline/training/order.py)."""
+    prefetch: int = 2
+    """Steps decoded ahead of the training loop on a background thread."""
     accumulation_steps: int = 1
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -119,9 +128,16 @@ class TrainConfig:
             raise KdError("give --student (model dir, .gguf or config.json) or --student-from-teacher")
         if self.student is not None and self.student_from_teacher:
             raise KdError("--student and --student-from-teacher are exclusive")
-        for name, value in (("--batch-size", self.batch_size), ("--accumulation-steps", self.accumulation_steps)):
+        for name, value in (
+            ("--batch-size", self.batch_size),
+            ("--accumulation-steps", self.accumulation_steps),
+            ("--shuffle-window", self.shuffle_window),
+            ("--prefetch", self.prefetch),
+        ):
             if value < 1:
                 raise KdError(f"{name} must be >= 1, got {value}")
+        if self.batch_tokens is not None and self.batch_tokens < 2:
+            raise KdError(f"--batch-tokens must be >= 2, got {self.batch_tokens}")
         if self.learning_rate <= 0:
             raise KdError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.epochs <= 0:
@@ -188,29 +204,85 @@ def tag_token_weights(tokenized: TokenizedExample, tag_weight: float) -> np.ndar
     return weights
 
 
-def sequences_from_data(path: str, tokenizer, cfg: TrainConfig, data_format: str | None = None) -> list[TrainSequence]:
-    seqs = []
-    for example in iter_examples(path, data_format, cfg.limit):
-        tokenized = tokenize_example(example, tokenizer, cfg.max_seq_len)
-        if tokenized is None:
-            continue
-        weights = tag_token_weights(tokenized, cfg.tag_weight) if cfg.tag_weight != 1.0 else None
-        seqs.append(
-            TrainSequence(
-                np.asarray(tokenized.input_ids, dtype=np.int64),
-                np.asarray(tokenized.loss_mask, dtype=bool),
-                None,
-                weights,
-            )
+class TagWeights:
+    """Per-token CE weights for prepared corpora (a callable with a fingerprint for the prepared manifest)."""
+
+    def __init__(self, tag_weight: float) -> None:
+        self.tag_weight = tag_weight
+        self.fingerprint = f"think-tags:{tag_weight}"
+
+    def __call__(self, tokenized: TokenizedExample) -> np.ndarray:
+        return tag_token_weights(tokenized, self.tag_weight)
+
+
+def open_data(
+    path: str, flag: str, out: Path, name: str, tokenizer, cfg: TrainConfig, env: DistEnv, weighted: bool
+) -> CacheReader:
+    """Tokenize a --data / --eval-data corpus into OUT/prepared/NAME (rank 0; others wait) and open it."""
+    prepared = out / "prepared" / name
+    weights = TagWeights(cfg.tag_weight) if weighted and cfg.tag_weight != 1.0 else None
+
+    def prepare() -> CacheReader:
+        return prepare_corpus(
+            path,
+            prepared,
+            tokenizer,
+            flag=flag,
+            data_format=cfg.data_format,
+            max_seq_len=cfg.max_seq_len,
+            limit=cfg.limit if name == "train" else None,
+            weights_of=weights,
         )
-    if not seqs:
-        raise KdError(f"--data {path}: no usable training sequences")
-    return seqs
+
+    if env.world_size == 1:
+        return prepare()
+    failure = None
+    if env.is_main:
+        try:
+            prepare()
+        except KdError as exc:  # every rank must reach the barrier, then all fail with the same message
+            failure = str(exc)
+    box = [failure]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise KdError(box[0])
+    return CacheReader(prepared, flag=flag)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The permutation of sequence indices for an epoch: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def limited_units(reader: CacheReader, limit: int | None) -> list[CacheUnit]:
+    """The reader's units, cut to the first `limit` sequences (the last unit possibly partly)."""
+    units = reader.units()
+    if limit is None:
+        return units
+    kept, rows = [], 0
+    for unit in units:
+        if rows >= limit:
+            break
+        take = min(unit.rows, limit - rows)
+        kept.append(unit if take == unit.rows else CacheUnit(unit.shard, unit.batch, take, unit.targets))
+        rows += take
+    return kept
+
+
+def build_plan(reader: CacheReader, units: list[CacheUnit], cfg: TrainConfig, env: DistEnv, flag: str) -> EpochPlan:
+    """The data order of this run (identical on every rank); checks --batch-tokens against the data."""
+    settings = OrderSettings(
+        seed=cfg.seed,
+        shuffle_window=cfg.shuffle_window,
+        micro_per_step=cfg.accumulation_steps * env.world_size,
+        batch_size=None if cfg.batch_tokens else cfg.batch_size,
+        batch_tokens=cfg.batch_tokens,
+    )
+    lengths = None
+    if cfg.batch_tokens:
+        lengths = [reader.sequence_lengths(unit) for unit in units]
+        longest = max(int(x.max()) for x in lengths if len(x))
+        if longest > cfg.batch_tokens:
+            raise KdError(
+                f"--batch-tokens {cfg.batch_tokens} is smaller than the longest sequence in {flag} {reader.dir} "
+                f"({longest} tokens); raise --batch-tokens to at least {longest}"
+            )
+    return EpochPlan([u.rows for u in units], settings, lengths)
 
 
 # ----------------------------------------------------------------------------- model + loss
@@ -389,11 +461,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 f"--divergence {cfg.divergence} needs teacher log-probabilities; an RS cache stores only "
                 "sample counts (use a top-k cache)"
             )
-        train_seqs = sequences_from_cache(reader)
+        train_reader, train_flag = reader, "--from-cache"
     else:
-        train_seqs = sequences_from_data(cfg.data, tokenizer, cfg, cfg.data_format)
-    if cfg.limit is not None:
-        train_seqs = train_seqs[: cfg.limit]
+        train_reader = open_data(cfg.data, "--data", out, "train", tokenizer, cfg, env, weighted=True)
+        train_flag = "--data"
+    train_units = limited_units(train_reader, cfg.limit)
 
     teacher_model = None
     teacher_device = None
@@ -405,28 +477,31 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         teacher_model = load_causal_lm(teacher_source, dtype="auto", device=str(teacher_device)).eval()
         teacher_model.requires_grad_(False)
 
-    eval_seqs = None
+    eval_reader = None
     if cfg.eval_cache:
-        eval_reader = CacheReader(cfg.eval_cache)
+        eval_reader = CacheReader(cfg.eval_cache, flag="--eval-cache")
         if eval_reader.settings["tokenizer_fingerprint"] != fingerprint:
             raise KdError(f"--eval-cache {cfg.eval_cache}: made with another tokenizer than the student's")
-        eval_seqs = sequences_from_cache(eval_reader)
     elif cfg.eval_data:
-        eval_seqs = sequences_from_data(cfg.eval_data, tokenizer, cfg)
+        eval_reader = open_data(cfg.eval_data, "--eval-data", out, "eval", tokenizer, cfg, env, weighted=False)
 
     if cfg.lora:
         student = apply_lora(student, cfg.lora)
     student.train()
     trainable, total_params = count_parameters(student)
 
-    global_batch = cfg.batch_size * cfg.accumulation_steps * env.world_size
-    if len(train_seqs) < global_batch:
+    plan = build_plan(train_reader, train_units, cfg, env, train_flag)
+    steps_per_epoch = plan.steps_in_epoch(0)
+    if steps_per_epoch == 0:
+        size = f"--batch-tokens {cfg.batch_tokens}" if cfg.batch_tokens else f"--batch-size {cfg.batch_size}"
         raise KdError(
-            f"{len(train_seqs)} training sequences are fewer than one global batch ({global_batch} = "
-            "--batch-size x --accumulation-steps x processes); lower them"
+            f"{plan.num_sequences} training sequences are fewer than one global batch ({size} x "
+            f"--accumulation-steps {cfg.accumulation_steps} x {env.world_size} processes); lower them"
         )
-    steps_per_epoch = len(train_seqs) // global_batch
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.max_steps or max(1, plan.total_steps(cfg.epochs))
+    loader = StepLoader(
+        train_reader, plan, train_units, env.rank, env.world_size, cfg.accumulation_steps, prefetch=cfg.prefetch
+    )
 
     module = DistillStep(student, cfg.loss_config(), teacher_model, teacher_device)
     wrapped: torch.nn.Module = module
@@ -449,6 +524,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             state = load_checkpoint(checkpoint)
             if state["config_fingerprint"] != _config_fingerprint(cfg):
                 raise KdError(f"--resume: {checkpoint} was written with different settings; use another --out")
+            if state.get("data", {}).get("plan") not in (None, plan.fingerprint()):
+                raise KdError(
+                    f"--resume: {checkpoint} was trained on another data layout (the cache or corpus changed); "
+                    "use another --out"
+                )
             load_full_state(module, module.student, optimizer, state, fsdp)
             set_rng_state(state["rng"])
             start_step = int(state["step"])
@@ -461,15 +541,21 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         log(
             f"training {cfg.mode} student: {trainable:,} trainable / {total_params:,} params"
             + (f", layers {layers}" if layers else "")
-            + f"; {len(train_seqs)} sequences, {total_steps} steps of "
-            f"{global_batch} sequences"
+            + f"; {plan.num_sequences} sequences, {total_steps} steps of "
+            + (
+                f"{cfg.batch_tokens} tokens x {cfg.accumulation_steps * env.world_size} micro-batches"
+                if cfg.batch_tokens
+                else f"{cfg.batch_size * cfg.accumulation_steps * env.world_size} sequences"
+            )
         )
     amp = autocast_dtype(cfg.dtype, device)
 
     def evaluate_and_log(step: int) -> dict[str, float]:
         """Held-out metrics at `step` (every rank takes part: under FSDP2 the head is gathered)."""
         with gathered(module):
-            metrics = evaluate_sequences(module.student, eval_seqs, cfg.batch_size, cfg.chunk_size, device, amp)
+            metrics = evaluate_sequences(
+                module.student, eval_reader.iter_sequences(), cfg.batch_size, cfg.chunk_size, device, amp
+            )
         prefixed = {f"eval_{k}": v for k, v in metrics.items()}
         logger.log({"step": step, **prefixed}, console=False)
         return prefixed
@@ -479,28 +565,23 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     with make_progress("step") as progress:
         task = progress.add_task("train", total=total_steps, completed=start_step)
-        for step in range(start_step, total_steps):
-            epoch, index = divmod(step, steps_per_epoch)
-            order = epoch_order(cfg.seed, epoch, len(train_seqs))
-            global_ids = order[index * global_batch : (index + 1) * global_batch]
-            global_seqs = [train_seqs[i] for i in global_ids]
-            if cfg.mode == "sft" and cfg.tag_weight != 1.0:
-                normaliser = float(
-                    sum(
-                        (s.token_weights[1:][s.loss_mask[1:]]).sum() if s.token_weights is not None else s.num_targets
-                        for s in global_seqs
-                    )
-                )
-            else:
-                normaliser = float(sum(s.num_targets for s in global_seqs))
+        for step, data in enumerate(loader.iterate(start_step, total_steps), start=start_step):
+            # The loss is normalised by the global target count (token-weight sum for tagged SFT).
+            # Each rank decoded only its own micro-batches, so the count is all-reduced before the
+            # first backward: one tiny collective per step.
+            counts = torch.tensor(
+                [data.weight_sum, data.targets, data.real_tokens, data.padded_tokens], dtype=torch.float64
+            )
+            if env.world_size > 1:
+                dist.all_reduce(counts)
+            normaliser, tokens = float(counts[0]), float(counts[1])
             lr = learning_rate_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)
             step_start = time.perf_counter()
-            for micro in range(cfg.accumulation_steps):
-                first = (micro * env.world_size + env.rank) * cfg.batch_size
-                batch = collate(global_seqs[first : first + cfg.batch_size]).to(device)
+            for micro, batch in enumerate(data.micro_batches):
+                batch = batch.to(device)
                 sync = contextlib.nullcontext()
                 last_micro = micro == cfg.accumulation_steps - 1
                 if fsdp:
@@ -522,31 +603,32 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step_tokens = int(normaliser) if cfg.tag_weight == 1.0 else sum(s.num_targets for s in global_seqs)
-            tokens_seen += step_tokens
+            tokens_seen += int(tokens)
             progress.advance(task)
             done = step + 1
             if done % cfg.log_every == 0 or done == total_steps:
-                tokens = float(sum(s.num_targets for s in global_seqs))
+                elapsed = time.perf_counter() - started
                 last_metrics = {
                     "step": done,
-                    "epoch": round(done / steps_per_epoch, 4),
+                    "epoch": round(data.epoch + (data.step_in_epoch + 1) / plan.steps_in_epoch(data.epoch), 4),
                     "loss": float(sums[0]) / normaliser,
                     "ce": float(sums[1]) / tokens,
                     "divergence": float(sums[2]) / tokens,
                     "lr": lr,
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                     "step_seconds": time.perf_counter() - step_start,
-                    "tokens_per_second": tokens_seen / (time.perf_counter() - started),
+                    "tokens_per_second": tokens_seen / elapsed,
+                    "padding": 1.0 - float(counts[2]) / float(counts[3]),
+                    "data_wait_share": loader.stats.wait_seconds / elapsed,
                 }
                 logger.log(last_metrics, console=False)
-            if eval_seqs is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
+            if eval_reader is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
                 last_metrics.update(evaluate_and_log(done))
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                _save(out, done, module, optimizer, cfg, env, fsdp)
-    if eval_seqs is not None and not cfg.eval_every:
+                _save(out, done, module, optimizer, cfg, env, fsdp, plan)
+    if eval_reader is not None and not cfg.eval_every:
         last_metrics.update(evaluate_and_log(total_steps))
-    final_state = _save(out, total_steps, module, optimizer, cfg, env, fsdp)
+    final_state = _save(out, total_steps, module, optimizer, cfg, env, fsdp, plan)
     if env.is_main:
         student_to_save = plain_copy(unwrap_causal_lm(module.student), final_state) if fsdp else module.student
         save_student(student_to_save, tokenizer, out, cfg, last_metrics, layers)
@@ -559,13 +641,23 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _config_fingerprint(cfg: TrainConfig) -> str:
     """Settings that must not change across --resume (everything but bookkeeping flags)."""
-    ignore = {"resume", "save_every", "keep_checkpoints", "eval_every", "log_every", "report_to", "max_steps", "extra"}
+    ignore = {
+        "resume",
+        "save_every",
+        "keep_checkpoints",
+        "eval_every",
+        "log_every",
+        "report_to",
+        "max_steps",
+        "extra",
+        "prefetch",
+    }
     relevant = {k: v for k, v in asdict(cfg).items() if k not in ignore}
     return json.dumps(relevant, sort_keys=True)
 
 
 def _save(
-    out: Path, step: int, module: DistillStep, optimizer, cfg: TrainConfig, env: DistEnv, fsdp: bool
+    out: Path, step: int, module: DistillStep, optimizer, cfg: TrainConfig, env: DistEnv, fsdp: bool, plan: EpochPlan
 ) -> dict[str, torch.Tensor]:
     """Write a checkpoint (rank 0) and return the full student weights. Collective under FSDP2."""
     model_state = full_model_state(module.student, fsdp)
@@ -580,6 +672,8 @@ def _save(
                 "optimizer": optimizer_state,
                 "rng": rng_state(),
                 "config_fingerprint": _config_fingerprint(cfg),
+                # The stream position: steps done in the plan (epoch, step inside it) and which plan.
+                "data": {"plan": plan.fingerprint(), "position": list(plan.locate(step)) if step else [0, 0]},
             },
             keep=cfg.keep_checkpoints,
         )

@@ -48,6 +48,19 @@ def register(app: typer.Typer) -> None:
         epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (ignored with --max-steps)."),
         max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
         batch_size: int = typer.Option(4, "--batch-size", help="Sequences per micro-batch per process."),
+        batch_tokens: int = typer.Option(
+            None,
+            "--batch-tokens",
+            help="Fill micro-batches up to N padded tokens (length-grouped in the shuffle window) instead of "
+            "--batch-size sequences.",
+        ),
+        shuffle_window: int = typer.Option(
+            1024,
+            "--shuffle-window",
+            help="Sequences shuffled together; the data path holds about this many (a window as large as the "
+            "data is a full shuffle).",
+        ),
+        prefetch: int = typer.Option(2, "--prefetch", help="Steps decoded ahead of training on a background thread."),
         accumulation_steps: int = typer.Option(1, "--accumulation-steps", help="Micro-batches per optimizer step."),
         learning_rate: float = typer.Option(1e-4, "--learning-rate", "--lr", help="Peak learning rate (AdamW)."),
         weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
@@ -108,6 +121,9 @@ def register(app: typer.Typer) -> None:
             epochs=epochs,
             max_steps=max_steps,
             batch_size=batch_size,
+            batch_tokens=batch_tokens,
+            shuffle_window=shuffle_window,
+            prefetch=prefetch,
             accumulation_steps=accumulation_steps,
             learning_rate=learning_rate,
             weight_decay=weight_decay,
