@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kd import __version__
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"

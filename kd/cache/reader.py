@@ -20,7 +20,7 @@ import pyarrow as pa
 from kd.cache.format import READABLE_VERSIONS, SampledTargets, TopKTargets, decode_tail, decode_topk_values
 from kd.cache.manifest import read_manifest
 from kd.cache.writer import sha256_file
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 
 OPEN_SHARDS = 8
 """Memory-mapped shard files kept open at once (least recently used closed first)."""

@@ -1,15 +1,6 @@
-"""The one exception type users see.
+"""Re-export of kd.errors for the pipeline's modules (the exception lives at the package root so
+that kd.cache, which imports nothing from kd.pipeline, can raise it too)."""
 
-Anything raised as `KdError` is printed by the CLI as a single line (`kd: error: ...`) with a
-non-zero exit and no traceback unless `--debug` is given. Messages must name the file and line,
-or the flag, that is wrong.
-"""
+from kd.errors import KdError, where
 
-
-class KdError(Exception):
-    """A user-facing error: bad input, a bad flag, or a refused operation."""
-
-
-def where(path: object, line: int | None = None) -> str:
-    """Format a location for an error message: ``data.jsonl:17`` or ``data.jsonl``."""
-    return f"{path}:{line}" if line is not None else str(path)
+__all__ = ["KdError", "where"]
