@@ -316,3 +316,72 @@ def test_two_processes_with_token_batches_match_one(tmp_path, small_units, stude
     got = [m["loss"] for m in metrics(double) if "loss" in m]
     assert len(want) == 3 and got == pytest.approx(want, rel=1e-6)
     assert_same_weights(single, double, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_data_corpus_streams_the_same_way(tmp_path, tiny_model_dir, student_config):
+    """--data is tokenized once into OUT/prepared/ and streamed: 2 ranks == 1 rank, a rerun reuses it,
+    a bad record names its line."""
+    corpus = make_corpus(tmp_path / "corpus.jsonl", rows=20)
+    common = [
+        "train",
+        "--data",
+        str(corpus),
+        "--student",
+        str(student_config),
+        "--teacher",
+        str(tiny_model_dir),
+        "--alpha",
+        "1.0",
+        "--shuffle-window",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--log-every",
+        "1",
+        "--learning-rate",
+        "1e-3",
+    ]
+    single = tmp_path / "single"
+    proc = run_kd(*common, "--out", str(single), "--accumulation-steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    prepared = single / "prepared" / "train"
+    assert CacheReader(prepared, flag="--data").num_rows == 20
+    stamp = (prepared / "manifest.json").stat().st_mtime_ns
+    double = tmp_path / "double"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29547",
+            "-m",
+            "kd.cli",
+            *common,
+            "--out",
+            str(double),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=kd_env(OMP_NUM_THREADS="1"),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = [m["loss"] for m in metrics(single) if "loss" in m]
+    assert [m["loss"] for m in metrics(double) if "loss" in m] == pytest.approx(want, rel=1e-6)
+    assert_same_weights(single, double, atol=2e-5)
+    rerun = run_kd(*common, "--out", str(single), "--accumulation-steps", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (prepared / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-tokenized
+    assert_same_weights(single, double, atol=2e-5)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(corpus.read_text() + "{not json\n")
+    proc = run_kd(*[bad if a == str(corpus) else a for a in map(str, common)], "--out", str(tmp_path / "bad"))
+    assert_one_line_error(proc, "bad.jsonl:21", "malformed JSON")
