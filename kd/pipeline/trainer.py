@@ -419,6 +419,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
+    launched = time.perf_counter()
     env = init_distributed()
     device = resolve_device(cfg.device, env)
     torch.manual_seed(cfg.seed)
@@ -562,6 +563,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     last_metrics: dict[str, Any] = {}
     tokens_seen = 0
+    first_step_seconds: float | None = None
     started = time.perf_counter()
     with make_progress("step") as progress:
         task = progress.add_task("train", total=total_steps, completed=start_step)
@@ -606,6 +608,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             tokens_seen += int(tokens)
             progress.advance(task)
             done = step + 1
+            if first_step_seconds is None:  # model load + data planning + first step: what a user waits for
+                first_step_seconds = time.perf_counter() - launched
             if done % cfg.log_every == 0 or done == total_steps:
                 elapsed = time.perf_counter() - started
                 last_metrics = {
@@ -636,7 +640,14 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if env.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"out": str(out), "steps": total_steps, "trainable_parameters": trainable, **last_metrics}
+    return {
+        "out": str(out),
+        "steps": total_steps,
+        "trainable_parameters": trainable,
+        "seconds_to_first_step": first_step_seconds,
+        "data_wait_seconds": loader.stats.wait_seconds,
+        **last_metrics,
+    }
 
 
 def _config_fingerprint(cfg: TrainConfig) -> str:
