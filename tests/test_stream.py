@@ -385,3 +385,24 @@ def test_data_corpus_streams_the_same_way(tmp_path, tiny_model_dir, student_conf
     bad.write_text(corpus.read_text() + "{not json\n")
     proc = run_kd(*[bad if a == str(corpus) else a for a in map(str, common)], "--out", str(tmp_path / "bad"))
     assert_one_line_error(proc, "bad.jsonl:21", "malformed JSON")
+
+
+def test_init_from_continues_weights_optimizer_and_schedule(tmp_path, base_cache, student_config):
+    """Run B starts where run A ended: global step count, learning-rate schedule and weights carry over."""
+    schedule = ["--schedule-steps", "6", "--learning-rate", "1e-3", "--warmup-steps", "2"]
+    first = tmp_path / "first"
+    assert run_kd(*_train_args(base_cache, student_config, first, "--max-steps", "3", *schedule)).returncode == 0
+    second = tmp_path / "second"
+    proc = run_kd(
+        *_train_args(base_cache, student_config, second, "--max-steps", "3", "--init-from", str(first), *schedule)
+    )
+    assert proc.returncode == 0, proc.stderr
+    whole = tmp_path / "whole"
+    assert run_kd(*_train_args(base_cache, student_config, whole, "--max-steps", "6", *schedule)).returncode == 0
+    rows = [m for m in metrics(second) if "loss" in m]
+    assert [m["step"] for m in rows] == [4, 5, 6]
+    assert [m["lr"] for m in rows] == pytest.approx([m["lr"] for m in metrics(whole) if "loss" in m][3:])
+    # Started from the first run's weights: its first loss is far below a fresh student's.
+    fresh = [m["loss"] for m in metrics(first) if "loss" in m][0]
+    assert rows[0]["loss"] < fresh
+    assert (second / "checkpoints" / "step-0000006").is_dir()

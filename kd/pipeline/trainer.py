@@ -105,6 +105,11 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 10
     resume: bool = False
+    init_from: str | None = None
+    """Start from this checkpoint (a checkpoints/step-N directory, or a training --out whose newest one
+    is taken): its weights, AdamW state and step count, so a schedule continues across runs."""
+    schedule_steps: int | None = None
+    """Length of the learning-rate schedule in optimizer steps (default: the last step of this run)."""
     lora: int | None = None
     fsdp: bool = False
     """Under torchrun, shard the student with FSDP2 instead of replicating it with DDP."""
@@ -142,6 +147,8 @@ class TrainConfig:
             raise KdError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.epochs <= 0:
             raise KdError(f"--epochs must be > 0, got {self.epochs}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise KdError(f"--schedule-steps must be >= 1, got {self.schedule_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise KdError(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.grad_clip < 0:
@@ -499,7 +506,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             f"{plan.num_sequences} training sequences are fewer than one global batch ({size} x "
             f"--accumulation-steps {cfg.accumulation_steps} x {env.world_size} processes); lower them"
         )
-    total_steps = cfg.max_steps or max(1, plan.total_steps(cfg.epochs))
+    run_steps = cfg.max_steps or max(1, plan.total_steps(cfg.epochs))
     loader = StepLoader(
         train_reader, plan, train_units, env.rank, env.world_size, cfg.accumulation_steps, prefetch=cfg.prefetch
     )
@@ -516,7 +523,20 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
-    start_step = 0
+    # Steps are counted globally: a run that starts --init-from a checkpoint at step B trains steps
+    # [B, B + run_steps); the data plan of this run is indexed from B.
+    base_step = 0
+    if cfg.init_from:
+        source_checkpoint = Path(cfg.init_from)
+        if not (source_checkpoint / "state.pt").is_file():
+            source_checkpoint = latest_checkpoint(source_checkpoint) or source_checkpoint
+        state = load_checkpoint(source_checkpoint)
+        load_full_state(module, module.student, optimizer, state, fsdp)
+        set_rng_state(state["rng"])
+        base_step = int(state["step"])
+    total_steps = base_step + run_steps
+    schedule_steps = cfg.schedule_steps or total_steps
+    start_step = base_step
     if cfg.resume:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
@@ -567,7 +587,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     with make_progress("step") as progress:
         task = progress.add_task("train", total=total_steps, completed=start_step)
-        for step, data in enumerate(loader.iterate(start_step, total_steps), start=start_step):
+        for step, data in enumerate(loader.iterate(start_step - base_step, run_steps), start=start_step):
             # The loss is normalised by the global target count (token-weight sum for tagged SFT).
             # Each rank decoded only its own micro-batches, so the count is all-reduced before the
             # first backward: one tiny collective per step.
@@ -577,7 +597,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             if env.world_size > 1:
                 dist.all_reduce(counts)
             normaliser, tokens = float(counts[0]), float(counts[1])
-            lr = learning_rate_at(step, cfg, total_steps)
+            lr = learning_rate_at(step, cfg, schedule_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums = torch.zeros(3, dtype=torch.float64)
@@ -629,10 +649,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             if eval_reader is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
                 last_metrics.update(evaluate_and_log(done))
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                _save(out, done, module, optimizer, cfg, env, fsdp, plan)
+                _save(out, done, module, optimizer, cfg, env, fsdp, plan, base_step)
     if eval_reader is not None and not cfg.eval_every:
         last_metrics.update(evaluate_and_log(total_steps))
-    final_state = _save(out, total_steps, module, optimizer, cfg, env, fsdp, plan)
+    final_state = _save(out, total_steps, module, optimizer, cfg, env, fsdp, plan, base_step)
     if env.is_main:
         student_to_save = plain_copy(unwrap_causal_lm(module.student), final_state) if fsdp else module.student
         save_student(student_to_save, tokenizer, out, cfg, last_metrics, layers)
@@ -668,7 +688,15 @@ def _config_fingerprint(cfg: TrainConfig) -> str:
 
 
 def _save(
-    out: Path, step: int, module: DistillStep, optimizer, cfg: TrainConfig, env: DistEnv, fsdp: bool, plan: EpochPlan
+    out: Path,
+    step: int,
+    module: DistillStep,
+    optimizer,
+    cfg: TrainConfig,
+    env: DistEnv,
+    fsdp: bool,
+    plan: EpochPlan,
+    base_step: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Write a checkpoint (rank 0) and return the full student weights. Collective under FSDP2."""
     model_state = full_model_state(module.student, fsdp)
@@ -684,7 +712,11 @@ def _save(
                 "rng": rng_state(),
                 "config_fingerprint": _config_fingerprint(cfg),
                 # The stream position: steps done in the plan (epoch, step inside it) and which plan.
-                "data": {"plan": plan.fingerprint(), "position": list(plan.locate(step)) if step else [0, 0]},
+                "data": {
+                    "plan": plan.fingerprint(),
+                    "base_step": base_step,
+                    "position": list(plan.locate(step - base_step)),
+                },
             },
             keep=cfg.keep_checkpoints,
         )

@@ -81,6 +81,15 @@ def register(app: typer.Typer) -> None:
         eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
         log_every: int = typer.Option(10, "--log-every", help="Log metrics every N steps."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+        init_from: str = typer.Option(
+            None,
+            "--init-from",
+            help="Start from another run's checkpoint (checkpoints/step-N dir, or its --out): weights, AdamW "
+            "state and step count continue.",
+        ),
+        schedule_steps: int = typer.Option(
+            None, "--schedule-steps", help="Length of the LR schedule in steps [default: this run's last step]."
+        ),
         fsdp: bool = typer.Option(
             False, "--fsdp", help="Under torchrun, shard the student with FSDP2 (too big for one GPU) instead of DDP."
         ),
@@ -138,6 +147,8 @@ def register(app: typer.Typer) -> None:
             eval_every=eval_every,
             log_every=log_every,
             resume=resume,
+            init_from=init_from,
+            schedule_steps=schedule_steps,
             lora=lora,
             fsdp=fsdp,
             seed=seed,
