@@ -2,10 +2,14 @@
 
     .venv/bin/python -m pytest tests/test_losses.py -q
 
-Properties checked (after TRL's GKD tests and torchtune's chunked-loss tests): top-k = V gives
-exactly the dense divergence for every divergence and temperature, gradients included; chunked
-equals unchunked; equal distributions give 0; a top-k cache gives the K+1-bucket divergence; the
-RS estimator's gradient is unbiased; padding ids go to the tail, never silently dropped.
+Properties checked (after TRL's GKD tests and torchtune's chunked-loss tests), all on the fused
+head that training runs (`distill_loss_sum` -> `fused_chunk_loss`): top-k = V gives exactly the
+dense divergence for every divergence and temperature, gradients included; the fused closed form
+equals the autograd reference (`autograd_chunk_loss`) for every teacher signal; a student holding
+all but 1e-7 (or 1e-33) of its mass on the cached ids still gets the fp64 tail and gradient;
+chunked equals unchunked; equal distributions give 0; a top-k cache gives the K+1-bucket
+divergence; the RS estimator's gradient is unbiased; padding ids go to the tail, never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ from kd.pipeline.losses import (
     LossConfig,
     SampledTeacher,
     SparseTeacher,
+    autograd_chunk_loss,
     distill_loss_sum,
     fold_out_of_vocab,
+    fused_chunk_loss,
+    head_loss_sum,
     retemper_sparse,
+    tail_guard,
 )
 
 N, H, V = 12, 16, 50
@@ -90,11 +98,12 @@ def test_topk_equal_to_vocab_is_the_dense_loss_with_gradients(name, temperature)
         h, w, b, labels, full_topk(teacher_logits, V), alpha=alpha, temperature=temperature, divergence=name
     )
     parts.total.backward()
-    assert float(parts.total.detach()) == pytest.approx(float(ref_total), rel=1e-5, abs=1e-6)
-    assert float(parts.ce) == pytest.approx(float(ref_ce), rel=1e-5)
-    assert float(parts.divergence) == pytest.approx(float(ref_div), rel=1e-5, abs=1e-6)
+    # fp64 throughout: the fused closed form must agree with autograd on the dense loss to rounding.
+    assert float(parts.total.detach()) == pytest.approx(float(ref_total.detach()), rel=1e-10, abs=1e-12)
+    assert float(parts.ce) == pytest.approx(float(ref_ce.detach()), rel=1e-10)
+    assert float(parts.divergence) == pytest.approx(float(ref_div.detach()), rel=1e-10, abs=1e-12)
     for got, want in ((h.grad, h_ref.grad), (w.grad, w_ref.grad), (b.grad, b_ref.grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
@@ -112,19 +121,21 @@ def test_online_dense_teacher_matches_reference(name):
     teacher = DenseTeacher(teacher_hidden=teacher_hidden, teacher_head_weight=teacher_weight)
     parts = kd_loss(h, w, bias, labels, teacher, alpha=0.5, temperature=1.5, divergence=name)
     parts.total.backward()
-    assert float(parts.total.detach()) == pytest.approx(float(ref_total), rel=1e-5)
-    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-8)
-    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-8)
+    assert float(parts.total.detach()) == pytest.approx(float(ref_total.detach()), rel=1e-10)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, N, 10 * N])
-def test_chunked_equals_unchunked(chunk_size):
+@pytest.mark.parametrize("teacher_kind", ["top8", "rs"])
+def test_chunked_equals_unchunked(chunk_size, teacher_kind):
     hidden, weight, bias, teacher_logits, labels = make_problem(2)
-    teacher = full_topk(teacher_logits, 8)
+    teacher = full_topk(teacher_logits, 8) if teacher_kind == "top8" else rs_teacher(teacher_logits)
+    temperature = 2.0 if teacher_kind == "top8" else 1.0  # RS samples are at T = 1
     results = []
     for chunk in (N, chunk_size):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        parts = kd_loss(h, w, bias, labels, teacher, alpha=0.2, temperature=2.0, chunk_size=chunk)
+        parts = kd_loss(h, w, bias, labels, teacher, alpha=0.2, temperature=temperature, chunk_size=chunk)
         parts.total.backward()
         results.append((float(parts.total.detach()), h.grad, w.grad))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-10)
@@ -309,3 +320,164 @@ def test_bf16_autocast_is_close_to_fp32():
 def test_bad_settings_name_the_flag(kwargs, flag):
     with pytest.raises(KdError, match=flag):
         LossConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- the fused head
+
+
+def teacher_with_empty_slots(teacher_logits: torch.Tensor, k: int) -> SparseTeacher:
+    """A top-k teacher whose last two slots are empty (-inf, as adaptive top-k pads), pointing at
+    ids that repeat a valid id or sit in the tail: the fused path must neither zero nor count them."""
+    top = full_topk(teacher_logits, k)
+    ids, logp = top.teacher_ids.clone(), top.teacher_logprobs.clone()
+    tail = torch.logaddexp(top.teacher_tail_logmass, torch.logsumexp(logp[:, -2:], dim=1))
+    ids[:, -2], ids[:, -1] = ids[:, 0], (ids[:, 0] + 1) % V
+    logp[:, -2:] = float("-inf")
+    return SparseTeacher(ids, logp, tail)
+
+
+def rs_teacher(teacher_logits: torch.Tensor, num_samples: int = 16, seed: int = 0) -> SampledTeacher:
+    """Unique ids of num_samples draws with their counts, zero-count slots padding each row."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(F.softmax(teacher_logits, -1), num_samples, replacement=True, generator=g)
+    counts = torch.zeros(teacher_logits.shape, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=torch.float64)
+    )
+    width = int((counts > 0).sum(1).max())
+    values, ids = counts.topk(width, dim=1)
+    return SampledTeacher(ids, values, num_samples)
+
+
+TEACHERS = {
+    "top8": lambda t: full_topk(t, 8),
+    "top8_empty_slots": lambda t: teacher_with_empty_slots(t, 8),
+    "dense": DenseTeacher,
+}
+
+
+def loss_and_grads(chunk_loss, hidden, weight, bias, labels, teacher, config, token_weights=None):
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    parts = head_loss_sum(h, w, b, labels, teacher, config, token_weights, chunk_loss)
+    parts.total.backward()
+    return parts, (h.grad, w.grad, b.grad)
+
+
+@pytest.mark.parametrize("teacher_kind", list(TEACHERS))
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_equals_autograd_reference(teacher_kind, name, temperature):
+    """Closed-form values and gradients equal autograd's (fp64), with token weights and several chunks."""
+    hidden, weight, bias, teacher_logits, labels = make_problem(13)
+    teacher = TEACHERS[teacher_kind](teacher_logits)
+    token_weights = torch.linspace(0.2, 2.0, N, dtype=torch.float64)
+    config = LossConfig(alpha=0.3, temperature=temperature, divergence=name, chunk_size=5)
+    got, got_grads = loss_and_grads(fused_chunk_loss, hidden, weight, bias, labels, teacher, config, token_weights)
+    want, want_grads = loss_and_grads(autograd_chunk_loss, hidden, weight, bias, labels, teacher, config, token_weights)
+    for a, b in ((got.total, want.total), (got.ce, want.ce), (got.divergence, want.divergence)):
+        assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-10, abs=1e-12)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_fused_rs_equals_autograd_reference(alpha):
+    hidden, weight, bias, teacher_logits, labels = make_problem(14)
+    teacher = rs_teacher(teacher_logits)
+    config = LossConfig(alpha=alpha, chunk_size=5)
+    got, got_grads = loss_and_grads(fused_chunk_loss, hidden, weight, bias, labels, teacher, config)
+    want, want_grads = loss_and_grads(autograd_chunk_loss, hidden, weight, bias, labels, teacher, config)
+    assert float(got.total.detach()) == pytest.approx(float(want.total.detach()), rel=1e-10)
+    assert float(got.divergence) == pytest.approx(float(want.divergence), rel=1e-10, abs=1e-12)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("teacher_kind", ["none", "top8", "rs"])
+def test_fused_gradient_is_written_into_the_logits_buffer(teacher_kind):
+    """At T = 1 the fused loss allocates no [n, V] buffer of its own: the gradient is the logits' storage."""
+    hidden, weight, bias, teacher_logits, labels = make_problem(15)
+    teacher = {"none": None, "top8": full_topk(teacher_logits, 8), "rs": rs_teacher(teacher_logits)}[teacher_kind]
+    logits = F.linear(hidden, weight, bias)
+    sums = fused_chunk_loss(logits, labels, teacher, 0, N, LossConfig(alpha=0.5), None, None, True)
+    assert sums.grad_logits.data_ptr() == logits.data_ptr()
+
+
+def peaked_student(tail_mass: float, dtype: torch.dtype, k: int = 6, seed: int = 16):
+    """Logits (head = identity) whose softmax holds all but `tail_mass` on k ids per row, and a teacher
+    on those ids with 5% in its tail. Returns hidden, weight, bias, labels, teacher, cached ids' mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+    cached = torch.zeros(N, V, dtype=torch.bool).scatter_(1, ids, True)
+    z = torch.randn(N, V, generator=g, dtype=torch.float64)
+    inside = torch.where(cached, z.exp(), 0.0).sum(1)
+    outside = torch.where(cached, 0.0, z.exp()).sum(1)
+    shift = torch.log(tail_mass * inside / ((1 - tail_mass) * outside))  # outside·e^shift / total = tail_mass
+    logits = torch.where(cached, z, z + shift[:, None]).to(dtype)
+    teacher_logprobs = F.log_softmax(torch.randn(N, k, generator=g, dtype=torch.float64), -1) + math.log(0.95)
+    teacher = SparseTeacher(ids, teacher_logprobs.to(dtype), torch.full((N,), math.log(0.05), dtype=dtype))
+    labels = torch.randint(0, V, (N,), generator=g)
+    eye = torch.eye(V, dtype=dtype)
+    return logits, eye, torch.zeros(V, dtype=dtype), labels, teacher, cached
+
+
+def bucket_reference(student_logits, teacher, cached, labels, name, alpha):
+    """fp64 loss over the K+1 buckets, the student's tail summed over the complement (never 1 − Σ)."""
+    z = student_logits.double()
+    q = F.softmax(z, -1)
+    q_b = torch.cat([q.gather(1, teacher.teacher_ids), torch.where(cached, 0.0, q).sum(1, keepdim=True)], 1)
+    p_b = torch.cat([teacher.teacher_logprobs, teacher.teacher_tail_logmass[:, None]], 1).double().exp()
+    if name == "forward_kl":
+        d = (p_b * (p_b.log() - q_b.log())).sum(-1)
+    elif name == "reverse_kl":
+        d = (q_b * (q_b.log() - p_b.log())).sum(-1)
+    elif name == "jsd":
+        m = 0.5 * p_b + 0.5 * q_b
+        d = 0.5 * (p_b * (p_b / m).log()).sum(-1) + 0.5 * (q_b * (q_b / m).log()).sum(-1)
+    else:
+        d = 0.5 * (p_b - q_b).abs().sum(-1)
+    ce = F.cross_entropy(z, labels, reduction="sum")
+    return alpha * ce + (1 - alpha) * d.sum(), d.sum(), q_b[:, -1]
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize(
+    ("tail_mass", "dtype"),
+    [(1e-7, torch.float64), (1e-7, torch.float32), (1e-20, torch.float32), (1e-33, torch.float32)],
+)
+def test_student_with_nearly_all_mass_on_the_cached_ids(name, tail_mass, dtype):
+    """1 − Σ q_k would lose the student's tail (in fp32, 1e-7 is 1–2 ulps of 1); the fused path sums the
+    complement itself, and 1e-33 (below `tail_guard`) takes the exact log-space fallback. fp64 reference."""
+    logits, eye, bias, labels, teacher, cached = peaked_student(tail_mass, dtype)
+    ref_logits = logits.double().clone().requires_grad_()
+    ref_total, ref_div, ref_tail = bucket_reference(ref_logits, teacher, cached, labels, name, alpha=0.3)
+    ref_total.backward()
+    assert float(ref_tail.detach().min()) == pytest.approx(tail_mass, rel=1e-3)
+    if dtype == torch.float32 and tail_mass == 1e-7:  # the hazard is real: the naive tail is off by > 10%
+        q = F.softmax(logits, -1)
+        naive = 1 - q.gather(1, teacher.teacher_ids).sum(1)
+        assert float(((naive.double() - ref_tail.detach()) / ref_tail.detach()).abs().max()) > 0.1
+    if tail_mass == 1e-33:
+        assert tail_mass < tail_guard(dtype, V)
+    h = logits.clone().requires_grad_()
+    parts = distill_loss_sum(h, eye, bias, labels, teacher, LossConfig(alpha=0.3, divergence=name, chunk_size=5))
+    parts.total.backward()
+    # fp32 within a few of its ulps (the autograd reference path's own error is the same, ~1e-7).
+    rel = 1e-10 if dtype == torch.float64 else 1e-6
+    assert float(parts.divergence) == pytest.approx(float(ref_div.detach()), rel=rel, abs=1e-12)
+    assert float(parts.total.detach()) == pytest.approx(float(ref_total.detach()), rel=rel)
+    scale = float(ref_logits.grad.abs().max())
+    torch.testing.assert_close(h.grad.double(), ref_logits.grad, rtol=2 * rel, atol=2 * rel * scale)
+
+
+def test_fp64_fallback_below_the_fp64_guard():
+    """The fallback in fp64 too: a tail mass of 1e-300 is under V·tiny/eps there."""
+    logits, eye, bias, labels, teacher, cached = peaked_student(1e-300, torch.float64)
+    assert 1e-300 < tail_guard(torch.float64, V)
+    ref_logits = logits.clone().requires_grad_()
+    ref_total, ref_div, _ = bucket_reference(ref_logits, teacher, cached, labels, "forward_kl", alpha=0.3)
+    ref_total.backward()
+    h = logits.clone().requires_grad_()
+    parts = distill_loss_sum(h, eye, bias, labels, teacher, LossConfig(alpha=0.3, chunk_size=5))
+    parts.total.backward()
+    assert float(parts.divergence) == pytest.approx(float(ref_div.detach()), rel=1e-10)
+    torch.testing.assert_close(h.grad, ref_logits.grad, rtol=1e-8, atol=1e-12)
