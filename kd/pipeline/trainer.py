@@ -49,6 +49,7 @@ from kd.pipeline.tracking import MetricsLogger
 from kd.pipeline.training.order import EpochPlan, OrderSettings
 from kd.pipeline.training.prepared import prepare_corpus
 from kd.pipeline.training.stream import StepLoader
+from kd.settings import cli
 
 THINK_TAGS = ("<think>", "</think>")
 
@@ -58,7 +59,7 @@ class TrainConfig:
     """Settings of `kd train` (each field's docstring is its --help text)."""
 
     out: str
-    """Output directory: the final student (HF format), checkpoints/, metrics.jsonl."""
+    """Output dir: final student (HF format), checkpoints/, metrics.jsonl, config.yaml."""
     from_cache: str | None = None
     """Cache written by `kd cache-logits`: cached KD."""
     teacher: str | None = None
@@ -66,19 +67,25 @@ class TrainConfig:
     data: str | None = None
     """Training corpus for online KD (with --teacher) or plain SFT / reasoning SFT (without, or --alpha 1)."""
     data_format: str | None = None
+    """Force the record format of --data instead of detecting it."""
     student: str | None = None
     """Student: HF dir, .gguf, or config.json (random init)."""
     student_from_teacher: bool = False
     """Build the student from the teacher's embeddings, chosen --layers, final norm and head."""
     layers: str | None = None
-    """Teacher layers kept by --student-from-teacher, e.g. 0,10,20,29 or even:8."""
+    """Teacher layers kept by --student-from-teacher, e.g. 0,10,20,29 or even:8 [default: even:8]."""
     alpha: float = 0.5
-    """Weight of CE; (1 - alpha) weights T^2 * divergence."""
+    """Loss = alpha*CE + (1-alpha)*T^2*divergence."""
     temperature: float = 1.0
+    """Distillation temperature T (> 0)."""
     divergence: str = "forward_kl"
+    """forward_kl, reverse_kl, jsd or tvd."""
     jsd_beta: float = 0.5
+    """beta of the generalized JSD."""
     epochs: float = 1.0
+    """Passes over the data (ignored with --max-steps)."""
     max_steps: int | None = None
+    """Optimizer steps (overrides --epochs)."""
     batch_size: int = 4
     """Sequences per micro-batch per process."""
     batch_tokens: int | None = None
@@ -88,9 +95,13 @@ class TrainConfig:
     prefetch: int = 2
     """Steps decoded ahead of the training loop on a background thread."""
     accumulation_steps: int = 1
-    learning_rate: float = 1e-4
+    """Micro-batches per optimizer step."""
+    learning_rate: float = field(default=1e-4, metadata=cli("--learning-rate", "--lr"))
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 0
+    """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """Cosine schedule floor as a fraction of the peak learning rate."""
     grad_clip: float = 1.0
@@ -100,28 +111,42 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
     eval_cache: str | None = None
+    """Held-out cache: CE, KL to teacher, top-1 agreement, ECE."""
     eval_data: str | None = None
+    """Held-out corpus (CE, accuracy, ECE; no teacher metrics)."""
     eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
     log_every: int = 10
+    """Log metrics every N steps."""
     resume: bool = False
+    """Continue from the newest checkpoint in --out."""
     init_from: str | None = None
     """Start from this checkpoint (a checkpoints/step-N directory, or a training --out whose newest one
     is taken): its weights, AdamW state and step count, so a schedule continues across runs."""
     schedule_steps: int | None = None
     """Length of the learning-rate schedule in optimizer steps (default: the last step of this run)."""
     lora: int | None = None
+    """Train LoRA adapters of this rank (peft) instead of all weights."""
     fsdp: bool = False
     """Under torchrun, shard the student with FSDP2 instead of replicating it with DDP."""
     seed: int = 0
+    """Seed of data order and initialisation."""
     chunk_size: int = 1024
+    """Target tokens per logits chunk (memory bound)."""
     max_seq_len: int = 2048
+    """Longest sequence for --data."""
     tag_weight: float = 1.0
     """Reasoning SFT: CE weight of the <think>/</think> tag tokens (MiniMind used 10)."""
     report_to: str = "none"
+    """none, tensorboard or wandb (metrics.jsonl is always written)."""
     device: str | None = None
+    """cpu, cuda, cuda:1 [default: cuda:$LOCAL_RANK if available]."""
     teacher_device: str | None = None
+    """Put the online teacher on its own device."""
     limit: int | None = None
+    """Use only the first N sequences."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
