@@ -406,3 +406,14 @@ def test_init_from_continues_weights_optimizer_and_schedule(tmp_path, base_cache
     fresh = [m["loss"] for m in metrics(first) if "loss" in m][0]
     assert rows[0]["loss"] < fresh
     assert (second / "checkpoints" / "step-0000006").is_dir()
+
+
+def test_config_yaml_in_out_reruns_the_training(tmp_path, base_cache, student_config):
+    first = tmp_path / "first"
+    proc = run_kd(*_train_args(base_cache, student_config, first, "--max-steps", "2", "--seed", "4"))
+    assert proc.returncode == 0, proc.stderr
+    assert (first / "config.yaml").is_file()
+    second = tmp_path / "second"
+    proc = run_kd("train", "--config", str(first / "config.yaml"), "--out", str(second))
+    assert proc.returncode == 0, proc.stderr
+    assert_same_weights(first, second)

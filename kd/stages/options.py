@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.markup import escape
 
@@ -262,8 +261,8 @@ def config_command(
         given = {
             s.name
             for s in settings
-            if ctx.get_parameter_source(s.name)
-            in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+            # By name: typer may carry its own copy of click's ParameterSource enum.
+            if getattr(ctx.get_parameter_source(s.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
         }
         values = {s.name: kwargs[s.name] for s in settings}
         if kwargs["config_file"]:
