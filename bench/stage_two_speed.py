@@ -1,6 +1,6 @@
-"""Stage two: step time, tokens/s and peak memory of cached KD against CE-only and online KD (issue 3).
+"""Stage two: step time, tokens/s and peak memory of cached KD against CE-only and online KD (issues 3, 11).
 
-    .venv/bin/python bench/stage_two_speed.py [--rows 16] [--batch-size 4] [--steps 2] [--rounds 2]
+    .venv/bin/python bench/stage_two_speed.py [--rows 16] [--batch-size 4] [--steps 2] [--rounds 5] [--no-memory]
 
 Student: 8 of the embedded SmolLM2-135M-Instruct's 30 layers (the demo's student). Batches: the
 same GSM8K train sequences for every mode, scored by the teacher once up front (top-64 + tail and
@@ -12,8 +12,12 @@ Modes, interleaved round by round:
 - ``cached_rs``: α = 0.5, RS-KD from 64 draws;
 - ``online``: α = 0.5, full-vocabulary KD with the live teacher's forward in every step.
 
-Peak memory: each mode again in a fresh child process; CPU reports peak RSS (weights and AdamW state
-included, identical across modes), CUDA reports torch.cuda.max_memory_allocated.
+Ratios: each mode's median step over the rounds ÷ CE's, and the median over rounds of the per-round
+ratio (a round's modes run back to back, so they share the machine's load at that moment).
+
+Peak memory (skipped with --no-memory): each mode again in a fresh child process; CPU reports peak
+RSS (weights and AdamW state included, identical across modes), CUDA reports
+torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -108,8 +112,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16, float32")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,8 +138,9 @@ def main() -> None:
             sync()
             seconds[mode].append((time.perf_counter() - t0) / args.steps)
     step = {m: float(np.median(s)) for m, s in seconds.items()}
-    memory = {}
-    for mode in MODES:
+    per_round = {m: float(np.median([a / c for a, c in zip(seconds[m], seconds["ce"], strict=True)])) for m in MODES}
+    memory = dict.fromkeys(MODES)
+    for mode in MODES if not args.no_memory else ():
         proc = subprocess.run(
             [
                 sys.executable,
@@ -164,6 +170,8 @@ def main() -> None:
         "tokens_per_second": {m: tokens[m] / args.steps / step[m] for m in MODES},
         "ratio_step_cached_top64_to_ce": step["cached_top64"] / step["ce"],
         "ratio_step_cached_rs_to_ce": step["cached_rs"] / step["ce"],
+        "ratio_step_online_to_ce": step["online"] / step["ce"],
+        "ratio_step_to_ce_median_per_round": per_round,
         "ratio_tokens_per_second_cached_to_online": step["online"] / step["cached_top64"],
         "goal_cached_to_online": 1 + (step["online"] - step["ce"]) / step["ce"],
         "peak_memory_bytes": memory,

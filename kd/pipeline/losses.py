@@ -423,11 +423,12 @@ def fused_chunk_loss(
 
     # exp(z − max) for CE and exp((z − max)/T) for the divergence: the same buffer at T = 1.
     # Memory peak of the loss: `logits`, plus `grad` [n, V] at T ≠ 1 only.
+    logits.sub_(z_max)
     if temperature == 1.0:
-        grad = e_kd = logits.sub_(z_max).exp_()
+        grad = e_kd = logits.exp_()
     else:
-        grad = torch.sub(logits, z_max).exp_()
-        e_kd = logits.sub_(z_max).mul_(1.0 / temperature).exp_()
+        grad = torch.exp(logits)
+        e_kd = logits.mul_(1.0 / temperature).exp_()
         sum_1 = grad.sum(dim=1)
     if sparse:
         # Zero the cached ids' entries (an empty slot multiplies by 1: its id may repeat a valid one),
@@ -730,7 +731,9 @@ class FusedHeadLoss(torch.autograd.Function):
                 g = grad_logits.to(h.dtype)
                 if grad_hidden is not None:
                     grad_hidden[lo:hi] = g @ weight.to(g.dtype)
-                if grad_weight is not None:
+                if grad_weight is not None and g.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(g.t(), h)  # no [V, H] temporary
+                elif grad_weight is not None:  # bf16 autocast: the product in bf16, summed in fp32
                     grad_weight += (g.t() @ h).to(grad_weight.dtype)
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(dim=0).to(grad_bias.dtype)
