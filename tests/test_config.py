@@ -17,7 +17,11 @@ from kd.cli import app
 from kd.stages.options import settings_of
 from tests.helpers import assert_one_line_error, kd_env, run_kd
 
-DERIVED = {"train": "kd.pipeline.trainer:TrainConfig"}
+DERIVED = {
+    "train": "kd.pipeline.trainer:TrainConfig",
+    "gen-traces": "kd.pipeline.traces:TracesConfig",
+    "demo": "kd.pipeline.demo:DemoConfig",
+}
 """Commands whose flags come from a settings dataclass, and that dataclass."""
 
 

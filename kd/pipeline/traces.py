@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from kd.pipeline.engines.generation import (
 from kd.pipeline.errors import KdError, where
 from kd.pipeline.progress import log, make_progress
 from kd.pipeline.verify import answers_match, extract_answer, question_and_reference
+from kd.settings import cli
 
 FILTERS = ("correct", "all", "pass-rate:LO-HI")
 
@@ -65,11 +66,11 @@ class TracesConfig:
     """Longest completion; longer ones are truncated and dropped."""
     seed: int = 0
     """Random seed."""
-    template: str = DEFAULT_TEMPLATE
+    template: str = field(default=DEFAULT_TEMPLATE, metadata=cli(show_default=False))
     """User-turn template with a {question} placeholder."""
     system: str | None = None
     """Optional system prompt."""
-    verify: bool = True
+    verify: bool = field(default=True, metadata=cli("--verify/--no-verify"))
     """Check each sample's final answer against the prompt's reference."""
     filter: str = "correct"
     """correct (verified right), all (every non-truncated sample), or pass-rate:LO-HI."""
