@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import click
 import typer
 
 from kd import __version__
@@ -77,28 +76,37 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"kd: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        print("kd: aborted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as exc:
-        if debug:
-            raise
-        ctx = getattr(exc, "ctx", None)
-        command = f"{ctx.command_path}: " if ctx is not None else "kd: "
-        print(f"{command}error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("kd: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
+        kind = _click_kind(exc)
+        if kind == "Exit":
+            sys.exit(exc.exit_code)
+        if kind == "Abort":
+            print("kd: aborted", file=sys.stderr)
+            sys.exit(130)
         if debug:
             raise
+        if kind == "ClickException":
+            ctx = getattr(exc, "ctx", None)
+            command = f"{ctx.command_path}: " if ctx is not None else "kd: "
+            print(f"{command}error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code)
         print(
             f"kd: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr
         )
         sys.exit(1)
+
+
+def _click_kind(exc: BaseException) -> str | None:
+    """Exit, Abort or ClickException for click's exceptions, including the copy of click that newer
+    typer releases carry (typer._click), whose classes are not click's; None for anything else."""
+    names = {klass.__name__ for klass in type(exc).__mro__}
+    for kind in ("Exit", "Abort", "ClickException"):
+        if kind in names:
+            return kind
+    return None
 
 
 if __name__ == "__main__":

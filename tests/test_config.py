@@ -98,3 +98,10 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, fragments):
 def test_missing_config_and_missing_required_flag(tmp_path):
     assert_one_line_error(run_kd(*_cache_args(tmp_path), "--config", str(tmp_path / "nope.yaml")), "no such file")
     assert_one_line_error(run_kd("train", "--from-cache", "c", "--student-from-teacher"), "--out is required")
+
+
+def test_unknown_flag_and_bad_value_are_one_line_usage_errors(tmp_path):
+    proc = run_kd(*_cache_args(tmp_path), "--no-such-flag")
+    assert_one_line_error(proc, "No such option: --no-such-flag")
+    assert proc.returncode == 2
+    assert_one_line_error(run_kd(*_cache_args(tmp_path), "--alpha", "abc"), "'--alpha'")
