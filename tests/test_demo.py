@@ -50,6 +50,15 @@ def test_demo_runs_and_reruns_from_its_finished_steps(tmp_path):
     assert json.loads((out / "eval-teacher.json").read_text())["kl"] == pytest.approx(0.0, abs=0.02)
     assert (out / "student-kd" / "model.safetensors").is_file()
     assert "kd gen-traces" in report and "kd cache-logits" in report and "kd train" in report
+    # Held-out figures carry 95% intervals, and each verdict is read from them.
+    for name in ("student-kd", "student-ce"):
+        metrics = json.loads((out / f"eval-{name}.json").read_text())
+        lo, hi = metrics["ce_ci"]
+        assert lo <= metrics["ce"] <= hi
+    verdicts = [line for line in report.splitlines() if line.startswith("- ") and "→" in line]
+    assert len(verdicts) >= 3
+    assert all(("KD better" in v) or ("CE-only better" in v) or ("within noise" in v) for v in verdicts)
+    assert (out / "config.yaml").is_file()
 
     artefacts = [
         out / "traces.jsonl",

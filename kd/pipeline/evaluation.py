@@ -5,6 +5,10 @@
 * ``top1_agreement``: share of tokens where the student's argmax is the teacher's most likely id
 * ``accuracy``: share of tokens where the student's argmax is the label
 * ``ece``: expected calibration error of the student's top-1 confidence against the label (15 bins)
+
+Each of ce, kl, top1_agreement and accuracy also comes with ``<name>_ci``: a 95% bootstrap interval
+over held-out *sequences* (tokens of one sequence are not independent, so sequences are resampled
+whole), so a reader can tell a difference from noise.
 """
 
 from __future__ import annotations
@@ -28,6 +32,32 @@ from kd.pipeline.losses import (
 )
 
 ECE_BINS = 15
+BOOTSTRAP_SAMPLES = 1000
+CI_LEVEL = 0.95
+
+
+def bootstrap_ratio_ci(
+    numerator: np.ndarray, denominator: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> list[float] | None:
+    """95% percentile-bootstrap interval of sum(numerator) / sum(denominator), resampling the rows.
+
+    numerator[S], denominator[S]: per-sequence sums (e.g. CE summed over a sequence's targets, and
+    its number of targets). None when there are fewer than two sequences with a denominator.
+    """
+    keep = denominator > 0
+    numerator, denominator = numerator[keep], denominator[keep]
+    if len(numerator) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(samples)
+    for start in range(0, samples, 100):  # 100 resamples at a time bounds memory at 100 x S indices
+        idx = rng.integers(0, len(numerator), size=(min(100, samples - start), len(numerator)))
+        ratios[start : start + len(idx)] = numerator[idx].sum(axis=1) / denominator[idx].sum(axis=1)
+    tail = (1 - CI_LEVEL) / 2 * 100
+    return [float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
+
+
+PER_SEQUENCE = ("ce", "kl", "agree", "correct", "tokens", "kl_tokens", "teacher_tokens")
 
 
 def unwrap_causal_lm(model):
@@ -61,9 +91,12 @@ def evaluate_sequences(
     conf_bins = np.zeros(ECE_BINS)
     acc_bins = np.zeros(ECE_BINS)
     count_bins = np.zeros(ECE_BINS)
+    per_seq: dict[str, list[np.ndarray]] = {k: [] for k in PER_SEQUENCE}
     stream = iter(seqs)
     while chunk := list(itertools.islice(stream, batch_size)):
         batch = collate(chunk).to(device)
+        seq_sums = {k: np.zeros(len(chunk)) for k in PER_SEQUENCE}
+        seq_of = batch.hidden_rows.cpu().numpy()
         with torch.autocast(
             device_type=torch.device(device).type,
             dtype=autocast_dtype or torch.float32,
@@ -86,6 +119,10 @@ def evaluate_sequences(
             correct = (top1 == labels).float()
             sums["correct"] += float(correct.sum())
             sums["tokens"] += hi - lo
+            rows = seq_of[lo:hi]
+            np.add.at(seq_sums["ce"], rows, (lse - logits.gather(1, labels[:, None]).squeeze(1)).double().cpu().numpy())
+            np.add.at(seq_sums["correct"], rows, correct.double().cpu().numpy())
+            np.add.at(seq_sums["tokens"], rows, 1.0)
             bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1).cpu().numpy()
             np.add.at(conf_bins, bins, confidence.cpu().numpy())
             np.add.at(acc_bins, bins, correct.cpu().numpy())
@@ -103,11 +140,19 @@ def evaluate_sequences(
                 teacher_top1 = ids.gather(1, teacher.teacher_logprobs[lo:hi].argmax(dim=1, keepdim=True)).squeeze(1)
                 sums["agree"] += float((top1 == teacher_top1).sum())
                 sums["teacher_tokens"] += hi - lo
+                np.add.at(seq_sums["kl"], rows, kl.double().cpu().numpy())
+                np.add.at(seq_sums["kl_tokens"], rows, 1.0)
+                np.add.at(seq_sums["agree"], rows, (top1 == teacher_top1).double().cpu().numpy())
+                np.add.at(seq_sums["teacher_tokens"], rows, 1.0)
             elif isinstance(teacher, SampledTeacher):
                 ids = teacher.teacher_ids[lo:hi]
                 teacher_top1 = ids.gather(1, teacher.teacher_counts[lo:hi].argmax(dim=1, keepdim=True)).squeeze(1)
                 sums["agree"] += float((top1 == teacher_top1).sum())
                 sums["teacher_tokens"] += hi - lo
+                np.add.at(seq_sums["agree"], rows, (top1 == teacher_top1).double().cpu().numpy())
+                np.add.at(seq_sums["teacher_tokens"], rows, 1.0)
+        for key, values in seq_sums.items():
+            per_seq[key].append(values)
     if was_training:
         lm.train()
     n = max(sums["tokens"], 1)
@@ -122,4 +167,14 @@ def evaluate_sequences(
         metrics["kl"] = sums["kl"] / sums["kl_tokens"]
     if sums["teacher_tokens"]:
         metrics["top1_agreement"] = sums["agree"] / sums["teacher_tokens"]
+    seq = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per_seq.items()}
+    metrics["sequences"] = int((seq["tokens"] > 0).sum())
+    for name, num, den in (
+        ("ce", "ce", "tokens"),
+        ("accuracy", "correct", "tokens"),
+        ("kl", "kl", "kl_tokens"),
+        ("top1_agreement", "agree", "teacher_tokens"),
+    ):
+        if name in metrics and (ci := bootstrap_ratio_ci(seq[num], seq[den])) is not None:
+            metrics[f"{name}_ci"] = ci
     return metrics

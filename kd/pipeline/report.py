@@ -7,6 +7,7 @@ traces.summary.json, the cache manifests), so the report cannot disagree with wh
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,38 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def wilson_interval(share: float, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval of a proportion observed `share` over `n` trials (answer accuracy)."""
+    if not n:
+        return None
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def interval(evaluation: dict[str, Any], key: str) -> list[float] | None:
+    """The 95% interval of a metric: bootstrap over sequences from kd eval, Wilson for answer accuracy."""
+    if key == "answer_accuracy" and key in evaluation:
+        return wilson_interval(evaluation[key], int(evaluation.get("answered", 0)))
+    return evaluation.get(f"{key}_ci")
+
+
+def compare(a: list[float] | None, b: list[float] | None, better: str) -> str:
+    """better / worse / within noise for A against B, from their 95% intervals (no overlap = a difference)."""
+    if a is None or b is None:
+        return "within noise (too few held-out sequences for an interval)"
+    if a[1] < b[0]:
+        return "**KD better**" if better == "lower" else "**CE-only better**"
+    if a[0] > b[1]:
+        return "**KD better**" if better == "higher" else "**CE-only better**"
+    return "within noise (the 95% intervals overlap)"
+
+
+def _with_ci(evaluation: dict[str, Any], key: str) -> str:
+    value, ci = evaluation.get(key), interval(evaluation, key)
+    return _fmt(value) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
     evals = {name: json.loads((out / file).read_text()) for name, file in MODELS}
     curves = {
@@ -100,13 +133,10 @@ def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
         a, b = kd.get(key), ce.get(key)
         if a is None or b is None:
             continue
-        wins = a < b if better == "lower" else a > b
-        tie = abs(a - b) < 1e-9
         verdicts.append(
-            f"- {label}: KD {_fmt(a)} vs CE-only {_fmt(b)} → "
-            + ("tie" if tie else ("**KD better**" if wins else "**CE-only better**"))
+            f"- {label}: KD {_with_ci(kd, key)} vs CE-only {_with_ci(ce, key)} → "
+            + compare(interval(kd, key), interval(ce, key), better)
         )
-
     lines = [
         "# kd demo report",
         "",
@@ -128,14 +158,17 @@ def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
     for name, _ in MODELS:
         e = evals[name]
         lines.append(
-            f"| {name} | {_fmt(e['parameters'])} | {e['size_bytes'] / 1e6:.1f} | {_fmt(e['ce'])} | {_fmt(e.get('kl'))} "
-            f"| {_fmt(e.get('top1_agreement'))} | {_fmt(e['ece'])} | {_fmt(e.get('answer_accuracy'))} "
+            f"| {name} | {_fmt(e['parameters'])} | {e['size_bytes'] / 1e6:.1f} | {_with_ci(e, 'ce')} "
+            f"| {_with_ci(e, 'kl')} | {_with_ci(e, 'top1_agreement')} | {_fmt(e['ece'])} "
+            f"| {_with_ci(e, 'answer_accuracy')} "
             f"({e.get('answered', 0)} problems) | {_fmt(e.get('generation_tokens_per_second'), 1)} |"
         )
     lines += [
         "",
         "CE, KL and agreement are per token over the reference solutions of the held-out problems "
         "(`cache-heldout`); answer accuracy is greedy generation checked against the known answer. "
+        "Brackets hold 95% intervals: a bootstrap over held-out sequences for the token metrics, a Wilson "
+        "interval for answer accuracy. A difference counts as real only where the intervals do not overlap. "
         "Size on disk is the weight files as stored: a quantised GGUF teacher (the embedded one is 4-bit "
         "Q4_1) takes fewer bytes per parameter than the students, which are saved as float32 safetensors.",
         "",
