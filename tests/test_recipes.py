@@ -1,6 +1,6 @@
 """Every recipe in recipes/ is a valid --config of its command (nothing is run; paths need not exist).
 
-    .venv/bin/python -m pytest tests/test_recipes.py -q
+.venv/bin/python -m pytest tests/test_recipes.py -q
 """
 
 from __future__ import annotations
