@@ -171,28 +171,28 @@ class CacheReader:
             raise KdError(f"{path}: record batch {unit.batch} has {batch.num_rows} rows, manifest says {unit.rows}")
         return batch
 
-    def sequence_lengths(self, unit: CacheUnit) -> np.ndarray:
-        """Token length of each sequence of a unit, from the `input_ids` offsets alone.
+    def sequence_lengths(self, units: list[CacheUnit]) -> list[np.ndarray]:
+        """Token length of each sequence of each unit, from the `input_ids` offsets alone.
 
-        Reads only that column (Arrow decompresses nothing else) and does not count as the shard's
-        first open: its checksum is still checked when training first reads it.
+        Reads only that column (Arrow decompresses nothing else), opening each shard once, and does
+        not count as the shard's first open: its checksum is still checked when training reads it.
         """
-        shard = self.shards[unit.shard]
-        path = self.dir / shard["file"]
-        problem = self._check(shard, full=False)
-        if problem:
-            raise KdError(f"{problem}; re-create the cache")
-        field = self._ids_field
-        with pa.memory_map(str(path)) as source:
-            options = pa.ipc.IpcReadOptions(included_fields=[field])
-            batch = pa.ipc.open_file(source, options=options).get_batch(unit.batch)
-            offsets = batch.column(0).offsets.to_numpy()
-        return np.diff(offsets)[: unit.rows].astype(np.int32)
-
-    @property
-    def _ids_field(self) -> int:
-        with pa.memory_map(str(self.dir / self.shards[0]["file"])) as source:
-            return pa.ipc.open_file(source).schema.get_field_index("input_ids")
+        by_shard: dict[int, list[int]] = {}
+        for i, unit in enumerate(units):
+            by_shard.setdefault(unit.shard, []).append(i)
+        out: list[np.ndarray] = [np.zeros(0, dtype=np.int32)] * len(units)
+        for position, indices in by_shard.items():
+            shard = self.shards[position]
+            problem = self._check(shard, full=False)
+            if problem:
+                raise KdError(f"{problem}; re-create the cache")
+            with pa.memory_map(str(self.dir / shard["file"])) as source:
+                field = pa.ipc.open_file(source).schema.get_field_index("input_ids")
+                reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[field]))
+                for i in indices:
+                    offsets = reader.get_batch(units[i].batch).column(0).offsets.to_numpy()
+                    out[i] = np.diff(offsets)[: units[i].rows].astype(np.int32)
+        return out
 
     def read_table(self, shard: dict[str, Any], verify: bool = True) -> pa.Table:
         """A whole shard as an Arrow table (benchmarks and small tools; training reads units)."""

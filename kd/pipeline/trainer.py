@@ -307,7 +307,7 @@ def build_plan(reader: CacheReader, units: list[CacheUnit], cfg: TrainConfig, en
     )
     lengths = None
     if cfg.batch_tokens:
-        lengths = [reader.sequence_lengths(unit) for unit in units]
+        lengths = reader.sequence_lengths(units)
         longest = max(int(x.max()) for x in lengths if len(x))
         if longest > cfg.batch_tokens:
             raise KdError(
