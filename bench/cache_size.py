@@ -3,8 +3,9 @@
     .venv/bin/python bench/cache_size.py [--rows 60]
 
 Caches the embedded SmolLM2-135M-Instruct teacher over the first --rows GSM8K train problems
-(loss mask: the answers) with top-k 16/64/128 (q64 values), top-64 with float32 values, and RS-KD
-(64 draws). Reports, per target token: the whole shard on disk (input ids and loss mask included),
+(loss mask: the answers) with top-k 16/64/128 (sqrt8 values, sorted id coding), top-64 with q64
+and with float32 values, and RS-KD (64 draws). Reports, per target token: the whole shard on disk
+(input ids and loss mask included),
 the teacher columns alone (re-encoded with the same zstd IPC settings), the top-k mass covered and,
 for RS, the unique ids per token. DistillKit's sizes are its own published figures (128K vocab),
 quoted for comparison, not measured here.
@@ -17,6 +18,8 @@ import io
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,15 +27,17 @@ from common import REPO, WORK, kd_env, require_gsm8k, run_step, write_results
 
 from kd.cache.format import IPC_COMPRESSION
 from kd.cache.reader import CacheReader, decode_table
+from kd.cache.writer import PendingShard, write_shard
 
 DISTILLKIT = {50: 121.0, 128: 328.0}
 """DistillKit's published bytes/token: 'budget' k=50 and 'recommended' k=128 at a 128K vocab."""
 
 CONFIGS = {
-    "top16": ["--top-k", "16"],
-    "top64": ["--top-k", "64"],
+    "top16": ["--top-k", "16", "--value-encoding", "sqrt8"],
+    "top64": ["--top-k", "64", "--value-encoding", "sqrt8"],
+    "top64-q64": ["--top-k", "64", "--value-encoding", "q64"],
     "top64-float32": ["--top-k", "64", "--value-encoding", "float32"],
-    "top128": ["--top-k", "128"],
+    "top128": ["--top-k", "128", "--value-encoding", "sqrt8"],
     "rs": ["--sampling", "rs", "--samples", "64"],
 }
 
@@ -73,7 +78,9 @@ def adaptive_bytes(reader: CacheReader, epsilon: float) -> tuple[float, float, f
             cut,
             reader.value_encoding,
         )
-        total_bytes += ipc_bytes(pa.Table.from_batches([batch]))
+        with tempfile.TemporaryDirectory() as tmp:  # through kd's own writer: the sorted id coding applies
+            entry = write_shard(Path(tmp), schema, PendingShard(0, 0, [batch]))
+        total_bytes += entry["bytes"]
         for full, small in zip(seqs, cut, strict=True):
             kept += int(np.isfinite(small.logprobs).sum())
             tokens += len(small.ids)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kd.cache import coding
 from kd.cache.format import READABLE_VERSIONS, SampledTargets, TopKTargets, decode_tail, decode_topk_values
 from kd.cache.manifest import read_manifest
 from kd.cache.writer import sha256_file
@@ -221,6 +222,10 @@ class CacheReader:
         self._open.clear()
 
 
+def _narrowest(ids_type: pa.DataType) -> np.dtype:
+    return np.dtype(np.uint16) if ids_type == pa.uint16() else np.dtype(np.uint32)
+
+
 def _split(values: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
@@ -238,6 +243,10 @@ def decode_table(
 
     mode None: a prepared corpus without teacher columns (kd.pipeline.training.prepared).
     """
+    # Sorted coding: values are stored absolute (rows were permuted); ids are rank deltas once the
+    # writer has fixed the shard's rank (ID_ORDER_KEY), raw ids in a batch that never went through it.
+    sorted_coding = coding.coding_of(table.schema) == coding.SORTED
+    packed = (table.schema.metadata or {}).get(coding.ID_ORDER_KEY) if sorted_coding else None
     rows = table.column("row").to_numpy()
     ids_off, ids_val = _list_parts(table.column("input_ids"))
     mask_off, mask_val = _list_parts(table.column("loss_mask"))
@@ -255,9 +264,17 @@ def decode_table(
         k = t_val.type.list_size
         teacher_ids = t_val.flatten().to_numpy().reshape(-1, k)  # flatten() honours slice offsets; .values does not
         _, v_val = _list_parts(table.column("teacher_values"))
-        values = decode_topk_values(v_val.flatten().to_numpy().reshape(-1, k), value_encoding)
+        stored = v_val.flatten().to_numpy().reshape(-1, k)
         tail_off, tail_val = _list_parts(table.column("teacher_tail"))
         tails = decode_tail(tail_val.to_numpy(), value_encoding)
+        values = decode_topk_values(stored, value_encoding, delta=not sorted_coding, tail_logprobs=tails)
+        if packed is not None:
+            teacher_ids = coding.decode_topk_ids(teacher_ids, packed)
+            # Back to probability order (ties by position), the order every reader of a cache expects.
+            order = np.argsort(-values, axis=1, kind="stable")
+            teacher_ids = np.take_along_axis(teacher_ids, order, axis=1)
+            values = np.take_along_axis(values, order, axis=1)
+        teacher_ids = teacher_ids.astype(_narrowest(table.column("input_ids").type.value_type))
         for i in range(len(rows)):
             a, b = t_off[i], t_off[i + 1]
             yield CachedSequence(
@@ -270,6 +287,8 @@ def decode_table(
         _, c_inner = _list_parts(table.column("teacher_counts"))
         count_off = c_inner.offsets.to_numpy()
         flat_counts = c_inner.values.to_numpy().astype(np.int64)
+        if packed is not None:
+            flat_ids = coding.decode_rs_ids(flat_ids, inner_off, packed).astype(flat_ids.dtype)
         for i in range(len(rows)):
             lo, hi = outer_off[i], outer_off[i + 1]
             # inner.offsets index the unsliced .values arrays, so they are used as they are.

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from kd.cache import coding
 from kd.cache.format import IPC_COMPRESSION
 from kd.cache.manifest import _fsync_dir, record_shard
 
@@ -33,6 +35,11 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _flat_teacher_ids(batch: pa.RecordBatch) -> np.ndarray:
+    column = batch.column("teacher_ids").values  # per target: a fixed-size list (top-k) or a list (rs)
+    return column.flatten().to_numpy() if pa.types.is_fixed_size_list(column.type) else column.values.to_numpy()
 
 
 def batch_targets(batch: pa.RecordBatch) -> int:
@@ -53,21 +60,39 @@ class ShardFileWriter:
 
     def __init__(self, cache_dir: Path, schema: pa.Schema, rank: int, index: int) -> None:
         self.cache_dir = cache_dir
+        self.schema = schema
         self.rank, self.index = rank, index
         self.name = shard_name(rank, index)
         self.tmp = cache_dir / f".{self.name}.tmp"
         self._sink = open(self.tmp, "wb")
-        options = pa.ipc.IpcWriteOptions(compression=pa.Codec(*IPC_COMPRESSION))
-        self._writer = pa.ipc.new_file(self._sink, schema, options=options)
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._packed: bytes | None = None
         self.batches: list[list[int]] = []
         """[rows, targets] of every record batch written, in order (goes into the manifest)."""
 
+    def _open(self, first: pa.RecordBatch) -> None:
+        """Start the IPC file; with the sorted id coding, fix the shard's id rank from its first batch."""
+        schema = self.schema
+        if coding.coding_of(schema) == coding.SORTED and "teacher_ids" in schema.names:
+            self._packed = coding.pack_order(coding.id_order_from(_flat_teacher_ids(first)))
+            schema = schema.with_metadata({**(schema.metadata or {}), coding.ID_ORDER_KEY: self._packed})
+        options = pa.ipc.IpcWriteOptions(compression=pa.Codec(*IPC_COMPRESSION))
+        self._writer = pa.ipc.new_file(self._sink, schema, options=options)
+        self._file_schema = schema
+
     def write(self, batch: pa.RecordBatch) -> None:
-        self._writer.write_batch(batch)
-        self.batches.append([batch.num_rows, batch_targets(batch)])
+        if self._writer is None:
+            self._open(batch)
+        targets = batch_targets(batch)
+        if self._packed is not None:
+            batch = coding.encode_sorted(batch, self._packed)
+        self._writer.write_batch(batch.replace_schema_metadata(self._file_schema.metadata))
+        self.batches.append([batch.num_rows, targets])
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         """Close, fsync and rename the shard into place; return its manifest entry."""
+        if self._writer is None:  # a shard with no record batch: still a valid (empty) file
+            self._writer = pa.ipc.new_file(self._sink, self.schema)
         self._writer.close()
         self._sink.flush()
         os.fsync(self._sink.fileno())
@@ -87,7 +112,8 @@ class ShardFileWriter:
 
     def abort(self) -> None:
         try:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
         except Exception:  # a half-written IPC stream may refuse to close cleanly; it is deleted anyway
             pass
         self._sink.close()

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from kd.cache.reader import CacheReader, decode_table
+from kd.cache.sizes import bytes_breakdown
 from kd.pipeline.errors import KdError
 from kd.pipeline.progress import console
 
@@ -42,6 +43,7 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
         "targets": targets,
         "bytes": payload,
         "bytes_per_target_token": payload / targets if targets else None,
+        "bytes_per_target_token_by_part": bytes_breakdown(reader, sample_shards or 4) if targets else None,
     }
     # Teacher mass covered by the stored ids (top-k mode) / unique ids per token (rs mode).
     coverage, unique = [], []
@@ -97,6 +99,10 @@ def register(app: typer.Typer) -> None:
                 ("rows / tokens / targets", f"{report['rows']:,} / {report['tokens']:,} / {report['targets']:,}"),
                 ("bytes", f"{report['bytes']:,}"),
                 ("bytes per target token", f"{report['bytes_per_target_token']:.1f}"),
+                (
+                    "  ids / values / tail / tokens",
+                    " / ".join(f"{v:.1f}" for v in (report["bytes_per_target_token_by_part"] or {}).values()),
+                ),
             ]
             if "topk_mass_mean" in report:
                 rows.append(("teacher mass in top-k", f"{report['topk_mass_mean']:.4f}"))
