@@ -180,7 +180,8 @@ def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
         f"correct share {_fmt(traces.get('correct_share', traces.get('accepted_share')))}; kept "
         f"{_fmt(traces.get('accepted'))} (filter: all non-truncated, de-duplicated)",
         f"- cache: {len(shards)} shard(s), {cache_targets:,} target tokens, {cache_bytes:,} bytes "
-        f"({cache_bytes / max(cache_targets, 1):.1f} B/token, top-{cfg.top_k} + tail, q64)",
+        f"({cache_bytes / max(cache_targets, 1):.1f} B/token, top-{cfg.top_k} + tail, "
+        f"{manifest['settings'].get('value_encoding')} values)",
         "",
         "## Steps and commands",
         "",
