@@ -15,11 +15,15 @@ Teacher signals:
 - ``DenseTeacher`` (online KD): the teacher's hidden states and head, turned into full-vocabulary
   logits one chunk at a time.
 
-Memory: the student's [N, V] logits are never materialised for the whole batch. ``FusedHeadLoss``
-walks over chunks of tokens, computes the loss and its gradient with respect to the chunk's logits
-in the forward pass, folds that into gradients for the hidden states and head weight right away
-(the approach of Liger's fused linear cross-entropy), and frees the chunk. Peak extra memory is a
-few [chunk, V] fp32 buffers; no logits are recomputed in backward.
+Memory and speed: the student's [N, V] logits are never materialised for the whole batch.
+``FusedHeadLoss`` walks over chunks of tokens, computes the loss and its gradient with respect to
+the chunk's logits in the forward pass, folds that into gradients for the hidden states and head
+weight right away (the approach of Liger's fused linear cross-entropy), and frees the chunk; no
+logits are recomputed in backward. ``fused_chunk_loss`` does the loss in closed form: the CE's
+softmax pass also yields the student's tail bucket and the gradient, softmax · (scalar per row)
+plus [chunk, K] sparse terms, written over the logits buffer itself, so a cached-KD chunk costs
+what a CE chunk costs plus O(chunk · K) (measured in bench/head_loss_speed.py; BENCHMARKS.md).
+``autograd_chunk_loss`` is the same loss through autograd, kept as the tests' reference.
 """
 
 from __future__ import annotations
@@ -270,7 +274,6 @@ def student_buckets(
 
 
 # ----------------------------------------------------------------------------- per-chunk losses
-# ----------------------------------------------------------------------------- per-chunk losses
 
 
 @dataclass
@@ -302,12 +305,12 @@ def tail_guard(dtype: torch.dtype, vocab: int) -> float:
 
 @dataclass
 class _BucketGrad:
-    """Σ w·D over a chunk (0-dim) and h = d(Σ w·D)/d(student log-buckets): ids[n, K], tail[n], and Σ of all h [n]."""
+    """Σ w·D over a chunk (0-dim) and h = d(Σ w·D)/d(student log-buckets): h_ids[n, K], h_tail[n], h_sum[n] = Σ h."""
 
     div_sum: torch.Tensor
-    ids: torch.Tensor | None
-    tail: torch.Tensor | None
-    total: torch.Tensor | None
+    h_ids: torch.Tensor | None
+    h_tail: torch.Tensor | None
+    h_sum: torch.Tensor | None
 
 
 def _forward_kl_buckets(
@@ -449,6 +452,7 @@ def fused_chunk_loss(
     elif sparse:
         student_tail = tail.log() - log_sum  # -inf when the cached ids cover the vocabulary
         suspect = tail < tail_guard(logits.dtype, vocab)
+        # GPU sync point, once per chunk: which rows need the fallback decides what runs next.
         if bool(suspect.any()):  # rare rows: an empty tail is exact, else a logsumexp over recomputed logits
             suspect &= valid.sum(dim=1) < vocab
             fallback = suspect.nonzero()[:, 0] if bool(suspect.any()) else None
@@ -480,13 +484,13 @@ def fused_chunk_loss(
     if not kd:
         grad.mul_((ce_w / sum_1)[:, None])
     else:
-        q_scale = (-kd_scale / sum_kd) * bucket.total  # −q·Σh, per unit of exp((z − max)/T)
+        q_scale = (-kd_scale / sum_kd) * bucket.h_sum  # −q·Σh, per unit of exp((z − max)/T)
         tail_scale = 0.0
         if sparse:  # h_t/Q_t per unit of the tail buffer; 0 where the tail is empty or exact below
             usable = tail > 0
             if fallback is not None:
                 usable[fallback] = False
-            tail_scale = torch.where(usable, kd_scale * bucket.tail / torch.where(usable, tail, 1.0), 0.0)
+            tail_scale = torch.where(usable, kd_scale * bucket.h_tail / torch.where(usable, tail, 1.0), 0.0)
         if temperature == 1.0:
             grad.mul_((ce_w / sum_1 + q_scale + tail_scale)[:, None])
         else:
@@ -494,9 +498,9 @@ def fused_chunk_loss(
         if sparse:
             # The cached entries were zeroed in e_kd: their whole softmax term comes back here.
             cached_scale = q_scale + ce_w / sum_1 if temperature == 1.0 else q_scale
-            cached = torch.addcmul(bucket.ids * kd_scale, e_ids, cached_scale[:, None])
+            cached = torch.addcmul(bucket.h_ids * kd_scale, e_ids, cached_scale[:, None])
         else:
-            cached = bucket.ids * kd_scale
+            cached = bucket.h_ids * kd_scale
         grad.scatter_add_(1, ids, cached)
     grad.scatter_add_(1, labels[:, None], -ce_w[:, None])
     if fallback is not None:
@@ -504,9 +508,9 @@ def fused_chunk_loss(
             exact,
             ids[fallback],
             labels[fallback],
-            bucket.ids[fallback],
-            bucket.tail[fallback],
-            bucket.total[fallback],
+            bucket.h_ids[fallback],
+            bucket.h_tail[fallback],
+            bucket.h_sum[fallback],
             ce_w[fallback],
             kd_scale,
         )
