@@ -254,7 +254,9 @@ def student_buckets(
     student_logits[N, V] (already divided by T), student_lse[N] their logsumexp, teacher_ids[N, K],
     valid[N, K] -> student_logprobs[N, K] (-inf on empty slots), student_tail_logmass[N].
     The tail is an exact logsumexp over the ids outside the valid slots (not log(1 − Σ p), which
-    loses all precision when the top-k holds nearly all the mass).
+    loses all precision when the top-k holds nearly all the mass). Used by `kd eval` and the
+    autograd reference; it costs a scattered [N, V] copy and a second logsumexp, which training's
+    `fused_chunk_loss` avoids.
     """
     gathered = student_logits.gather(1, teacher_ids)
     student_logprobs = torch.where(valid, gathered - student_lse[:, None], torch.full_like(gathered, float("-inf")))
