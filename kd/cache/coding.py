@@ -65,9 +65,20 @@ def ranks_of(ids: np.ndarray, packed: bytes) -> np.ndarray:
 
 
 def ids_of(ranks: np.ndarray, packed: bytes) -> np.ndarray:
-    """Inverse of ranks_of."""
-    order, sorted_seen, _ = _unpack(packed)
+    """Inverse of ranks_of: one table lookup per rank (the table covers the ranks seen so far)."""
     ranks = np.asarray(ranks, dtype=np.int64)
+    top = int(ranks.max()) + 1 if ranks.size else 1
+    size = 1 << max(top - 1, 1).bit_length()  # power of two: few rebuilds as larger ranks turn up
+    return _inverse_table(packed, size)[ranks]
+
+
+@lru_cache(maxsize=64)
+def _inverse_table(packed: bytes, size: int) -> np.ndarray:
+    return _ids_of(np.arange(size, dtype=np.int64), packed)
+
+
+def _ids_of(ranks: np.ndarray, packed: bytes) -> np.ndarray:
+    order, sorted_seen, _ = _unpack(packed)
     n = len(order)
     k = ranks - n  # position among the unseen ids, for ranks >= n
     # The k-th id not in the seen set: k + (number of seen ids at or below it).

@@ -18,7 +18,14 @@ import numpy as np
 import pyarrow as pa
 
 from kd.cache import coding
-from kd.cache.format import READABLE_VERSIONS, SampledTargets, TopKTargets, decode_tail, decode_topk_values
+from kd.cache.format import (
+    READABLE_VERSIONS,
+    SampledTargets,
+    TopKTargets,
+    decode_tail,
+    decode_topk_values,
+    probability_order,
+)
 from kd.cache.manifest import read_manifest
 from kd.cache.writer import sha256_file
 from kd.errors import KdError
@@ -267,13 +274,14 @@ def decode_table(
         stored = v_val.flatten().to_numpy().reshape(-1, k)
         tail_off, tail_val = _list_parts(table.column("teacher_tail"))
         tails = decode_tail(tail_val.to_numpy(), value_encoding)
-        values = decode_topk_values(stored, value_encoding, delta=not sorted_coding, tail_logprobs=tails)
         if packed is not None:
-            teacher_ids = coding.decode_topk_ids(teacher_ids, packed)
-            # Back to probability order (ties by position), the order every reader of a cache expects.
-            order = np.argsort(-values, axis=1, kind="stable")
-            teacher_ids = np.take_along_axis(teacher_ids, order, axis=1)
-            values = np.take_along_axis(values, order, axis=1)
+            # Back to probability order (ties by stored position), the order every reader expects;
+            # sorted on the stored codes, before decoding, where sorting is cheapest.
+            order = probability_order(stored, value_encoding)
+            ranks = np.take_along_axis(np.cumsum(teacher_ids, axis=1, dtype=np.int32), order, axis=1)
+            teacher_ids = coding.ids_of(ranks, packed)
+            stored = np.take_along_axis(stored, order, axis=1)
+        values = decode_topk_values(stored, value_encoding, delta=not sorted_coding, tail_logprobs=tails)
         teacher_ids = teacher_ids.astype(_narrowest(table.column("input_ids").type.value_type))
         for i in range(len(rows)):
             a, b = t_off[i], t_off[i + 1]
