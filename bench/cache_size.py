@@ -147,8 +147,9 @@ def main() -> None:
     print(f"{'cache':15} {'B/token (disk)':>15} {'B/token (teacher)':>18} {'top-k mass':>11}")
     for name, row in rows.items():
         mass = row.get("topk_mass_mean")
+        teacher = row.get("teacher_bytes_per_target_token", float("nan"))
         print(
-            f"{name:15} {row['bytes_per_target_token']:15.1f} {row['teacher_bytes_per_target_token']:18.1f} "
+            f"{name:15} {row['bytes_per_target_token']:15.1f} {teacher:18.1f} "
             f"{mass if mass is None else round(mass, 4)!s:>11}"
         )
 

@@ -417,3 +417,12 @@ def test_config_yaml_in_out_reruns_the_training(tmp_path, base_cache, student_co
     proc = run_kd("train", "--config", str(first / "config.yaml"), "--out", str(second))
     assert proc.returncode == 0, proc.stderr
     assert_same_weights(first, second)
+
+
+def test_limit_cuts_inside_a_record_batch(tmp_path, small_units, student_config):
+    """--limit N ends in the middle of a record batch: training reads only the first N sequences."""
+    units = CacheReader(small_units).units()
+    limit = units[0].rows + units[1].rows + 1
+    proc = run_kd(*_train_args(small_units, student_config, tmp_path / "o", "--limit", str(limit), "--json"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{limit} sequences" in proc.stderr.replace("\n", " ")

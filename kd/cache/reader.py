@@ -59,6 +59,8 @@ class CacheUnit:
     """Record batch index inside the shard file."""
     rows: int
     targets: int
+    stored_rows: int | None = None
+    """Rows the record batch holds when `rows` uses only its first ones (kd train --limit)."""
 
 
 class CacheReader:
@@ -175,8 +177,9 @@ class CacheReader:
             batch = reader.get_batch(unit.batch)
         except (pa.ArrowInvalid, OSError, IndexError) as exc:
             raise KdError(f"{path}: unreadable record batch {unit.batch} ({exc})") from exc
-        if batch.num_rows != unit.rows:
-            raise KdError(f"{path}: record batch {unit.batch} has {batch.num_rows} rows, manifest says {unit.rows}")
+        expected = unit.stored_rows or unit.rows
+        if batch.num_rows != expected:
+            raise KdError(f"{path}: record batch {unit.batch} has {batch.num_rows} rows, manifest says {expected}")
         return batch
 
     def sequence_lengths(self, units: list[CacheUnit]) -> list[np.ndarray]:

@@ -291,7 +291,7 @@ def limited_units(reader: CacheReader, limit: int | None) -> list[CacheUnit]:
         if rows >= limit:
             break
         take = min(unit.rows, limit - rows)
-        kept.append(unit if take == unit.rows else CacheUnit(unit.shard, unit.batch, take, unit.targets))
+        kept.append(unit if take == unit.rows else CacheUnit(unit.shard, unit.batch, take, unit.targets, unit.rows))
         rows += take
     return kept
 
