@@ -3,7 +3,10 @@
     .venv/bin/python -m pytest tests/test_cache_logits.py -q
 
 Covers: a verified cache, kill -9 and resume (byte-identical to an uninterrupted run), two ranks
-writing one cache, refusal of different settings, and bad input (one line, non-zero exit, no
+writing one cache, both on a corpus streamed in several blocks; the memory stage one holds (counted
+sequences, bounded by block/window/shard settings, not by the corpus); a bad record met mid-stream
+(named, earlier shards kept and reused once it is fixed); batched tokenization equal to the
+per-record path; refusal of different settings, and bad input (one line, non-zero exit, no
 traceback, nothing half-written).
 """
 
@@ -66,8 +69,10 @@ def test_cache_then_inspect_verify(tmp_path, corpus, tiny_model_dir):
         "--json",
     )
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # --json: stdout is exactly one JSON object
     assert summary["complete"] and summary["shards_written"] >= 3
+    assert summary["tokens"] > summary["targets"] > 0 and 0 < summary["teacher_share"] <= 1
+    assert summary["tokens_per_second"] > 0 and summary["targets_per_second"] > 0
     report = json.loads(run_kd("inspect", str(out), "--verify", "--json").stdout)
     assert report["verified"] and report["complete"]
     assert report["rows"] == 24 and report["targets"] == summary["targets"]
@@ -167,6 +172,10 @@ def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
         "40",
         "--batch-size",
         "1",
+        "--block-records",
+        "5",  # 24 records: the corpus streams in 5 blocks
+        "--window-tokens",
+        "150",
     ]
     reference = tmp_path / "reference"
     assert run_kd("cache-logits", *args, "--out", str(reference)).returncode == 0
@@ -216,6 +225,10 @@ def test_two_ranks_write_one_cache(tmp_path, corpus, tiny_model_dir):
         "2",
         "--shard-tokens",
         "200",
+        "--block-records",
+        "5",
+        "--batch-tokens",
+        "2048",
     ]
     procs = [start_kd("cache-logits", *args, "--rank", str(r)) for r in (0, 1)]
     for p in procs:
@@ -269,6 +282,8 @@ def test_corrupted_shard_fails_verify(tmp_path, corpus, tiny_model_dir):
         (['{"question": "a", "answer": "b"}'], ["--top-k", "100000"], ["--top-k 100000", "vocabulary"]),
         (['{"question": "a", "answer": "b"}'], ["--teacher", "/no/such/model"], ["--teacher /no/such/model"]),
         (['{"question": "a", "answer": "b"}'], ["--engine", "magic"], ["--engine magic"]),
+        (['{"question": "a", "answer": "b"}'], ["--batch-tokens", "100"], ["--batch-tokens 100", "--max-seq-len"]),
+        (['{"question": "a", "answer": "b"}'], ["--block-records", "0"], ["--block-records"]),
         (['{"question": "a", "answer": "b"}'], ["--mass-epsilon", "1.5"], ["--mass-epsilon must be in [0, 1)"]),
         (['{"question": "a", "answer": "b"}'], ["--mass-epsilon", "0.1", "--sampling", "rs"], ["--mass-epsilon"]),
         (
@@ -341,3 +356,122 @@ def test_embedded_teacher_on_gsm8k(tmp_path, gsm8k_train):
     assert report["targets"] > 200 * 50
     assert 0.8 < report["topk_mass_mean"] <= 1.0
     assert report["bytes_per_target_token"] < 400
+
+
+def _summary(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_stage_one_memory_is_bounded_by_settings(tmp_path, tiny_model_dir):
+    """Sequences held at once (tokenized, not yet handed to the writer) are bounded by block and shard
+    sizes, however long the corpus: counted by the pipeline itself, not inferred from timings."""
+    from kd.cache.format import cut_points
+    from kd.pipeline.capture.corpus import PREFETCH_BLOCKS
+
+    corpus = make_corpus(tmp_path / "long.jsonl", rows=96)
+    out = tmp_path / "cache"
+    block = 4
+    summary = _summary(
+        run_kd(
+            "cache-logits",
+            "--teacher",
+            str(tiny_model_dir),
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--top-k",
+            "4",
+            "--shard-tokens",
+            "150",
+            "--window-tokens",
+            "120",
+            "--block-records",
+            str(block),
+            "--batch-tokens",
+            "2048",
+            "--json",
+        )
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    # The window and the record batch being filled both lie inside the current shard; the reader
+    # holds the block it tokenizes, PREFETCH_BLOCKS queued and the one being consumed.
+    bound = (PREFETCH_BLOCKS + 2) * block + max(s["rows"] for s in manifest["shards"])
+    assert summary["rows_read"] == 96
+    assert 0 < summary["peak_sequences_held"] <= bound < 96 // 2, (summary["peak_sequences_held"], bound)
+    # Record batches were cut while streaming exactly where cut_points cuts the whole shard.
+    targets_of = {seq.row: int(seq.loss_mask[1:].sum()) for seq in CacheReader(out).iter_sequences()}
+    for shard in manifest["shards"]:
+        counts = [targets_of[r] for r in range(shard["first_row"], shard["last_row"] + 1)]
+        ends = cut_points(counts, 4096)
+        assert [b[0] for b in shard["batches"]] == list(np.diff([0, *ends]))
+
+
+def test_bad_record_mid_stream_keeps_earlier_shards(tmp_path, tiny_model_dir):
+    """A bad record past the first block is named by line; the shards before it are kept and, once
+    the record is fixed, reused: the result equals a clean run byte for byte."""
+    good = make_corpus(tmp_path / "good.jsonl", rows=24)
+    lines = good.read_text().splitlines()
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text("\n".join(lines[:20] + ["{oops"] + lines[21:]) + "\n")
+    args = ["--teacher", str(tiny_model_dir), "--top-k", "4", "--shard-tokens", "100", "--block-records", "4"]
+    out = tmp_path / "cache"
+    assert_one_line_error(run_kd("cache-logits", *args, "--data", str(bad), "--out", str(out)), "corpus.jsonl:21")
+    kept = cache_files(out)
+    assert kept, "shards finished before the bad record stay written"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    bad.write_text(good.read_text())  # the user fixes the record
+    summary = _summary(run_kd("cache-logits", *args, "--data", str(bad), "--out", str(out), "--json"))
+    assert summary["shards_reused"] == len(kept) and summary["complete"]
+    reference = tmp_path / "reference"
+    _summary(run_kd("cache-logits", *args, "--data", str(good), "--out", str(reference), "--json"))
+    assert cache_files(out) == cache_files(reference)
+
+    # Changing a record that a written shard holds is refused, naming the shard.
+    bad.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    assert_one_line_error(
+        run_kd("cache-logits", *args, "--data", str(bad), "--out", str(out)), "changed since", "shard-r000-00000"
+    )
+
+
+def test_batched_tokenization_equals_per_record(smollm2_tokenizer):
+    from kd.pipeline.data import Example, encode_examples, tokenize_example
+
+    chat = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "2 + 3 = 5."}]
+    examples = [
+        Example("a:1", messages=chat),
+        Example("a:2", text="plain pre-training text " * 20),
+        Example("a:3", messages=chat + [{"role": "user", "content": "And 4?"}, {"role": "assistant", "content": "9"}]),
+        Example("a:4", messages=[{"role": "user", "content": "long " * 80}, {"role": "assistant", "content": "ok"}]),
+    ]
+    for max_len, overflow in ((2048, "truncate"), (40, "truncate"), (40, "skip")):
+        expected = [tokenize_example(e, smollm2_tokenizer, max_len, overflow) for e in examples]
+        got = encode_examples(examples, smollm2_tokenizer, max_len, overflow)
+        for e, g in zip(expected, got, strict=True):
+            assert (e is None) == (g is None)
+            if e is not None:
+                assert g.input_ids.tolist() == e.input_ids and g.loss_mask.astype(int).tolist() == e.loss_mask
+                assert g.truncated == e.truncated
+
+
+def test_token_budget_batches_and_streamed_cuts():
+    from kd.cache.format import cut_points
+    from kd.pipeline.capture.plan import RunningCut, length_sorted_batches
+    from kd.pipeline.engines.teacher import SequenceToScore
+
+    rng = np.random.default_rng(0)
+    seqs = [
+        SequenceToScore(i, np.zeros(int(n), np.int32), np.ones(int(n), bool))
+        for i, n in enumerate(rng.integers(2, 300, 200))
+    ]
+    batches = length_sorted_batches(seqs, 8, batch_tokens=1024)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert len(b) * max(len(seqs[i].input_ids) for i in b) <= 1024
+    assert all(len(b) == 8 for b in length_sorted_batches(seqs, 8)[:-1])  # --batch-size still works
+    counts = rng.integers(0, 900, 500)
+    cut = RunningCut(4096)
+    ends = [i + 1 for i, n in enumerate(counts) if cut.add(int(n))]
+    assert ends + ([500] if ends[-1] != 500 else []) == cut_points(counts, 4096)

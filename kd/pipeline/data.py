@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kd.pipeline.errors import KdError, where
 
 FORMATS = ("conversations", "messages", "alpaca", "prompt_completion", "gsm8k", "text")
@@ -262,7 +264,8 @@ def assistant_char_spans(tokenizer, messages: list[dict[str, str]], source: str)
         if turn["role"] != "assistant":
             continue
         prefix = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = _render(tokenizer, messages[: i + 1])
+        # The last turn's rendering is the full one: one Jinja render saved per single-turn chat.
+        through = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
         if not full.startswith(through) or not through.startswith(prefix):
             raise KdError(
                 f"{source}: the chat template is not prefix-stable (it rewrites earlier turns), "
@@ -313,3 +316,84 @@ def tokenize_example(
         ids, mask, offsets, truncated = ids[:max_seq_len], mask[:max_seq_len], offsets[:max_seq_len], True
     result = TokenizedExample(example.source, ids, mask, truncated, text, offsets)
     return result if result.num_targets > 0 else None
+
+
+# ----------------------------------------------------------------------------- batched tokenization
+
+
+@dataclass
+class EncodedExample:
+    """What stage one keeps of a tokenized record: compact arrays, no text or offsets.
+
+    `tokenize_example` keeps the rendered text and every token's character span (the trace and eval
+    paths need them); at corpus scale those Python lists cost ~20x the ids, so the streaming
+    tokenizer drops them as soon as the loss mask is known.
+    """
+
+    source: str
+    input_ids: np.ndarray
+    """int32 token ids."""
+    loss_mask: np.ndarray
+    """bool, True where the token is a target."""
+    truncated: bool = False
+
+
+def encode_examples(
+    examples: list[Example],
+    tokenizer,
+    max_seq_len: int | None = None,
+    overflow: str = "truncate",
+) -> list[EncodedExample | None]:
+    """`tokenize_example` for many examples at once: one fast-tokenizer call per kind of record.
+
+    Chat templates are still rendered one record at a time (Jinja is Python), but the tokenizer
+    runs once over the whole list (its Rust batch path) and the loss masks are computed from the
+    offsets with numpy instead of a per-token loop. Returns, per example, the same ids, mask and
+    truncation as `tokenize_example`, or None where it would skip the example.
+    """
+    texts: list[str | None] = [None] * len(examples)
+    spans: list[list[tuple[int, int]] | None] = [None] * len(examples)
+    plain, chat = [], []
+    for i, example in enumerate(examples):
+        if example.text is not None:
+            texts[i] = example.text
+            plain.append(i)
+        else:
+            texts[i], spans[i] = assistant_char_spans(tokenizer, example.messages, example.source)
+            chat.append(i)
+    ids_of: list[list[int] | None] = [None] * len(examples)
+    offsets_of: list[Any] = [None] * len(examples)
+    for indices, special in ((plain, True), (chat, False)):
+        if not indices:
+            continue
+        encoding = tokenizer(
+            [texts[i] for i in indices], add_special_tokens=special, return_offsets_mapping=not special
+        )
+        for j, i in enumerate(indices):
+            ids_of[i] = encoding["input_ids"][j]
+            if not special:
+                offsets_of[i] = encoding["offset_mapping"][j]
+    eos = tokenizer.eos_token_id
+    is_plain = set(plain)
+    results: list[EncodedExample | None] = []
+    for i, example in enumerate(examples):
+        ids = np.asarray(ids_of[i], dtype=np.int32)
+        if i in is_plain:
+            if eos is not None and (not len(ids) or ids[-1] != eos):
+                ids = np.append(ids, np.int32(eos))
+            mask = np.ones(len(ids), dtype=bool)
+        else:
+            offsets = np.asarray(offsets_of[i], dtype=np.int64).reshape(-1, 2)
+            start, end = offsets[:, 0], offsets[:, 1]
+            mask = np.zeros(len(ids), dtype=bool)
+            for span_start, span_end in spans[i]:
+                mask |= (start < span_end) & (end > span_start)
+            mask &= end > start
+        truncated = False
+        if max_seq_len is not None and len(ids) > max_seq_len:
+            if overflow == "skip":
+                results.append(None)
+                continue
+            ids, mask, truncated = ids[:max_seq_len], mask[:max_seq_len], True
+        results.append(EncodedExample(example.source, ids, mask, truncated) if mask[1:].any() else None)
+    return results

@@ -7,13 +7,37 @@ torchrun --nproc-per-node 4 -m kd.cli cache-logits --teacher big-model/ --data c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
+from typing import TextIO
 
 import typer
 
 from kd.pipeline.caching import CacheConfig, run_cache_logits
 from kd.pipeline.progress import log
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[TextIO]:
+    """Point file descriptor 1 at stderr for the block; yield a writer on the real stdout.
+
+    With --json, stdout must hold exactly one JSON object. vLLM logs INFO lines to stdout, and its
+    engine-core subprocess inherits fd 1, so redirecting `sys.stdout` is not enough: the descriptor
+    itself is re-pointed (dup2) before anything starts and restored afterwards.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    real = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+    try:
+        yield real
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def register(app: typer.Typer) -> None:
@@ -50,7 +74,24 @@ def register(app: typer.Typer) -> None:
         overflow: str = typer.Option(
             "truncate", "--overflow", help="What to do with longer sequences: truncate or skip (counted either way)."
         ),
-        batch_size: int = typer.Option(8, "--batch-size", help="Sequences per teacher forward."),
+        batch_size: int = typer.Option(
+            8, "--batch-size", help="Sequences per teacher forward (transformers; unless --batch-tokens)."
+        ),
+        batch_tokens: int = typer.Option(
+            None,
+            "--batch-tokens",
+            help="Padded tokens per teacher forward (transformers): length-sorted batches filled up to this "
+            "budget instead of --batch-size sequences; must be >= --max-seq-len.",
+        ),
+        window_tokens: int = typer.Option(
+            131_072,
+            "--window-tokens",
+            help="Sequence tokens handed to the teacher at once: vLLM schedules a whole window itself, "
+            "transformers sorts it by length into batches. Bounds memory.",
+        ),
+        block_records: int = typer.Option(
+            1024, "--block-records", help="Corpus records read and tokenized per block (streamed)."
+        ),
         shard_tokens: int = typer.Option(
             1_000_000, "--shard-tokens", help="Target tokens per shard (the unit of resume)."
         ),
@@ -88,6 +129,9 @@ def register(app: typer.Typer) -> None:
             max_seq_len=max_seq_len,
             overflow=overflow,
             batch_size=batch_size,
+            batch_tokens=batch_tokens,
+            window_tokens=window_tokens,
+            block_records=block_records,
             shard_tokens=shard_tokens,
             rank=int(os.environ.get("RANK", 0)) if rank is None else rank,
             world_size=int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size,
@@ -98,10 +142,13 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             limit=limit,
         )
-        summary = run_cache_logits(cfg)
         if as_json:
-            typer.echo(json.dumps(summary))
+            with stdout_to_stderr() as real_stdout:
+                summary = run_cache_logits(cfg)
+            real_stdout.write(json.dumps(summary) + "\n")
+            real_stdout.close()
         else:
+            summary = run_cache_logits(cfg)
             state = "complete" if summary["complete"] else "waiting for other ranks"
             log(
                 f"[green]rank {summary['rank']}: {summary['shards_written']} shards written, "

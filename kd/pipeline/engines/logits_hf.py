@@ -137,7 +137,7 @@ class TransformersTeacher:
             ids, logprobs, tails = [], [], []
             for chunk in hidden.split(self.chunk_rows):
                 i, lp, tail = topk_with_tail(self.logits(chunk), self.spec.k)
-                ids.append(i.cpu())
+                ids.append(i.to(torch.int32).cpu())  # half of int64's bytes while a window waits to be written
                 logprobs.append(lp.cpu())
                 tails.append(tail.cpu())
             all_ids = torch.cat(ids).numpy()

@@ -1,9 +1,21 @@
 """Teacher log-probabilities with vLLM's prompt log-probabilities (`SamplingParams(prompt_logprobs=k)`).
 
 vLLM computes the log-softmax over the whole vocabulary and returns, for each prompt position, the
-top-k tokens (plus the actual token, which we drop unless it is in the top-k). The tail mass is
-then log(1 - sum of top-k probabilities). RS mode is not available here: vLLM exposes only the
-top-k of a prompt position, not a way to sample from its full distribution.
+prompt token's own log-prob followed by the top-k in descending order. The tail mass is then
+log(1 - sum of top-k probabilities). RS mode is not available here: vLLM exposes only the top-k of a
+prompt position, not a way to sample from its full distribution.
+
+Feeding (this is where the throughput is): vLLM reaches its speed by scheduling many requests at
+once, so `score` takes a whole window of sequences (thousands; the caller's --window-tokens),
+enqueues them all and steps the engine, converting each request as soon as it finishes. Only
+finished-and-unconverted outputs exist as vLLM's Python objects (~5 KB per position at k = 64), the
+converted ones as [targets, k] arrays (~0.5 KB per target).
+
+Cheapest output form: `detokenize=False` (no strings per log-prob) and, where the installed vLLM has
+it, `flat_logprobs=True` (one flat list per request instead of a dict of `Logprob` objects per
+position). Conversion is vectorised: the flat lists of each run of consecutive target positions are
+sliced and reshaped to [positions, k + 1] in one numpy call; positions that are not targets are
+never touched.
 
 Engine creation (CPU adjustments, context cap) is shared with generation: see vllm_setup.py.
 """
@@ -14,13 +26,76 @@ import numpy as np
 
 from kd.cache.format import TopKTargets, target_positions
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.engines.vllm_setup import engine_args, import_llm
+from kd.pipeline.engines.vllm_setup import engine_args, import_llm, supports_flat_logprobs
 from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for
 
 
+def target_runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted target positions as [start, end) pairs (chat data: one per answer)."""
+    if not len(positions):
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(positions)]])
+    return [(int(positions[a]), int(positions[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+def tail_logmass(logprobs: np.ndarray) -> np.ndarray:
+    """log(1 - sum exp(top-k)) per row, float32; -inf where the top-k holds all the mass."""
+    top_mass = np.logaddexp.reduce(logprobs.astype(np.float64), axis=1)
+    with np.errstate(divide="ignore"):
+        return np.log(-np.expm1(np.minimum(top_mass, 0.0))).astype(np.float32)
+
+
+def topk_from_flat(flat, loss_mask: np.ndarray, k: int) -> TopKTargets:
+    """TopKTargets of one request from vLLM's FlatLogprobs, touching only target positions.
+
+    Each scored position p >= 1 holds k + 1 entries (the prompt token first, then the top-k in
+    descending order; vLLM keeps the prompt token even when it is also in the top-k), so the entries
+    of a run of positions [a, b) are one contiguous slice of the flat lists.
+    """
+    positions = target_positions(loss_mask)
+    width = k + 1
+    ids = np.empty((len(positions), k), dtype=np.int32)
+    logprobs = np.empty((len(positions), k), dtype=np.float32)
+    done = 0
+    for a, b in target_runs(positions):
+        lo, hi = flat.start_indices[a], flat.end_indices[b - 1]
+        if hi - lo != (b - a) * width:
+            raise KdError(f"vLLM returned {hi - lo} prompt log-probs for {b - a} positions, expected {width} each")
+        n = b - a
+        ids[done : done + n] = np.asarray(flat.token_ids[lo:hi], dtype=np.int32).reshape(n, width)[:, 1:]
+        logprobs[done : done + n] = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(n, width)[:, 1:]
+        done += n
+    return TopKTargets(ids, logprobs, tail_logmass(logprobs))
+
+
+def topk_from_dicts(prompt_logprobs: list, loss_mask: np.ndarray, k: int) -> TopKTargets:
+    """The same from vLLM's list of {token id: Logprob} per position (vLLM without flat log-probs).
+
+    A position's dict holds k or k + 1 entries (the prompt token is merged when it is in the top-k);
+    rows are padded to k + 1 and ordered with one vectorised argsort.
+    """
+    positions = target_positions(loss_mask)
+    ids = np.full((len(positions), k + 1), -1, dtype=np.int64)
+    values = np.full((len(positions), k + 1), -np.inf, dtype=np.float32)
+    for j, t in enumerate(positions):
+        entries = prompt_logprobs[t]
+        ids[j, : len(entries)] = list(entries.keys())
+        values[j, : len(entries)] = [lp.logprob for lp in entries.values()]
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    top_values = np.take_along_axis(values, order, axis=1)
+    if not np.isfinite(top_values).all():
+        raise KdError(f"vLLM returned fewer than {k} log-probs for a position")
+    return TopKTargets(np.take_along_axis(ids, order, axis=1).astype(np.int32), top_values, tail_logmass(top_values))
+
+
 class VllmTeacher:
     """Stage-one engine on vLLM (`--engine vllm`, `--tensor-parallel-size`)."""
+
+    schedules_itself = True
+    """Stage one hands this engine a whole window per call instead of cutting it into batches."""
 
     def __init__(
         self,
@@ -50,31 +125,39 @@ class VllmTeacher:
         )
         self.llm = LLM(**kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.flat = supports_flat_logprobs()
 
-    def score(self, batch: list[SequenceToScore]) -> list[TopKTargets]:
+    def sampling_params(self):
         from vllm import SamplingParams
 
-        k = self.spec.k
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False)
-        prompts = [{"prompt_token_ids": [int(t) for t in seq.input_ids]} for seq in batch]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for seq, output in zip(batch, outputs, strict=True):
-            positions = target_positions(seq.loss_mask)
-            ids = np.zeros((len(positions), k), dtype=np.int64)
-            logprobs = np.zeros((len(positions), k), dtype=np.float32)
-            for j, t in enumerate(positions):
-                entries = output.prompt_logprobs[t]
-                ranked = sorted(((lp.logprob, tid) for tid, lp in entries.items()), reverse=True)[:k]
-                if len(ranked) < k:
-                    raise KdError(f"vLLM returned {len(ranked)} log-probs for a position, expected {k}")
-                logprobs[j] = [v for v, _ in ranked]
-                ids[j] = [tid for _, tid in ranked]
-            top_mass = np.logaddexp.reduce(logprobs.astype(np.float64), axis=1)
-            with np.errstate(divide="ignore"):
-                tail = np.log(-np.expm1(np.minimum(top_mass, 0.0))).astype(np.float32)
-            results.append(TopKTargets(ids, logprobs, tail))
-        return results
+        extra = {"flat_logprobs": True} if self.flat else {}
+        return SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=self.spec.k, detokenize=False, **extra)
+
+    def score(self, batch: list[SequenceToScore]) -> list[TopKTargets]:
+        """Top-k of every target position of every sequence in `batch` (one vLLM schedule for all)."""
+        prompts = [{"prompt_token_ids": np.asarray(seq.input_ids).tolist()} for seq in batch]
+        if not hasattr(self.llm, "enqueue"):  # older vLLM: one generate call, outputs converted at the end
+            outputs = self.llm.generate(prompts, self.sampling_params(), use_tqdm=False)
+            return [self._convert(o, seq.loss_mask) for o, seq in zip(outputs, batch, strict=True)]
+        request_ids = self.llm.enqueue(prompts, self.sampling_params(), use_tqdm=False)
+        slot = {rid: i for i, rid in enumerate(request_ids)}
+        results: list[TopKTargets | None] = [None] * len(batch)
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if not output.finished:
+                    continue
+                i = slot[output.request_id]
+                results[i] = self._convert(output, batch[i].loss_mask)
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise KdError(f"vLLM finished without scoring {len(missing)} of {len(batch)} sequences")
+        return results  # type: ignore[return-value]
+
+    def _convert(self, output, loss_mask: np.ndarray) -> TopKTargets:
+        if self.flat:
+            return topk_from_flat(output.prompt_logprobs, loss_mask, self.spec.k)
+        return topk_from_dicts(output.prompt_logprobs, loss_mask, self.spec.k)
 
     def close(self) -> None:
         del self.llm

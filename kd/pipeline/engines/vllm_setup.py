@@ -52,6 +52,18 @@ def import_llm():
     return LLM
 
 
+def supports_flat_logprobs() -> bool:
+    """Whether the installed vLLM can return log-probs as flat lists (`SamplingParams.flat_logprobs`).
+
+    A dict of `Logprob` objects per prompt position costs ~65 Python objects per position at k = 64
+    to build, to garbage-collect and to read back; the flat form is a few lists per request.
+    """
+    from vllm import SamplingParams
+
+    fields = getattr(SamplingParams, "__struct_fields__", ())
+    return "flat_logprobs" in fields or hasattr(SamplingParams, "flat_logprobs")
+
+
 def engine_args(
     path: str,
     *,

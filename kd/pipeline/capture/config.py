@@ -1,0 +1,106 @@
+"""Settings of `kd cache-logits`, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kd.cache import format as fmt
+from kd.pipeline.errors import KdError
+
+ENGINES = ("transformers", "vllm")
+
+
+@dataclass
+class CacheConfig:
+    """Settings of `kd cache-logits`."""
+
+    data: str
+    """Corpus: .jsonl, .jsonl.zst or .parquet."""
+    out: str
+    """Cache directory (created; an existing cache with the same settings is resumed)."""
+    teacher: str | None = None
+    """HF model directory, .gguf file or hub id; default: the embedded SmolLM2-135M-Instruct."""
+    data_format: str | None = None
+    """Force the record format instead of detecting it."""
+    engine: str = "transformers"
+    """transformers or vllm."""
+    top_k: int = 64
+    """Top-k ids and log-probs stored per target token."""
+    sampling: str | None = None
+    """``rs`` for random-sampling KD instead of top-k."""
+    samples: int = 64
+    """Draws per target token in rs mode."""
+    value_encoding: str = "q64"
+    """q64 (uint16, max error 0.0078 nats), sqrt8 (one byte) or float32."""
+    mass_epsilon: float = 0.0
+    """Adaptive top-k: keep only the leading ids until they hold 1 - epsilon of the mass (0: always k)."""
+    max_seq_len: int = 2048
+    """Longest sequence; longer ones are truncated or skipped (see overflow)."""
+    overflow: str = "truncate"
+    """truncate or skip sequences longer than max_seq_len."""
+    batch_size: int = 8
+    """Sequences per teacher forward (transformers engine, when batch_tokens is not set)."""
+    batch_tokens: int | None = None
+    """Padded tokens per teacher forward (transformers engine): fills each batch with length-sorted
+    sequences up to this budget instead of batch_size sequences. Must be >= max_seq_len."""
+    window_tokens: int = 131_072
+    """Sequence tokens handed to the teacher at once (at most; a shard's end closes a window early).
+    vLLM schedules a whole window itself; transformers sorts it by length and cuts it into batches.
+    Bounds what stage one holds: the window's ids and its teacher results."""
+    block_records: int = 1024
+    """Corpus records read and tokenized per block (one fast-tokenizer call per block)."""
+    shard_tokens: int = 1_000_000
+    """Target tokens per shard (the unit of resume)."""
+    rank: int = 0
+    world_size: int = 1
+    device: str | None = None
+    """Default: cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    dtype: str = "auto"
+    device_map: str | None = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    limit: int | None = None
+    """Use only the first N records of the corpus."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise KdError(f"--engine {self.engine}: expected one of {', '.join(ENGINES)}")
+        if self.sampling not in (None, "rs"):
+            raise KdError(f"--sampling {self.sampling}: the only sampling mode is 'rs'")
+        if self.top_k < 1:
+            raise KdError(f"--top-k must be >= 1, got {self.top_k}")
+        if not 1 <= self.samples <= 65535:
+            raise KdError(f"--samples must be in [1, 65535], got {self.samples}")
+        if not 0.0 <= self.mass_epsilon < 1.0:
+            raise KdError(f"--mass-epsilon must be in [0, 1), got {self.mass_epsilon}")
+        if self.mass_epsilon and self.sampling == "rs":
+            raise KdError("--mass-epsilon applies to top-k caches, not --sampling rs")
+        if self.value_encoding not in fmt.VALUE_ENCODINGS:
+            raise KdError(f"--value-encoding {self.value_encoding}: expected one of {', '.join(fmt.VALUE_ENCODINGS)}")
+        if self.max_seq_len < 2:
+            raise KdError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        if self.overflow not in ("truncate", "skip"):
+            raise KdError(f"--overflow {self.overflow}: expected truncate or skip")
+        if self.batch_size < 1:
+            raise KdError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_seq_len:
+            raise KdError(
+                f"--batch-tokens {self.batch_tokens} is smaller than --max-seq-len {self.max_seq_len}: "
+                "a sequence of that length would not fit; raise --batch-tokens or lower --max-seq-len"
+            )
+        if self.window_tokens < 1:
+            raise KdError(f"--window-tokens must be >= 1, got {self.window_tokens}")
+        if self.block_records < 1:
+            raise KdError(f"--block-records must be >= 1, got {self.block_records}")
+        if self.shard_tokens < 1:
+            raise KdError(f"--shard-tokens must be >= 1, got {self.shard_tokens}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise KdError(f"--rank {self.rank} / --world-size {self.world_size}: need 0 <= rank < world size")
+        if self.limit is not None and self.limit < 1:
+            raise KdError(f"--limit must be >= 1, got {self.limit}")
+
+    @property
+    def mode(self) -> str:
+        return "rs" if self.sampling == "rs" else "topk"
