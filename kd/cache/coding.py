@@ -118,26 +118,22 @@ def encode_sorted(batch: pa.RecordBatch, packed: bytes) -> pa.RecordBatch:
         columns["teacher_ids"] = _fixed_column(offsets, deltas, id_type)
         value_type = columns["teacher_values"].type.value_type.value_type
         columns["teacher_values"] = _fixed_column(offsets, np.take_along_axis(values, order, axis=1), value_type)
-    elif "teacher_counts" in names:  # rs: ragged rows of unique ids
-        outer = columns["teacher_ids"]
-        inner = outer.values
-        token_offsets = inner.offsets.to_numpy()
-        flat = inner.values.to_numpy()
-        counts = columns["teacher_counts"].values.values.to_numpy()
-        token = np.repeat(np.arange(len(token_offsets) - 1), np.diff(token_offsets))
+    elif "teacher_sizes" in names:  # rs: each sequence's ids flat, targets delimited by their sizes
+        ids_col, counts_col = columns["teacher_ids"], columns["teacher_counts"]
+        flat = ids_col.values.to_numpy()
+        counts = counts_col.values.to_numpy()
+        sizes = columns["teacher_sizes"].values.to_numpy().astype(np.int64)
+        token_offsets = np.concatenate([[0], np.cumsum(sizes)])
+        token = np.repeat(np.arange(len(sizes)), sizes)
         ranks = ranks_of(flat, packed)
         order = np.lexsort((ranks, token))
         ranks, counts = ranks[order], counts[order]
         starts = np.zeros(len(ranks), dtype=bool)
-        starts[token_offsets[:-1][np.diff(token_offsets) > 0]] = True
+        starts[token_offsets[:-1][sizes > 0]] = True
         deltas = np.where(starts, ranks, ranks - np.concatenate([[0], ranks[:-1]]))
-        id_type = inner.type.value_type
-        count_type = columns["teacher_counts"].type.value_type.value_type
-        inner_offsets = pa.array(token_offsets.astype(np.int32))
-        new_inner = pa.ListArray.from_arrays(inner_offsets, pa.array(deltas, type=id_type))
-        new_counts = pa.ListArray.from_arrays(inner_offsets, pa.array(counts, type=count_type))
-        columns["teacher_ids"] = pa.ListArray.from_arrays(outer.offsets, new_inner)
-        columns["teacher_counts"] = pa.ListArray.from_arrays(columns["teacher_counts"].offsets, new_counts)
+        id_type, count_type = ids_col.type.value_type, counts_col.type.value_type
+        columns["teacher_ids"] = pa.ListArray.from_arrays(ids_col.offsets, pa.array(deltas, type=id_type))
+        columns["teacher_counts"] = pa.ListArray.from_arrays(counts_col.offsets, pa.array(counts, type=count_type))
     return pa.RecordBatch.from_arrays([columns[n] for n in names], schema=batch.schema)
 
 

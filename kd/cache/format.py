@@ -26,8 +26,11 @@ column              type                                          meaning
 ``teacher_ids``     list<fixed_size_list<uint16|uint32, K>>       top-k mode: the K most likely ids
 ``teacher_values``  list<fixed_size_list<uint16|float32, K>>      top-k mode: their log-probs (T=1)
 ``teacher_tail``    list<uint16|float32>                          top-k mode: log(1 - sum of top-k p)
-``teacher_ids``     list<list<uint16|uint32>>                     rs mode: unique sampled ids
-``teacher_counts``  list<list<uint8|uint16>>                      rs mode: how often each was drawn
+``teacher_ids``     list<uint16|uint32>                           rs mode: unique sampled ids, all targets
+``teacher_counts``  list<uint8|uint16>                            rs mode: how often each was drawn
+``teacher_sizes``   list<uint8|uint16>                            rs mode: unique ids of each target
+                                                                  (caches before the sorted coding
+                                                                  nest ids/counts per target instead)
 ==================  ============================================  =====================================
 
 The teacher lists hold one entry per *target*: each position t >= 1 with ``loss_mask[t]`` set, in
@@ -105,6 +108,14 @@ def schema(
             pa.field("teacher_ids", pa.list_(pa.list_(ids, k))),
             pa.field("teacher_values", pa.list_(pa.list_(value, k))),
             pa.field("teacher_tail", pa.list_(tail)),
+        ]
+    elif id_coding == "sorted":
+        # RS, flat: each sequence's unique ids and counts as one list, and per target how many of
+        # them it has. Nested lists would store two int32 offset arrays per target (~5 B/token).
+        fields += [
+            pa.field("teacher_ids", pa.list_(ids)),
+            pa.field("teacher_counts", pa.list_(count_type(num_samples))),
+            pa.field("teacher_sizes", pa.list_(count_type(num_samples))),
         ]
     else:
         fields += [
@@ -332,6 +343,14 @@ def build_batch(
                 [encode_topk_values(t.logprobs, value_encoding, delta=not sorted_coding) for t in targets], value_type
             ),
             list_of([encode_tail(t.tail, value_encoding) for t in targets], tail_type),
+        ]
+    elif "teacher_sizes" in schema_.names:
+        counts_type = schema_.field("teacher_counts").type.value_type
+        empty = np.zeros(0, dtype=np.int64)
+        columns += [
+            list_of([np.concatenate([*t.ids, empty]) for t in targets], ids_type),
+            list_of([np.concatenate([*t.counts, empty]) for t in targets], counts_type),
+            list_of([np.array([len(i) for i in t.ids], dtype=np.int64) for t in targets], counts_type),
         ]
     else:
         counts_type = schema_.field("teacher_counts").type.value_type.value_type

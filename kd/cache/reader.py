@@ -291,6 +291,23 @@ def decode_table(
             yield CachedSequence(
                 int(rows[i]), input_ids[i], masks[i], TopKTargets(teacher_ids[a:b], values[a:b], tails[a:b])
             )
+    elif "teacher_sizes" in table.schema.names:
+        seq_off, flat_ids = _list_parts(table.column("teacher_ids"))
+        _, flat_counts = _list_parts(table.column("teacher_counts"))
+        size_off, sizes = _list_parts(table.column("teacher_sizes"))
+        sizes = sizes.to_numpy().astype(np.int64)
+        token_off = np.concatenate([[0], np.cumsum(sizes)])
+        flat_ids = flat_ids.to_numpy()
+        if packed is not None:
+            flat_ids = coding.decode_rs_ids(flat_ids, token_off, packed).astype(flat_ids.dtype)
+        flat_counts = flat_counts.to_numpy().astype(np.int64)
+        ids_per_token = _split(flat_ids, token_off)
+        counts_per_token = _split(flat_counts, token_off)
+        for i in range(len(rows)):
+            lo, hi = size_off[i], size_off[i + 1]
+            yield CachedSequence(
+                int(rows[i]), input_ids[i], masks[i], SampledTargets(ids_per_token[lo:hi], counts_per_token[lo:hi])
+            )
     else:
         outer_off, inner = _list_parts(table.column("teacher_ids"))
         inner_off = inner.offsets.to_numpy()

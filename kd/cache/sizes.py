@@ -16,7 +16,7 @@ from kd.cache.format import IPC_COMPRESSION
 from kd.cache.reader import CacheReader
 
 GROUPS = {
-    "ids": ("teacher_ids",),
+    "ids": ("teacher_ids", "teacher_sizes"),
     "values": ("teacher_values", "teacher_counts"),
     "tail": ("teacher_tail",),
     "tokens": ("row", "input_ids", "loss_mask", "token_weights"),

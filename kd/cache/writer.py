@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from kd.cache import coding
 from kd.cache.format import IPC_COMPRESSION
@@ -38,12 +39,16 @@ def sha256_file(path: Path) -> str:
 
 
 def _flat_teacher_ids(batch: pa.RecordBatch) -> np.ndarray:
-    column = batch.column("teacher_ids").values  # per target: a fixed-size list (top-k) or a list (rs)
-    return column.flatten().to_numpy() if pa.types.is_fixed_size_list(column.type) else column.values.to_numpy()
+    column = batch.column("teacher_ids").values  # top-k: fixed-size lists; rs: flat ids (or nested lists)
+    if pa.types.is_fixed_size_list(column.type):
+        return column.flatten().to_numpy()
+    return column.values.to_numpy() if pa.types.is_list(column.type) else column.to_numpy()
 
 
 def batch_targets(batch: pa.RecordBatch) -> int:
     """Target tokens in a record batch: the length of its flattened teacher lists (or of the masks)."""
+    if "teacher_sizes" in batch.schema.names:
+        return int(pa.compute.list_value_length(batch.column("teacher_sizes")).to_numpy().sum())
     if "teacher_ids" in batch.schema.names:
         column = batch.column("teacher_ids")
         offsets = column.offsets
