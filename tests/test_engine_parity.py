@@ -4,7 +4,7 @@
 
 Both engines run the embedded SmolLM2-135M-Instruct teacher over the same conversations; the cached
 top-k ids must agree wherever the teacher's ranking is not a near-tie, and the log-probabilities
-within bf16 tolerance.
+within bf16 tolerance. With --json, vLLM's stdout logging must not reach stdout.
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir):
     ]
     hf = run_kd(*common, "--engine", "transformers", "--out", str(tmp_path / "hf"))
     assert hf.returncode == 0, hf.stderr[-2000:]
-    vl = run_kd(*common, "--engine", "vllm", "--out", str(tmp_path / "vllm"), timeout=900)
+    vl = run_kd(*common, "--engine", "vllm", "--out", str(tmp_path / "vllm"), "--json", timeout=900)
     assert vl.returncode == 0, vl.stderr[-4000:]
+    # vLLM logs to stdout and its engine-core process inherits it: still exactly one JSON object.
+    summary = json.loads(vl.stdout)
+    assert summary["complete"] and summary["teacher_seconds"] > 0
 
     a, b = cached_targets(tmp_path / "hf"), cached_targets(tmp_path / "vllm")
     assert a.keys() == b.keys() == set(range(len(QUESTIONS)))
@@ -138,3 +141,31 @@ def test_trained_student_loads_in_vllm(tmp_path, tiny_model_dir):
     rows = cached_targets(tmp_path / "again")
     assert len(rows) == len(QUESTIONS) * 2
     assert all(np.isfinite(lp).all() for _, lp, _ in rows.values())
+
+
+def test_flat_logprobs_conversion_matches_dicts():
+    """Top-k from vLLM's flat log-probs (sliced per run of targets) equals the per-position dict path."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from kd.pipeline.engines.logits_vllm import topk_from_dicts, topk_from_flat
+
+    rng = np.random.default_rng(0)
+    k, length = 8, 30
+    flat, dicts = FlatLogprobs(), [None]
+    flat.append(None)  # position 0 has no prediction
+    for t in range(1, length):
+        values = np.sort(rng.normal(size=k))[::-1] - 3.0
+        ids = rng.choice(1000, size=k, replace=False)
+        prompt_token = int(ids[2]) if t % 3 == 0 else 2000 + t  # sometimes the prompt token is in the top-k
+        entries = [(prompt_token, float(values[2]) if t % 3 == 0 else -9.0)] + list(
+            zip(ids.tolist(), values.tolist(), strict=True)
+        )
+        flat.append_fast([i for i, _ in entries], [v for _, v in entries], iter(range(k + 1)), [None] * (k + 1))
+        dicts.append({i: Logprob(v) for i, v in entries})
+    mask = np.zeros(length, bool)
+    mask[[3, 4, 5, 9, 20, 21, 29]] = True
+    a, b = topk_from_flat(flat, mask, k), topk_from_dicts(dicts, mask, k)
+    assert a.ids.shape == (7, k)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.logprobs, b.logprobs)
+    np.testing.assert_allclose(a.tail, b.tail)

@@ -140,7 +140,9 @@ class VllmTeacher:
             outputs = self.llm.generate(prompts, self.sampling_params(), use_tqdm=False)
             return [self._convert(o, seq.loss_mask) for o, seq in zip(outputs, batch, strict=True)]
         request_ids = self.llm.enqueue(prompts, self.sampling_params(), use_tqdm=False)
+        # enqueue returns vLLM's internal ids ("<id>-<8 random chars>"); outputs carry the external "<id>".
         slot = {rid: i for i, rid in enumerate(request_ids)}
+        slot.update({rid.rsplit("-", 1)[0]: i for i, rid in enumerate(request_ids)})
         results: list[TopKTargets | None] = [None] * len(batch)
         engine = self.llm.llm_engine
         while engine.has_unfinished_requests():
