@@ -37,6 +37,7 @@ STAGE_MODULES = (
     "kd.stages.inspect",
     "kd.stages.train",
     "kd.stages.gen_traces",
+    "kd.stages.on_policy",
     "kd.stages.evaluate",
     "kd.stages.demo",
 )

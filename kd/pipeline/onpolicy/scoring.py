@@ -1,0 +1,92 @@
+"""Steps two and three of a round: the teacher scores the samples (stage one, unchanged), and the
+student that wrote them is judged against that cache.
+
+Scoring is `run_cache_logits` over the round's samples.jsonl: the same code, settings checks, resume
+and manifest as `kd cache-logits`, so a round's cache is an ordinary cache (`kd inspect --verify`,
+`kd train --from-cache` and `kd eval --cache` all read it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kd.cache.manifest import read_manifest
+from kd.cache.reader import CacheReader
+from kd.pipeline.caching import CacheConfig, run_cache_logits
+from kd.pipeline.models import ModelSource, load_causal_lm
+from kd.pipeline.onpolicy.judge import judge_sequences
+
+
+@dataclass
+class ScoringSettings:
+    """How the teacher scores samples (the stage-one settings an on-policy run fixes)."""
+
+    teacher: str | None
+    engine: str = "transformers"
+    top_k: int = 64
+    value_encoding: str = "sqrt8"
+    max_seq_len: int = 2048
+    batch_size: int = 8
+    device: str | None = None
+    seed: int = 0
+
+    def cache_config(self, samples: Path, cache_dir: Path) -> CacheConfig:
+        return CacheConfig(
+            data=str(samples),
+            out=str(cache_dir),
+            teacher=self.teacher,
+            data_format="prompt_completion",
+            engine=self.engine,
+            top_k=self.top_k,
+            value_encoding=self.value_encoding,
+            max_seq_len=self.max_seq_len,
+            batch_size=self.batch_size,
+            device=self.device,
+            seed=self.seed,
+        )
+
+
+def cache_is_complete(cache_dir: Path) -> bool:
+    manifest = read_manifest(cache_dir) if cache_dir.is_dir() else None
+    return bool(manifest and manifest.get("complete"))
+
+
+def score_samples(samples: Path, cache_dir: Path, settings: ScoringSettings) -> dict[str, Any]:
+    """The teacher's top-k over every sampled sequence, cached in CACHE_DIR (resumed if interrupted)."""
+    if cache_is_complete(cache_dir):
+        return {"reused": True}
+    return run_cache_logits(settings.cache_config(samples, cache_dir))
+
+
+def judge_samples(
+    student: ModelSource,
+    records: list[dict[str, Any]],
+    cache_dir: Path,
+    device: str,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """The teacher-judged metrics of the student that sampled `records` (samples.jsonl, in order).
+
+    Only on-policy rows are judged (cache row i is line i of samples.jsonl); --mix rows are not the
+    student's own samples.
+    """
+    group_of_row, expected = {}, {}
+    for row, record in enumerate(records):
+        meta = record["meta"]
+        if meta.get("kind") != "on-policy":
+            continue
+        group_of_row[row] = str(meta["prompt_id"])
+        # The chat template closes a cut completion with an end-of-turn token the student never wrote.
+        expected[row] = int(meta["completion_tokens"]) + (meta["finish_reason"] == "length")
+    model = load_causal_lm(student, dtype="float32" if device == "cpu" else "auto", device=device)
+    reader = CacheReader(cache_dir)
+    try:
+        return judge_sequences(
+            model, reader.iter_sequences(), group_of_row, expected, batch_size, chunk_size, device=device
+        )
+    finally:
+        reader.close()
+        del model
