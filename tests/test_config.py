@@ -21,6 +21,7 @@ DERIVED = {
     "train": "kd.pipeline.trainer:TrainConfig",
     "gen-traces": "kd.pipeline.traces:TracesConfig",
     "demo": "kd.pipeline.demo:DemoConfig",
+    "cache-logits": "kd.pipeline.capture.config:CacheConfig",
 }
 """Commands whose flags come from a settings dataclass, and that dataclass."""
 

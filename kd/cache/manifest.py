@@ -91,7 +91,11 @@ def open_or_create(cache_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     with locked(cache_dir):
         manifest = read_manifest(cache_dir)
         if manifest is None:
-            leftovers = [p.name for p in cache_dir.iterdir() if p.name not in (LOCK,) and not p.name.startswith(".")]
+            leftovers = [
+                p.name
+                for p in cache_dir.iterdir()
+                if p.name not in (LOCK, "config.yaml") and not p.name.startswith(".")
+            ]
             if leftovers:
                 raise KdError(f"--out {cache_dir}: directory is not empty and has no manifest.json; choose another")
             manifest = {

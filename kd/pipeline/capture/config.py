@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,9 @@ class CacheConfig:
     """``rs`` for random-sampling KD instead of top-k."""
     samples: int = 64
     """Draws per target token in rs mode."""
-    value_encoding: str = "q64"
-    """q64 (uint16, max error 0.0078 nats), sqrt8 (one byte) or float32."""
+    value_encoding: str = "sqrt8"
+    """sqrt8 (sqrt p in one byte; KL to the exact teacher < 1e-3 nats/token), q64 (uint16 log-probs, max
+    error 0.0078 nats) or float32 (exact)."""
     mass_epsilon: float = 0.0
     """Adaptive top-k: keep only the leading ids until they hold 1 - epsilon of the mass (0: always k)."""
     max_seq_len: int = 2048
@@ -52,19 +54,30 @@ class CacheConfig:
     """Corpus records read and tokenized per block (one fast-tokenizer call per block)."""
     shard_tokens: int = 1_000_000
     """Target tokens per shard (the unit of resume)."""
-    rank: int = 0
-    world_size: int = 1
+    rank: int | None = None
+    """This process's rank [default: $RANK or 0]."""
+    world_size: int | None = None
+    """Number of processes splitting the corpus [default: $WORLD_SIZE or 1]."""
     device: str | None = None
-    """Default: cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    """cpu, cuda, cuda:1 [default: cuda:$LOCAL_RANK when CUDA is available, else cpu]."""
     dtype: str = "auto"
+    """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."""
     device_map: str | None = None
+    """'auto' spreads a teacher too big for one GPU over all GPUs (transformers engine)."""
     tensor_parallel_size: int = 1
+    """vLLM tensor parallelism."""
     seed: int = 0
+    """Seed of the rs draws."""
     limit: int | None = None
     """Use only the first N records of the corpus."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # torchrun's environment gives each process its place unless the flags say otherwise.
+        if self.rank is None:
+            self.rank = int(os.environ.get("RANK", 0))
+        if self.world_size is None:
+            self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         if self.engine not in ENGINES:
             raise KdError(f"--engine {self.engine}: expected one of {', '.join(ENGINES)}")
         if self.sampling not in (None, "rs"):
