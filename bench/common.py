@@ -60,6 +60,29 @@ def run_step(args: list[str], done: Path, log: Path | None = None) -> float:
     return time.perf_counter() - started
 
 
+def child_run(args: list[str]) -> dict:
+    """Run `kd ARGS --json` as a child: its own peak RSS (MB) from wait4, wall time and JSON summary."""
+    import tempfile
+
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kd.cli", *args, "--json"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=kd_env(),
+            cwd=REPO,
+        )
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"kd {' '.join(args)} failed:\n{err.read()[-2000:]}")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - started, **summary}
+
+
 def machine() -> dict[str, str]:
     import torch
 

@@ -12,38 +12,13 @@ RSS comes from os.wait4, its seconds to the first teacher forward and the memory
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from common import REPO, WORK, kd_env, require_gsm8k, write_results
+from common import REPO, WORK, child_run, require_gsm8k, write_results
 
 SCALE = WORK / "stage-one-scale"
-
-
-def child_run(args: list[str]) -> dict:
-    """Run `kd ARGS --json` as a child: its own peak RSS (MB) from wait4, wall time and JSON summary."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kd.cli", *args, "--json"],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=kd_env(),
-            cwd=REPO,
-        )
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise SystemExit(f"kd {' '.join(args)} failed:\n{err.read()[-2000:]}")
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - started, **json.loads(stdout)}
 
 
 def tiny_teacher() -> Path:

@@ -22,39 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import GSM8K, REPO, WORK, kd_env, require_gsm8k, run_step, write_results
+from common import GSM8K, REPO, WORK, child_run, require_gsm8k, run_step, write_results
 
 SCALE = WORK / "scale"
-
-
-def child_run(args: list[str]) -> dict:
-    """Run `kd ARGS --json` as a child; its own peak RSS (MB) from wait4, wall time and JSON summary."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kd.cli", *args, "--json"],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=kd_env(),
-            cwd=REPO,
-        )
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"kd {' '.join(args)} failed:\n{err.read()[-2000:]}")
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - started, **summary}
 
 
 def build_real_caches(rows: int, copies: list[int]) -> dict[int, Path]:

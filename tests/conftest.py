@@ -79,6 +79,22 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def student_config(tmp_path_factory, tiny_model_dir) -> Path:
+    """config.json of a 1-layer, hidden-64 student for the tiny teacher (random init, its tokenizer)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    config.num_hidden_layers = 1
+    config.hidden_size = 64
+    config.intermediate_size = 128
+    config.num_attention_heads = 1
+    config.num_key_value_heads = 1
+    path = tmp_path_factory.mktemp("student") / "config.json"
+    config.to_json_file(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def gsm8k_train() -> Path:
     path = GSM8K_DIR / "train.jsonl"
     if not path.is_file():

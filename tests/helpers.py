@@ -50,3 +50,26 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def run_torchrun(*args: str, nproc: int = 2, port: str = "29500", timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc-per-node N -m kd.cli ARGS` on gloo (CPU), one thread per process."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            port,
+            "-m",
+            "kd.cli",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=kd_env(OMP_NUM_THREADS="1"),
+        cwd=REPO,
+    )

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from kd.cache.reader import CacheReader
 from kd.cache.replicate import replicate_cache
 from kd.pipeline.training.order import EpochPlan, OrderSettings
 from kd.pipeline.training.stream import StepLoader
-from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, start_kd
+from tests.helpers import assert_one_line_error, run_kd, run_torchrun, start_kd
 from tests.test_cache_logits import make_corpus
 from tests.test_train import assert_same_weights, metrics
 
@@ -46,21 +44,6 @@ def small_units(tmp_path_factory, base_cache) -> Path:
     out = tmp_path_factory.mktemp("caches") / "x3"
     replicate_cache(base_cache, out, copies=3, batch_targets=40)
     return out
-
-
-@pytest.fixture(scope="module")
-def student_config(tmp_path_factory, tiny_model_dir) -> Path:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(tiny_model_dir))
-    config.num_hidden_layers = 1
-    config.hidden_size = 64
-    config.intermediate_size = 128
-    config.num_attention_heads = 1
-    config.num_key_value_heads = 1
-    path = tmp_path_factory.mktemp("student") / "config.json"
-    config.to_json_file(str(path))
-    return path
 
 
 def sequences(reader: CacheReader) -> dict[int, np.ndarray]:
@@ -292,25 +275,7 @@ def test_two_processes_with_token_batches_match_one(tmp_path, small_units, stude
         run_kd(*_train_args(small_units, student_config, single, *extra, "--accumulation-steps", "2")).returncode == 0
     )
     double = tmp_path / "double"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29537",
-            "-m",
-            "kd.cli",
-            *_train_args(small_units, student_config, double, *extra),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=kd_env(OMP_NUM_THREADS="1"),
-        cwd=REPO,
-    )
+    proc = run_torchrun(*_train_args(small_units, student_config, double, *extra), port="29537")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = [m["loss"] for m in metrics(single) if "loss" in m]
     got = [m["loss"] for m in metrics(double) if "loss" in m]
@@ -351,27 +316,7 @@ def test_data_corpus_streams_the_same_way(tmp_path, tiny_model_dir, student_conf
     assert CacheReader(prepared, flag="--data").num_rows == 20
     stamp = (prepared / "manifest.json").stat().st_mtime_ns
     double = tmp_path / "double"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29547",
-            "-m",
-            "kd.cli",
-            *common,
-            "--out",
-            str(double),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=kd_env(OMP_NUM_THREADS="1"),
-        cwd=REPO,
-    )
+    proc = run_torchrun(*common, "--out", str(double), port="29547")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = [m["loss"] for m in metrics(single) if "loss" in m]
     assert [m["loss"] for m in metrics(double) if "loss" in m] == pytest.approx(want, rel=1e-6)

@@ -54,21 +54,6 @@ def eval_cache(tmp_path_factory, heldout, tiny_model_dir) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def student_config(tmp_path_factory, tiny_model_dir) -> Path:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(tiny_model_dir))
-    config.num_hidden_layers = 1
-    config.hidden_size = 64
-    config.intermediate_size = 128
-    config.num_attention_heads = 1
-    config.num_key_value_heads = 1
-    path = tmp_path_factory.mktemp("student") / "config.json"
-    config.to_json_file(str(path))
-    return path
-
-
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
