@@ -1,7 +1,9 @@
 """Evaluating a model end to end for `kd eval` and the demo report.
 
 Token-level metrics come from kd.pipeline.evaluation on a cache (or on top-k computed live from a
-teacher); answer accuracy comes from greedy generation verified against each record's reference.
+teacher); answer accuracy comes from greedy generation verified against each record's reference;
+``on_policy_*`` metrics (--on-policy-prompts) are the teacher's verdict on the model's own samples
+(kd.pipeline.onpolicy.measure: the model samples, the teacher scores, reverse KL per token).
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ class EvalConfig:
     max_seq_len: int = 2048
     limit: int | None = None
     device: str | None = None
+    on_policy_prompts: str | None = None
+    """Prompts the model answers for the teacher-judged on-policy measure (needs teacher)."""
+    samples: int = 1
+    temperature: float = 0.0
+    """Sampling temperature of the on-policy measure (0: greedy)."""
+    seed: int = 0
+    engine: str = "auto"
+    """Sampling engine of the on-policy measure: vllm, transformers or auto."""
+    teacher_engine: str = "transformers"
+    on_policy_out: str | None = None
+    """Keep the on-policy samples, cache and per-prompt sums here (default: a temporary directory)."""
 
 
 def model_size_bytes(source) -> int:
@@ -59,6 +72,27 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "size_bytes": model_size_bytes(source),
     }
+    if cfg.on_policy_prompts:
+        from kd.pipeline.onpolicy.measure import MeasureSettings, measure_on_policy
+
+        settings = MeasureSettings(
+            prompts=cfg.on_policy_prompts,
+            teacher=cfg.teacher,
+            samples=cfg.samples,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+            engine=cfg.engine,
+            teacher_engine=cfg.teacher_engine,
+            top_k=cfg.top_k,
+            max_seq_len=cfg.max_seq_len,
+            batch_size=cfg.batch_size,
+            limit=cfg.limit,
+            out=cfg.on_policy_out,
+        )
+        metrics.update(measure_on_policy(source, settings, device))
+        if not cfg.cache and not cfg.data:
+            return metrics
     if cfg.cache:
         reader = CacheReader(cfg.cache, flag="--cache")
         if reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):

@@ -3,6 +3,7 @@
 kd eval --model student/ --cache heldout-cache/ --json          # CE, KL to teacher, top-1 agreement, ECE
 kd eval --model student/ --data test.jsonl --teacher T/         # same, teacher run live (top-k 64)
 kd eval --model student/ --data test.jsonl --generate 50        # + answer accuracy and generation tok/s
+kd eval --model student/ --teacher T/ --on-policy-prompts test.jsonl   # teacher-judged reverse KL of its own answers
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from kd.pipeline.errors import KdError
 from kd.pipeline.progress import console
+from kd.stages.cache_logits import stdout_to_stderr
 
 
 def register(app: typer.Typer) -> None:
@@ -33,15 +35,37 @@ def register(app: typer.Typer) -> None:
         max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Longest sequence."),
         limit: int = typer.Option(None, "--limit", help="Use only the first N records."),
         device: str = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+        on_policy_prompts: str = typer.Option(
+            None,
+            "--on-policy-prompts",
+            help="Prompts the model answers; the teacher (--teacher, default the embedded SmolLM2) scores the "
+            "answers: reverse KL per token of the model's own samples, teacher log-likelihood, accuracy.",
+        ),
+        samples: int = typer.Option(1, "--samples", help="Samples per prompt for --on-policy-prompts."),
+        temperature: float = typer.Option(
+            0.0, "--temperature", help="Sampling temperature for --on-policy-prompts (0: greedy)."
+        ),
+        seed: int = typer.Option(0, "--seed", help="Sampling seed for --on-policy-prompts."),
+        engine: str = typer.Option(
+            "auto", "--engine", help="Sampling engine for --on-policy-prompts: vllm, transformers or auto."
+        ),
+        teacher_engine: str = typer.Option(
+            "transformers", "--teacher-engine", help="Scoring engine for --on-policy-prompts: transformers or vllm."
+        ),
+        on_policy_out: str = typer.Option(
+            None,
+            "--on-policy-out",
+            help="Keep the on-policy samples, cache and per-prompt sums here (a rerun reuses them).",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Held-out CE, KL to the teacher, top-1 agreement, calibration, size; optionally answer accuracy."""
         from kd.pipeline.model_eval import EvalConfig, evaluate_model
 
-        if cache is None and data is None:
-            raise KdError("give --cache CACHE or --data PATH")
-        if cache is not None and teacher is not None:
+        if cache is None and data is None and on_policy_prompts is None:
+            raise KdError("give --cache CACHE, --data PATH or --on-policy-prompts PATH")
+        if cache is not None and teacher is not None and on_policy_prompts is None:
             raise KdError("--cache already holds the teacher's log-probs; drop --teacher")
         cfg = EvalConfig(
             model=model,
@@ -56,12 +80,25 @@ def register(app: typer.Typer) -> None:
             max_seq_len=max_seq_len,
             limit=limit,
             device=device,
+            on_policy_prompts=on_policy_prompts,
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
+            engine=engine,
+            teacher_engine=teacher_engine,
+            on_policy_out=on_policy_out,
         )
-        metrics = evaluate_model(cfg)
         if as_json:
-            typer.echo(json.dumps(metrics, indent=2))
+            # vLLM (an --on-policy-prompts engine) logs to stdout; --json's stdout holds only the metrics.
+            with stdout_to_stderr() as real_stdout:
+                metrics = evaluate_model(cfg)
+            real_stdout.write(json.dumps(metrics, indent=2) + "\n")
+            real_stdout.close()
             return
+        metrics = evaluate_model(cfg)
         table = Table(title=f"kd eval {model}", show_header=False)
         for key, value in metrics.items():
+            if isinstance(value, list):
+                value = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         console.print(table)

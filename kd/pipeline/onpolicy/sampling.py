@@ -58,8 +58,8 @@ def open_generator(engine: str, source: ModelSource, settings: SamplerSettings, 
             max_model_len=max_len,
             chunk_size=max(settings.batch_size, 64),
         )
-    except KdError:
-        raise
+    except KdError as exc:  # already one line (vLLM missing, unreadable weights...): say which step failed
+        raise KdError(f"--engine {engine} cannot load the student: {exc}") from exc
     except Exception as exc:  # whatever the engine raises (unsupported architecture, bad weights...)
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise KdError(

