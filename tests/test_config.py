@@ -22,6 +22,7 @@ DERIVED = {
     "gen-traces": "kd.pipeline.traces:TracesConfig",
     "demo": "kd.pipeline.demo:DemoConfig",
     "cache-logits": "kd.pipeline.capture.config:CacheConfig",
+    "eval": "kd.pipeline.model_eval:EvalConfig",
 }
 """Commands whose flags come from a settings dataclass, and that dataclass."""
 

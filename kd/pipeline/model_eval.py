@@ -30,29 +30,53 @@ from kd.pipeline.progress import make_progress
 
 @dataclass
 class EvalConfig:
+    """Settings of `kd eval` (each field's docstring is its --help text)."""
+
     model: str
+    """Model to evaluate: HF dir or .gguf (a student, or a teacher)."""
     data: str | None = None
+    """Held-out corpus (any kd data format)."""
     cache: str | None = None
+    """Held-out cache from `kd cache-logits` (gives teacher metrics)."""
     teacher: str | None = None
+    """Teacher run live over --data for KL and agreement (and the judge of --on-policy-prompts)."""
     data_format: str | None = None
+    """Force the record format of --data."""
     top_k: int = 64
+    """Teacher top-k used for KL with --teacher."""
     generate: int = 0
+    """Also answer the first N prompts greedily and verify them."""
     max_new_tokens: int = 256
+    """Token budget per generated answer."""
     batch_size: int = 8
+    """Sequences per forward."""
     max_seq_len: int = 2048
+    """Longest sequence."""
     limit: int | None = None
+    """Use only the first N records."""
     device: str | None = None
+    """cpu or cuda [default: cuda if available]."""
     on_policy_prompts: str | None = None
-    """Prompts the model answers for the teacher-judged on-policy measure (needs teacher)."""
+    """Prompts the model answers; the teacher (--teacher, default the embedded SmolLM2) scores the answers:
+    reverse KL per token of the model's own samples, teacher log-likelihood, accuracy."""
     samples: int = 1
+    """Samples per prompt for --on-policy-prompts."""
     temperature: float = 0.0
-    """Sampling temperature of the on-policy measure (0: greedy)."""
+    """Sampling temperature for --on-policy-prompts (0: greedy)."""
     seed: int = 0
+    """Sampling seed for --on-policy-prompts."""
     engine: str = "auto"
-    """Sampling engine of the on-policy measure: vllm, transformers or auto."""
+    """Sampling engine for --on-policy-prompts: vllm, transformers or auto."""
     teacher_engine: str = "transformers"
+    """Scoring engine for --on-policy-prompts: transformers or vllm."""
     on_policy_out: str | None = None
-    """Keep the on-policy samples, cache and per-prompt sums here (default: a temporary directory)."""
+    """Keep the on-policy samples, cache and per-prompt sums here (a rerun reuses them)."""
+
+    def __post_init__(self) -> None:
+        if self.cache is None and self.data is None and self.on_policy_prompts is None:
+            raise KdError("give --cache CACHE, --data PATH or --on-policy-prompts PATH")
+        if self.cache is not None and self.teacher is not None and self.on_policy_prompts is None:
+            raise KdError("--cache already holds the teacher's log-probs; drop --teacher")
 
 
 def model_size_bytes(source) -> int:
