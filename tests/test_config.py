@@ -23,6 +23,7 @@ DERIVED = {
     "demo": "kd.pipeline.demo:DemoConfig",
     "cache-logits": "kd.pipeline.capture.config:CacheConfig",
     "eval": "kd.pipeline.model_eval:EvalConfig",
+    "on-policy": "kd.pipeline.onpolicy:OnPolicyConfig",
 }
 """Commands whose flags come from a settings dataclass, and that dataclass."""
 
