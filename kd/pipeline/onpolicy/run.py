@@ -203,19 +203,23 @@ def run_round(
     train_dir = here / "train"
     summary = train(train_config(cfg, index, sampler, previous, train_dir, steps, here / "cache"))
     timings = _record_time(here, timings, "training_seconds", started)
+    # From the trainer's own log, not its return value: a rerun that finds the round's last checkpoint
+    # already written trains no step and returns no loss.
+    logged = [m for m in _read_jsonl(train_dir / "metrics.jsonl") if "loss" in m]
+    last = logged[-1] if logged else {}
     trained = {
         "round": index,
         "steps": summary["steps"],
-        "train_loss": summary.get("loss"),
-        "train_divergence": summary.get("divergence"),
-        "train_ce": summary.get("ce"),
-        "lr": summary.get("lr"),
+        "train_loss": last.get("loss"),
+        "train_divergence": last.get("divergence"),
+        "train_ce": last.get("ce"),
+        "lr": last.get("lr"),
         **timings,
     }
     atomic_write_lines(here / "metrics.jsonl", [json.dumps(on_policy) + "\n", json.dumps(trained) + "\n"])
     result = {**on_policy, **trained, "off_policy_sequences": len(records) - judged.get("judged_sequences", 0)}
     atomic_write_text(done, json.dumps(result, indent=2) + "\n")
-    log(f"round {index}: trained to step {summary['steps']} (loss {summary.get('loss', float('nan')):.4f})")
+    log(f"round {index}: trained to step {summary['steps']} (loss {last.get('loss', float('nan')):.4f})")
     return result
 
 
@@ -273,6 +277,10 @@ def link_final_student(out: Path, final: Path) -> None:
         tmp.unlink()
     tmp.symlink_to(final.relative_to(out))
     os.replace(tmp, link)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _read_json(path: Path) -> dict[str, Any]:
