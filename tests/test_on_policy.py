@@ -274,3 +274,24 @@ def test_a_round_with_vllm_sampling_and_scoring(tmp_path, tiny_model_dir, studen
     assert CacheReader(out / "round-000" / "cache").verify() == []
     assert round_0["samples"] == PROMPTS_PER_ROUND * SAMPLES and round_0["reverse_kl"] > 0
     assert round_0["steps"] == STEPS
+
+
+def test_mix_adds_off_policy_records_that_are_trained_on_not_judged(tmp_path, tiny_model_dir, student_config, prompts):
+    from kd.cache.reader import CacheReader
+
+    corpus = tmp_path / "off-policy.jsonl"
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(3)]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "mixed"
+    args = on_policy_args(tiny_model_dir, student_config, prompts, out, "--mix", "0.5", "--mix-data", str(corpus))
+    args[args.index("--rounds") + 1] = "1"
+    proc = run_kd(*args)
+    assert proc.returncode == 0, proc.stderr
+    records = lines(out / "round-000" / "samples.jsonl")
+    on_policy = PROMPTS_PER_ROUND * SAMPLES
+    kinds = [r["meta"]["kind"] for r in records]
+    assert kinds == ["on-policy"] * on_policy + ["off-policy"] * on_policy  # lambda 0.5: as many again
+    assert records[on_policy]["completion"][0]["content"].startswith("0 + 1 = 1")  # the corpus, wrapped around
+    assert CacheReader(out / "round-000" / "cache").num_rows == 2 * on_policy  # the teacher scores both
+    judged = lines(out / "round-000" / "metrics.jsonl")[0]
+    assert judged["judged_sequences"] == on_policy  # only the student's own samples are judged
