@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from kd.pipeline.data import detect_format, iter_examples, tokenize_example
+from kd.pipeline.data import detect_format, encode_examples, iter_examples, tokenize_example
 from kd.pipeline.errors import KdError
 
 CHAT = {
@@ -74,6 +74,26 @@ def test_text_format_targets_every_token(tmp_path, smollm2_tokenizer):
     assert tokenized.num_targets == len(tokenized.input_ids) - 1
 
 
+def test_tokens_format_uses_the_ids_as_given(tmp_path, smollm2_tokenizer):
+    """Pre-tokenized records (how kd on-policy hands over the student's exact samples): no template,
+    no special tokens added, the mask as written; both tokenizer paths agree; ids outside the
+    tokenizer are a one-line error naming the line."""
+    ids = [1, 9690, 198, 45, 2, 2428]  # any ids: nothing is decoded or re-encoded
+    records = [{"input_ids": ids, "loss_mask": [0, 0, 0, 1, 1, 1], "prompt": "ignored"}, {"input_ids": [5, 6, 7]}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    assert detect_format(records[0], "x") == "tokens"  # input_ids wins over prompt/completion keys
+    first, second = iter_examples(path)
+    tokenized = tokenize_example(first, smollm2_tokenizer)
+    assert tokenized.input_ids == ids and tokenized.loss_mask == [0, 0, 0, 1, 1, 1]
+    assert tokenize_example(second, smollm2_tokenizer).loss_mask == [1, 1, 1]  # no mask: every token
+    encoded = encode_examples([first, second], smollm2_tokenizer)
+    assert encoded[0].input_ids.tolist() == ids and encoded[0].loss_mask.tolist() == [0, 0, 0, 1, 1, 1]
+    assert encoded[1].input_ids.tolist() == [5, 6, 7]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1, len(smollm2_tokenizer)]}])
+    with pytest.raises(KdError, match=r"bad.jsonl:1: token id 49152 is outside the tokenizer's vocabulary"):
+        encode_examples(list(iter_examples(bad)), smollm2_tokenizer)
+
+
 def test_zstd_and_parquet_read_the_same_records(tmp_path):
     records = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(50)]
     jsonl = write_jsonl(tmp_path / "d.jsonl", records)
@@ -106,6 +126,8 @@ def test_truncate_and_skip(tmp_path, smollm2_tokenizer):
         ('{"foo": 1}\n', "d.jsonl:1: unknown record format"),
         ('{"question": 3, "answer": "b"}\n', "d.jsonl:1: field 'question' must be a string"),
         ("[1, 2]\n", "d.jsonl:1: expected a JSON object"),
+        ('{"input_ids": [1, -2]}\n', "d.jsonl:1: 'input_ids' must be a non-empty list of non-negative integers"),
+        ('{"input_ids": [1, 2], "loss_mask": [1]}\n', "d.jsonl:1: 'loss_mask' must be a list of 0/1 as long"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, content, fragment):

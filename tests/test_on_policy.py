@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -95,6 +96,26 @@ def lines(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+def assert_cache_holds_the_sampled_tokens(here: Path) -> None:
+    """The teacher scored exactly the token ids the engine sampled (not the decoded text re-tokenized)."""
+    from kd.cache.reader import CacheReader
+
+    ledger = {(int(e["prompt_id"]), e["sample"]): e for e in lines(here / "samples.raw.jsonl")}
+    records = lines(here / "samples.jsonl")
+    cached = {s.row: s for s in CacheReader(here / "cache").iter_sequences()}
+    assert sorted(cached) == list(range(len(records)))
+    for row, record in enumerate(records):
+        meta = record["meta"]
+        if meta["kind"] != "on-policy":
+            continue
+        entry = ledger[(meta["slot"], meta["sample"])]
+        sampled = entry["prompt_token_ids"] + entry["token_ids"]
+        assert cached[row].input_ids.tolist() == sampled
+        targets = np.flatnonzero(cached[row].loss_mask)
+        assert targets.tolist() == list(range(len(entry["prompt_token_ids"]), len(sampled)))
+        assert len(cached[row].teacher.ids) == len(entry["token_ids"]) == meta["completion_tokens"]
+
+
 def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
     from kd.cache.reader import CacheReader
     from kd.pipeline.models import ModelSource
@@ -114,6 +135,8 @@ def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
             assert judged[key] is not None, key
         assert judged["reverse_kl"] > 0 and len(judged["reverse_kl_ci"]) == 2
         assert trained["steps"] == STEPS * (index + 1)  # the step count carries over between rounds
+        assert_cache_holds_the_sampled_tokens(here)
+        assert judged["tokens_as_sampled_share"] == 1.0
     assert len(lines(reference / "metrics.jsonl")) == ROUNDS
     assert (reference / "student").resolve() == (reference / "round-001" / "train").resolve()
 
@@ -274,6 +297,8 @@ def test_a_round_with_vllm_sampling_and_scoring(tmp_path, tiny_model_dir, studen
     assert CacheReader(out / "round-000" / "cache").verify() == []
     assert round_0["samples"] == PROMPTS_PER_ROUND * SAMPLES and round_0["reverse_kl"] > 0
     assert round_0["steps"] == STEPS
+    assert_cache_holds_the_sampled_tokens(out / "round-000")  # vLLM's prompt and sampled ids, as they were
+    assert round_0["tokens_as_sampled_share"] == 1.0
 
 
 def test_mix_adds_off_policy_records_that_are_trained_on_not_judged(tmp_path, tiny_model_dir, student_config, prompts):

@@ -12,11 +12,16 @@ format                    record                                                
 ``prompt_completion``     ``{"prompt", "completion"}``                           the completion + end-of-turn
 ``gsm8k``                 ``{"question", "answer"}``                             the answer + end-of-turn
 ``text``                  ``{"text"}`` (pre-training)                            every token but the first
+``tokens``                ``{"input_ids": [...], "loss_mask"?: [0/1, ...]}``     the mask's 1s (default: all)
 ========================  =====================================================  ==========================
 
 Chat-shaped records are rendered with the tokenizer's chat template. The loss mask is computed from
 character spans: each assistant turn's span runs from where the template's generation prompt ends to
 the end of its end-of-turn token (trailing whitespace the template adds is not a target).
+
+``tokens`` records are already tokenized: the ids are used as they are (no template, no special
+tokens added). That is how `kd on-policy` hands the teacher exactly the token sequences the student
+sampled: decoding a sample and re-tokenizing its text can give different tokens.
 """
 
 from __future__ import annotations
@@ -33,18 +38,21 @@ import numpy as np
 
 from kd.pipeline.errors import KdError, where
 
-FORMATS = ("conversations", "messages", "alpaca", "prompt_completion", "gsm8k", "text")
+FORMATS = ("conversations", "messages", "alpaca", "prompt_completion", "gsm8k", "text", "tokens")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
 class Example:
-    """One normalised record: either a chat (`messages`) or plain pre-training `text`."""
+    """One normalised record: a chat (`messages`), plain pre-training `text`, or token ids."""
 
     source: str
     """Where it came from, ``file:line`` (or ``file:row`` for Parquet) for error messages."""
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    input_ids: list[int] | None = None
+    """Pre-tokenized (``tokens`` format), with `loss_mask` beside it."""
+    loss_mask: list[int] | None = None
 
 
 @dataclass
@@ -138,6 +146,8 @@ def corpus_fingerprint(path: str | Path) -> str:
 def detect_format(record: dict[str, Any], source: str) -> str:
     """Guess a record format from its keys (see the module docstring)."""
     keys = set(record)
+    if "input_ids" in keys:  # checked first: an on-policy sample also carries its chat turns
+        return "tokens"
     if "conversations" in keys:
         return "conversations"
     if "messages" in keys:
@@ -222,7 +232,28 @@ def normalize_record(record: dict[str, Any], fmt: str, source: str) -> Example:
         if not text:
             raise KdError(f"{source}: empty 'text'")
         return Example(source, text=text)
+    if fmt == "tokens":
+        return _token_example(record, source)
     raise KdError(f"--data-format {fmt}: unknown format; expected one of {', '.join(FORMATS)}")
+
+
+def _token_example(record: dict[str, Any], source: str) -> Example:
+    ids = record.get("input_ids")
+    if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
+        raise KdError(f"{source}: 'input_ids' must be a non-empty list of non-negative integers")
+    mask = record.get("loss_mask")
+    if mask is None:
+        mask = [1] * len(ids)
+    elif not isinstance(mask, list) or len(mask) != len(ids) or not all(m in (0, 1) for m in mask):
+        raise KdError(f"{source}: 'loss_mask' must be a list of 0/1 as long as 'input_ids' ({len(ids)})")
+    return Example(source, input_ids=ids, loss_mask=[int(m) for m in mask])
+
+
+def check_token_ids(example: Example, tokenizer) -> None:
+    """Ids of a ``tokens`` record must exist in the tokenizer (else the teacher's embedding fails later)."""
+    top = max(example.input_ids)
+    if top >= len(tokenizer):
+        raise KdError(f"{example.source}: token id {top} is outside the tokenizer's vocabulary ({len(tokenizer)} ids)")
 
 
 def iter_examples(path: str | Path, data_format: str | None = None, limit: int | None = None) -> Iterator[Example]:
@@ -290,7 +321,11 @@ def tokenize_example(
     Returns None when the example must be skipped: longer than max_seq_len with overflow="skip",
     or left with no target token after truncation. The caller counts and reports skips.
     """
-    if example.text is not None:
+    if example.input_ids is not None:
+        check_token_ids(example, tokenizer)
+        ids, mask, text = list(example.input_ids), list(example.loss_mask), ""
+        offsets = [(0, 0)] * len(ids)
+    elif example.text is not None:
         text = example.text
         encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], [tuple(o) for o in encoding["offset_mapping"]]
@@ -355,7 +390,9 @@ def encode_examples(
     spans: list[list[tuple[int, int]] | None] = [None] * len(examples)
     plain, chat = [], []
     for i, example in enumerate(examples):
-        if example.text is not None:
+        if example.input_ids is not None:
+            check_token_ids(example, tokenizer)
+        elif example.text is not None:
             texts[i] = example.text
             plain.append(i)
         else:
@@ -377,12 +414,15 @@ def encode_examples(
     is_plain = set(plain)
     results: list[EncodedExample | None] = []
     for i, example in enumerate(examples):
-        ids = np.asarray(ids_of[i], dtype=np.int32)
-        if i in is_plain:
+        if example.input_ids is not None:
+            ids, mask = np.asarray(example.input_ids, dtype=np.int32), np.asarray(example.loss_mask, dtype=bool)
+        elif i in is_plain:
+            ids = np.asarray(ids_of[i], dtype=np.int32)
             if eos is not None and (not len(ids) or ids[-1] != eos):
                 ids = np.append(ids, np.int32(eos))
             mask = np.ones(len(ids), dtype=bool)
         else:
+            ids = np.asarray(ids_of[i], dtype=np.int32)
             offsets = np.asarray(offsets_of[i], dtype=np.int64).reshape(-1, 2)
             start, end = offsets[:, 0], offsets[:, 1]
             mask = np.zeros(len(ids), dtype=bool)

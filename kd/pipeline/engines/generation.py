@@ -95,6 +95,10 @@ class Completion:
     """``stop`` (the model ended it) or ``length`` (max_new_tokens reached: truncated)."""
     prompt_tokens: int
     completion_tokens: int
+    prompt_token_ids: list[int] | None = None
+    """The prompt exactly as the engine tokenized it (None where the engine does not say: OpenAI)."""
+    token_ids: list[int] | None = None
+    """The sampled tokens, the end-of-sequence token included when the model stopped with one."""
 
 
 def all_pairs(num_prompts: int, n: int) -> list[tuple[int, int]]:
@@ -213,8 +217,9 @@ class TransformersGenerator:
                 out = self.model.generate(**enc, generation_config=config, logits_processor=processors)
             new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
             prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
+            prompt_ids = [row[len(row) - n :] for row, n in zip(enc["input_ids"].tolist(), prompt_lengths, strict=True)]
             completions = []
-            for (p, s), tokens, prompt_len in zip(batch, new_tokens, prompt_lengths, strict=True):
+            for (p, s), tokens, prompt_len, prompt in zip(batch, new_tokens, prompt_lengths, prompt_ids, strict=True):
                 end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
                 finish = "stop" if end is not None else "length"
                 kept = tokens[:end] if end is not None else tokens
@@ -226,6 +231,8 @@ class TransformersGenerator:
                         finish_reason=finish,
                         prompt_tokens=int(prompt_len),
                         completion_tokens=len(kept) + (1 if end is not None else 0),
+                        prompt_token_ids=prompt,  # left-padded: the prompt is the row's last tokens
+                        token_ids=tokens[: end + 1] if end is not None else tokens,
                     )
                 )
             yield completions
@@ -329,6 +336,8 @@ class VllmGenerator:
                             finish_reason="length" if choice.finish_reason == "length" else "stop",
                             prompt_tokens=len(output.prompt_token_ids or []),
                             completion_tokens=len(choice.token_ids),
+                            prompt_token_ids=list(output.prompt_token_ids or []),
+                            token_ids=list(choice.token_ids),
                         )
                     )
             yield completions

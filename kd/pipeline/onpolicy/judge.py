@@ -66,9 +66,9 @@ def judge_sequences(
 ) -> tuple[dict[str, float | list[float] | int], dict[str, dict[str, float]]]:
     """Judge the cached sequences whose row is in `group_of_row` (row -> prompt key); skip the rest.
 
-    `expected_targets` (row -> tokens the student sampled, end-of-turn included) checks that stage
-    one's re-tokenization of the decoded text gave back as many tokens as were sampled
-    (``tokens_as_sampled_share``): the teacher scores the completion's text, re-tokenized.
+    `expected_targets` (row -> tokens the student sampled, end-of-sequence included) checks that the
+    cache holds a teacher entry for every sampled token (``tokens_as_sampled_share``; below 1 only
+    where --max-seq-len cut a sample).
 
     Returns (metrics, per_prompt): per-token means with ``<name>_ci`` intervals, and each prompt's sums
     (what a paired comparison of two students on the same prompts needs).

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kd.pipeline.data import iter_examples
+from kd.pipeline.data import iter_examples, tokenize_example
 from kd.pipeline.errors import KdError
 
 
@@ -35,13 +35,17 @@ def round_prompt_indices(num_prompts: int, per_round: int, round_index: int, see
 
 @dataclass
 class MixSource:
-    """The off-policy corpus of --mix as prompt/completion records (chat turns), read once."""
+    """The off-policy corpus of --mix as token records (ids + loss mask, chat turns beside), read once.
+
+    Tokenized here, with the tokenizer the student and teacher share, because a round's samples.jsonl
+    is in the ``tokens`` format (the student's exact samples) and one file has one format.
+    """
 
     path: str
     records: list[dict[str, Any]]
 
     @classmethod
-    def load(cls, path: str) -> MixSource:
+    def load(cls, path: str, tokenizer) -> MixSource:
         """Read and convert every record; a record kd cannot turn into chat turns is a one-line error."""
         records = []
         for example in iter_examples(path):
@@ -53,7 +57,18 @@ class MixSource:
             turns = example.messages
             last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
             # TRL's conversational prompt/completion form: every assistant turn stays a target.
-            records.append({"prompt": turns[:last], "completion": turns[last:], "meta": {"kind": "off-policy"}})
+            tokens = tokenize_example(example, tokenizer)
+            if tokens is None:
+                raise KdError(f"{example.source}: --mix-data record has no target token")
+            records.append(
+                {
+                    "input_ids": tokens.input_ids,
+                    "loss_mask": tokens.loss_mask,
+                    "prompt": turns[:last],  # TRL's conversational form, for people
+                    "completion": turns[last:],
+                    "meta": {"kind": "off-policy"},
+                }
+            )
         if not records:
             raise KdError(f"--mix-data {path}: no records")
         return cls(path, records)

@@ -53,10 +53,10 @@ def run_on_policy(cfg: OnPolicyConfig) -> dict[str, Any]:
     prompts = load_prompts(cfg.prompts)
     if cfg.prompts_per_round > len(prompts):
         raise KdError(f"--prompts-per-round {cfg.prompts_per_round} exceeds the {len(prompts)} prompts in --prompts")
-    mix = MixSource.load(cfg.mix_data) if cfg.mix else None
     teacher = resolve_model(cfg.teacher, "--teacher")
     student = None if cfg.student_from_teacher else resolve_model(cfg.student, "--student")
     check_tokenizers(teacher, student)
+    mix = MixSource.load(cfg.mix_data, load_tokenizer(teacher)) if cfg.mix else None
     device = cfg.device or default_device()
     fingerprints = {
         "teacher_fingerprint": model_fingerprint(teacher),

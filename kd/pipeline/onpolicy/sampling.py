@@ -7,9 +7,11 @@ in order, the missing pairs are whole trailing batches, and the transformers eng
 seeds) regenerates them exactly as an uninterrupted run would have: the same samples, bit for bit.
 vLLM seeds per engine, so its samples depend on batching and a resumed round's new samples differ.
 
-When every pair is in the ledger, ``samples.jsonl`` is written atomically in (slot, sample) order:
-prompt/completion records in TRL's conversational form, so stage one renders them with the chat
-template the student sampled under and only the completion (and its end-of-turn token) is a target.
+When every pair is in the ledger, ``samples.jsonl`` is written atomically in (slot, sample) order.
+Each record carries the exact token ids the engine used and sampled (``input_ids`` = prompt +
+completion, ``loss_mask`` = 1 on the completion), so stage one scores exactly those sequences (the
+``tokens`` data format): decoding a sample and re-tokenizing its text gives other tokens for a
+large share of samples. The chat turns stay beside the ids for people and for answer checking.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ def _ledger_entry(prompt: Prompt, completion) -> dict[str, Any]:
         "finish_reason": completion.finish_reason,
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
+        "prompt_token_ids": completion.prompt_token_ids,
+        "token_ids": completion.token_ids,
     }
 
 
@@ -139,7 +143,15 @@ def _sample_record(prompt: Prompt, messages: Messages, entry: dict[str, Any]) ->
     correct = None
     if prompt.reference is not None:
         correct = answer is not None and answers_match(answer, prompt.reference)
+    prompt_ids, completion_ids = entry.get("prompt_token_ids"), entry.get("token_ids")
+    if prompt_ids is None or completion_ids is None:
+        raise KdError(
+            f"sample {entry['prompt_id']}/{entry['sample']} has no token ids (a ledger from an older kd); "
+            "delete the round's directory and rerun"
+        )
     return {
+        "input_ids": [*prompt_ids, *completion_ids],
+        "loss_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
         "prompt": messages,
         "completion": [{"role": "assistant", "content": entry["text"]}],
         "meta": {

@@ -37,7 +37,7 @@ class ScoringSettings:
             data=str(samples),
             out=str(cache_dir),
             teacher=self.teacher,
-            data_format="prompt_completion",
+            data_format="tokens",  # the sampled ids themselves, not their text re-tokenized
             engine=self.engine,
             top_k=self.top_k,
             value_encoding=self.value_encoding,
@@ -79,8 +79,7 @@ def judge_samples(
         if meta.get("kind") != "on-policy":
             continue
         group_of_row[row] = str(meta["prompt_id"])
-        # The chat template closes a cut completion with an end-of-turn token the student never wrote.
-        expected[row] = int(meta["completion_tokens"]) + (meta["finish_reason"] == "length")
+        expected[row] = int(sum(record["loss_mask"]))
     model = load_causal_lm(student, dtype="float32" if device == "cpu" else "auto", device=device)
     reader = CacheReader(cache_dir)
     try:
