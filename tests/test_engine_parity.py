@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 
+from kd.cache.format import target_positions
 from kd.cache.reader import CacheReader
 from tests.helpers import run_kd
 
@@ -162,10 +163,25 @@ def test_flat_logprobs_conversion_matches_dicts():
         )
         flat.append_fast([i for i, _ in entries], [v for _, v in entries], iter(range(k + 1)), [None] * (k + 1))
         dicts.append({i: Logprob(v) for i, v in entries})
-    mask = np.zeros(length, bool)
-    mask[[3, 4, 5, 9, 20, 21, 29]] = True
-    a, b = topk_from_flat(flat, mask, k), topk_from_dicts(dicts, mask, k)
-    assert a.ids.shape == (7, k)
-    np.testing.assert_array_equal(a.ids, b.ids)
-    np.testing.assert_allclose(a.logprobs, b.logprobs)
-    np.testing.assert_allclose(a.tail, b.tail)
+    sparse = np.zeros(length, bool)
+    sparse[[3, 4, 5, 9, 20, 21, 29]] = True  # several runs of targets
+    dense = np.ones(length, bool)
+    dense[[0, 1, 7, 8, 15]] = False
+    for mask in (sparse, dense):
+        a, b = topk_from_flat(flat, mask, k), topk_from_dicts(dicts, mask, k)
+        assert a.ids.shape == (len(target_positions(mask)), k)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs)
+        np.testing.assert_allclose(a.tail, b.tail)
+        assert a.ids.dtype == np.int32 and a.logprobs.dtype == np.float32
+
+
+def test_vllm_tail_is_floored_not_minus_infinity():
+    """float32 top-k log-probs can sum to 1 or a hair above: the tail is floored, never -inf, so
+    reverse KL against a vLLM cache stays finite; an ordinary tail is log(1 - sum) exactly."""
+    from kd.pipeline.engines.logits_vllm import TAIL_FLOOR, tail_logmass
+
+    full = np.log(np.array([[0.5, 0.3, 0.2000001], [0.5, 0.25, 0.125]], dtype=np.float32))
+    tail = tail_logmass(full)
+    assert tail[0] == np.float32(TAIL_FLOOR)
+    np.testing.assert_allclose(tail[1], np.log(0.125), rtol=1e-6)

@@ -14,13 +14,17 @@ converted ones as [targets, k] arrays (~0.5 KB per target).
 Cheapest output form: `detokenize=False` (no strings per log-prob) and, where the installed vLLM has
 it, `flat_logprobs=True` (one flat list per request instead of a dict of `Logprob` objects per
 position). Conversion is vectorised: the flat lists of each run of consecutive target positions are
-sliced and reshaped to [positions, k + 1] in one numpy call; positions that are not targets are
-never touched.
+sliced (positions that are not targets are never converted) and packed with `struct` into one
+buffer that numpy reshapes to [positions, k + 1], dropping the prompt-token column. `struct.pack`
+reads a list of Python numbers at ~6 ns each, `np.asarray` at ~16 and `array.array` at ~13.
+The tail comes from a float64 sum of exp(top-k), not a `logaddexp` reduction (20x slower).
 
 Engine creation (CPU adjustments, context cap) is shared with generation: see vllm_setup.py.
 """
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 
@@ -41,11 +45,24 @@ def target_runs(positions: np.ndarray) -> list[tuple[int, int]]:
     return [(int(positions[a]), int(positions[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
 
 
+TAIL_FLOOR = float(np.log(1e-6))
+"""Smallest tail log-mass kept: vLLM's float32 top-k log-probs sum to 1 only within ~1e-6, so a
+computed 1 - sum below that is rounding, not information. A tail of exactly zero mass (-inf) would
+make reverse KL infinite for any student that gives the tail any mass."""
+
+
 def tail_logmass(logprobs: np.ndarray) -> np.ndarray:
-    """log(1 - sum exp(top-k)) per row, float32; -inf where the top-k holds all the mass."""
-    top_mass = np.logaddexp.reduce(logprobs.astype(np.float64), axis=1)
-    with np.errstate(divide="ignore"):
-        return np.log(-np.expm1(np.minimum(top_mass, 0.0))).astype(np.float32)
+    """log(1 - sum exp(top-k)) per row, float32, floored at TAIL_FLOOR."""
+    top_mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
+    return np.log(np.maximum(1.0 - top_mass, np.exp(TAIL_FLOOR))).astype(np.float32)
+
+
+def _as_int32(values: list) -> np.ndarray:
+    return np.frombuffer(struct.pack(f"{len(values)}i", *values), dtype=np.int32)
+
+
+def _as_float32(values: list) -> np.ndarray:
+    return np.frombuffer(struct.pack(f"{len(values)}f", *values), dtype=np.float32)
 
 
 def topk_from_flat(flat, loss_mask: np.ndarray, k: int) -> TopKTargets:
@@ -65,8 +82,8 @@ def topk_from_flat(flat, loss_mask: np.ndarray, k: int) -> TopKTargets:
         if hi - lo != (b - a) * width:
             raise KdError(f"vLLM returned {hi - lo} prompt log-probs for {b - a} positions, expected {width} each")
         n = b - a
-        ids[done : done + n] = np.asarray(flat.token_ids[lo:hi], dtype=np.int32).reshape(n, width)[:, 1:]
-        logprobs[done : done + n] = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(n, width)[:, 1:]
+        ids[done : done + n] = _as_int32(flat.token_ids[lo:hi]).reshape(n, width)[:, 1:]
+        logprobs[done : done + n] = _as_float32(flat.logprobs[lo:hi]).reshape(n, width)[:, 1:]
         done += n
     return TopKTargets(ids, logprobs, tail_logmass(logprobs))
 
