@@ -80,7 +80,7 @@ def on_policy_args(teacher: Path, student: Path, prompts: Path, out: Path, *extr
 def reference(tmp_path_factory, tiny_model_dir, student_config, prompts) -> Path:
     """An uninterrupted two-round run."""
     out = tmp_path_factory.mktemp("on-policy") / "reference"
-    proc = run_kd(*on_policy_args(tiny_model_dir, student_config, prompts, out), "--json")
+    proc = run_kd(*on_policy_args(tiny_model_dir, student_config, prompts, out), "--json", "--report-to", "tensorboard")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
@@ -138,6 +138,16 @@ def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
         assert_cache_holds_the_sampled_tokens(here)
         assert judged["tokens_as_sampled_share"] == 1.0
     assert len(lines(reference / "metrics.jsonl")) == ROUNDS
+    # --report-to tensorboard: one point per round, at the step count the sampling student had.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference / "tensorboard"))
+    events.Reload()
+    judged_kl = [(e.step, e.value) for e in events.Scalars("on_policy/reverse_kl")]
+    per_round = [json.loads((reference / f"round-{r:03d}" / "round.json").read_text()) for r in range(ROUNDS)]
+    assert [step for step, _ in judged_kl] == [r * STEPS for r in range(ROUNDS)]
+    assert [v for _, v in judged_kl] == pytest.approx([r["reverse_kl"] for r in per_round], rel=1e-6)
+    assert [e.step for e in events.Scalars("round/train_loss")] == [(r + 1) * STEPS for r in range(ROUNDS)]
     assert (reference / "student").resolve() == (reference / "round-001" / "train").resolve()
 
     # Round 1 trained on from round 0's optimizer state, schedule and step count.

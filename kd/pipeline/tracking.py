@@ -75,3 +75,43 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def report_scalars(out: Path, report_to: str, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
+    """Mirror one record of scalars to TensorBoard (OUT/tensorboard) or wandb, opening and closing
+    the writer around it.
+
+    For callers that report rarely and share the process with other loggers: `kd on-policy` reports
+    one record per round while every round's trainer opens and finishes a run of its own, so a
+    writer held open across rounds would be finished under it. wandb resumes one run per OUT (its
+    id kept in OUT/wandb-run-id), so all rounds land on one chart.
+    """
+    if report_to == "none":
+        return
+    if report_to not in REPORT_TARGETS:
+        raise KdError(f"--report-to {report_to}: expected one of {', '.join(REPORT_TARGETS)}")
+    numeric = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise KdError("--report-to tensorboard needs `pip install tensorboard`") from exc
+        writer = SummaryWriter(str(out / "tensorboard"))
+        try:
+            for key, value in numeric.items():
+                writer.add_scalar(key, value, step)
+        finally:
+            writer.close()
+        return
+    try:
+        import wandb
+    except ImportError as exc:
+        raise KdError("--report-to wandb needs `pip install wandb`") from exc
+    id_file = out / "wandb-run-id"
+    if not id_file.is_file():
+        id_file.write_text(wandb.util.generate_id() + "\n")
+    run = wandb.init(project="kd", id=id_file.read_text().strip(), resume="allow", dir=str(out))
+    try:
+        run.log(numeric, step=step)
+    finally:
+        run.finish()

@@ -101,7 +101,8 @@ class OnPolicyConfig:
     log_every: int = 10
     """Log training metrics every N steps."""
     report_to: str = "none"
-    """none, tensorboard or wandb (metrics.jsonl is always written)."""
+    """none, tensorboard or wandb: each round's judged and training figures to OUT (tags on_policy/*,
+    round/*), each round's step metrics to its train/ (metrics.jsonl is always written)."""
     device: str | None = None
     """cpu, cuda, cuda:1 for sampling (transformers), scoring and training [default: cuda if available]."""
     seed: int = 0

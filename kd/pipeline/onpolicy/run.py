@@ -42,6 +42,7 @@ from kd.pipeline.onpolicy.scoring import ScoringSettings, cache_is_complete, jud
 from kd.pipeline.onpolicy.state import RunDirectory, round_dir, settings_record
 from kd.pipeline.progress import log
 from kd.pipeline.traces import Prompt, load_prompts
+from kd.pipeline.tracking import report_scalars
 from kd.pipeline.trainer import TrainConfig, train
 
 ROUND_DONE = "round.json"
@@ -220,6 +221,11 @@ def run_round(
     result = {**on_policy, **trained, "off_policy_sequences": len(records) - judged.get("judged_sequences", 0)}
     atomic_write_text(done, json.dumps(result, indent=2) + "\n")
     log(f"round {index}: trained to step {summary['steps']} (loss {last.get('loss', float('nan')):.4f})")
+    # The judged figures describe the student that sampled (index * steps trained steps); reported
+    # once, when the round finishes, so a rerun that reuses a finished round adds no duplicate point.
+    judged_now = {k: v for k, v in on_policy.items() if k != "round"}
+    report_scalars(out, cfg.report_to, judged_now, index * steps, "on_policy/")
+    report_scalars(out, cfg.report_to, {k: v for k, v in trained.items() if k != "round"}, summary["steps"], "round/")
     return result
 
 
