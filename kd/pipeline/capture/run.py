@@ -28,6 +28,7 @@ from kd.pipeline.capture.meter import Meter, make_stage_one_progress
 from kd.pipeline.capture.plan import RunningCut, length_sorted_batches
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
 from kd.pipeline.errors import KdError
+from kd.pipeline.heap import fix_mmap_threshold
 from kd.pipeline.models import (
     file_fingerprint,
     load_tokenizer,
@@ -40,6 +41,7 @@ from kd.pipeline.progress import log
 
 def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     """Run stage one for this rank. Returns a summary (counts, throughput, memory held)."""
+    fix_mmap_threshold()  # else peak RSS creeps up with the run's length (see kd.pipeline.heap)
     meter = Meter()
     source = resolve_model(cfg.teacher, "--teacher")
     tokenizer = load_tokenizer(source)

@@ -48,6 +48,20 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return ids, logprobs, tail
 
 
+HEAD_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+"""Bytes of one [rows, vocab] fp32 logits chunk. topk_with_tail holds about two such blocks at once,
+so this, not the corpus, bounds the head's share of stage one's peak memory: with 1,024 rows of
+SmolLM2's 49,152 logits the transient was ~400 MB, and the longest batches of a larger corpus
+filled the chunk more often, which made peak RSS grow with the corpus (issue 10). On a GPU larger
+chunks keep the head's matmul efficient."""
+
+
+def head_chunk_rows(vocab_size: int, device_type: str) -> int:
+    """Target rows per logits chunk: as many as fit HEAD_CHUNK_BYTES, between 64 and 4,096."""
+    budget = HEAD_CHUNK_BYTES.get(device_type, HEAD_CHUNK_BYTES["cuda"])
+    return int(min(4096, max(64, budget // (4 * vocab_size))))
+
+
 def sample_counts(
     logits: torch.Tensor, num_samples: int, generator: torch.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -82,7 +96,7 @@ class TransformersTeacher:
         device: ``cpu``, ``cuda``, ``cuda:1``...; ignored with device_map.
         dtype: model dtype flag (``auto`` = bf16 on CUDA, fp32 on CPU).
         device_map: ``auto`` spreads a teacher too big for one GPU across all visible GPUs.
-        chunk_rows: targets per logits chunk (bounds the [rows, vocab] fp32 peak).
+        chunk_rows: targets per logits chunk; default: as many as fit HEAD_CHUNK_BYTES.
     """
 
     def __init__(
@@ -92,14 +106,14 @@ class TransformersTeacher:
         device: str = "cpu",
         dtype: str = "auto",
         device_map: str | None = None,
-        chunk_rows: int = 1024,
+        chunk_rows: int | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
         self.model = load_causal_lm(source, dtype=dtype, device=device, device_map=device_map).eval()
         self.body, self.head, self.softcap = split_body_and_head(self.model)
         self.vocab_size = self.head.weight.shape[0]
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_rows or head_chunk_rows(self.vocab_size, self.head.weight.device.type)
         self.input_device = next(self.body.parameters()).device
 
     @torch.inference_mode()
