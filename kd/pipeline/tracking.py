@@ -43,17 +43,9 @@ class MetricsLogger:
         if report_to not in REPORT_TARGETS:
             raise KdError(f"--report-to {report_to}: expected one of {', '.join(REPORT_TARGETS)}")
         if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise KdError("--report-to tensorboard needs `pip install tensorboard`") from exc
-            self._tb = SummaryWriter(str(out / "tensorboard"))
+            self._tb = _tensorboard_writer(out)
         elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError as exc:
-                raise KdError("--report-to wandb needs `pip install wandb`") from exc
-            self._wandb = wandb.init(project="kd", config=run_config or {}, dir=str(out))
+            self._wandb = _import_wandb().init(project="kd", config=run_config or {}, dir=str(out))
 
     def log(self, metrics: dict[str, Any], console: bool = True) -> None:
         if not self.enabled:
@@ -92,21 +84,14 @@ def report_scalars(out: Path, report_to: str, metrics: dict[str, Any], step: int
         raise KdError(f"--report-to {report_to}: expected one of {', '.join(REPORT_TARGETS)}")
     numeric = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if report_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise KdError("--report-to tensorboard needs `pip install tensorboard`") from exc
-        writer = SummaryWriter(str(out / "tensorboard"))
+        writer = _tensorboard_writer(out)
         try:
             for key, value in numeric.items():
                 writer.add_scalar(key, value, step)
         finally:
             writer.close()
         return
-    try:
-        import wandb
-    except ImportError as exc:
-        raise KdError("--report-to wandb needs `pip install wandb`") from exc
+    wandb = _import_wandb()
     id_file = out / "wandb-run-id"
     if not id_file.is_file():
         id_file.write_text(wandb.util.generate_id() + "\n")
@@ -115,3 +100,19 @@ def report_scalars(out: Path, report_to: str, metrics: dict[str, Any], step: int
         run.log(numeric, step=step)
     finally:
         run.finish()
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise KdError("--report-to tensorboard needs `pip install tensorboard`") from exc
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as exc:
+        raise KdError("--report-to wandb needs `pip install wandb`") from exc
+    return wandb
