@@ -39,6 +39,9 @@ def target_runs(positions: np.ndarray) -> list[tuple[int, int]]:
     """Consecutive runs of sorted target positions as [start, end) pairs (chat data: one per answer)."""
     if not len(positions):
         return []
+    first, last = int(positions[0]), int(positions[-1])
+    if last - first + 1 == len(positions):  # one run (a single answer): no numpy calls needed
+        return [(first, last + 1)]
     breaks = np.flatnonzero(np.diff(positions) != 1) + 1
     starts = np.concatenate([[0], breaks])
     ends = np.concatenate([breaks, [len(positions)]])
@@ -52,8 +55,12 @@ make reverse KL infinite for any student that gives the tail any mass."""
 
 
 def tail_logmass(logprobs: np.ndarray) -> np.ndarray:
-    """log(1 - sum exp(top-k)) per row, float32, floored at TAIL_FLOOR."""
-    top_mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
+    """log(1 - sum exp(top-k)) per row, float32, floored at TAIL_FLOOR.
+
+    exp in float32 (the log-probs' own precision), summed in float64: the mass is then exact to ~1e-7,
+    below the floor.
+    """
+    top_mass = np.exp(logprobs).sum(axis=1, dtype=np.float64)
     return np.log(np.maximum(1.0 - top_mass, np.exp(TAIL_FLOOR))).astype(np.float32)
 
 
