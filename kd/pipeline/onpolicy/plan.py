@@ -51,8 +51,8 @@ class MixSource:
         for example in iter_examples(path):
             if example.messages is None:
                 raise KdError(
-                    f"{example.source}: --mix-data needs chat-shaped records (a plain 'text' record has no "
-                    "prompt/completion split to train on)"
+                    f"{example.source}: --mix-data needs chat-shaped records (a plain 'text' or 'tokens' "
+                    "record has no prompt/completion split to train on)"
                 )
             turns = example.messages
             last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
