@@ -7,6 +7,9 @@ problems tokenized as stage one tokenizes them. Modes, interleaved round by roun
 
 - ``vllm_own``: vLLM's prompt-only throughput, `LLM.generate` of all sequences in one call,
   `max_tokens=1`, no log-probs (the ceiling for any scorer on this engine);
+- ``vllm_own_logprobs``: the same call asking vLLM only for each prompt token's own log-prob
+  (`prompt_logprobs=0`): vLLM then applies its head, log-softmax and rank at every prompt position,
+  the least any prompt-log-prob scorer on this engine can make it do;
 - ``kd_vllm``: kd's vLLM engine (`VllmTeacher.score` on the whole window: prompt top-k log-probs,
   flat output, vectorised conversion of the target positions) on the same vLLM instance;
 - ``kd_transformers``: kd's transformers engine over the same sequences in length-sorted batches
@@ -63,6 +66,10 @@ def main() -> None:
     def vllm_own() -> None:
         kd_vllm.llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
 
+    def vllm_own_logprobs() -> None:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        kd_vllm.llm.generate(prompts, params, use_tqdm=False)
+
     def kd_vllm_score() -> None:
         kd_vllm.score(seqs)
 
@@ -70,7 +77,12 @@ def main() -> None:
         for batch in length_sorted_batches(seqs, 8):
             hf.score([seqs[i] for i in batch])
 
-    modes = {"vllm_own": vllm_own, "kd_vllm": kd_vllm_score, "kd_transformers": kd_transformers}
+    modes = {
+        "vllm_own": vllm_own,
+        "vllm_own_logprobs": vllm_own_logprobs,
+        "kd_vllm": kd_vllm_score,
+        "kd_transformers": kd_transformers,
+    }
     kd_vllm.llm.generate(prompts[:16], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(args.rounds):
@@ -93,6 +105,8 @@ def main() -> None:
     per_round = [
         {
             "kd_vllm/vllm_own": times["vllm_own"][r] / times["kd_vllm"][r],
+            "kd_vllm/vllm_own_logprobs": times["vllm_own_logprobs"][r] / times["kd_vllm"][r],
+            "kd_transformers/vllm_own": times["vllm_own"][r] / times["kd_transformers"][r],
             "kd_vllm/kd_transformers": times["kd_transformers"][r] / times["kd_vllm"][r],
         }
         for r in range(args.rounds)
@@ -107,6 +121,8 @@ def main() -> None:
         "tokens_per_second": {name: tokens / s for name, s in median.items()},
         "ratio_kd_vllm_to_vllm_own": median["vllm_own"] / median["kd_vllm"],
         "ratio_kd_vllm_to_kd_transformers": median["kd_transformers"] / median["kd_vllm"],
+        "ratio_kd_vllm_to_vllm_own_logprobs": median["vllm_own_logprobs"] / median["kd_vllm"],
+        "ratio_kd_transformers_to_vllm_own": median["vllm_own"] / median["kd_transformers"],
         "per_round": per_round,
         "postprocess_positions_per_second": targets / statistics.median(post),
         "rounds": times,
@@ -117,7 +133,8 @@ def main() -> None:
 
 def json_line(result: dict) -> str:
     return (
-        f"kd vLLM / vLLM own = {result['ratio_kd_vllm_to_vllm_own']:.3f}; kd vLLM / kd transformers = "
+        f"kd vLLM / vLLM own = {result['ratio_kd_vllm_to_vllm_own']:.3f}; kd vLLM / vLLM own with prompt "
+        f"log-probs = {result['ratio_kd_vllm_to_vllm_own_logprobs']:.3f}; kd vLLM / kd transformers = "
         f"{result['ratio_kd_vllm_to_kd_transformers']:.3f}; post-processing "
         f"{result['postprocess_positions_per_second']:,.0f} target positions/s; per round {result['per_round']}"
     )
