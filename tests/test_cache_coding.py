@@ -19,7 +19,7 @@ from kd.cache import format as fmt
 from kd.cache.manifest import open_or_create, record_rank_done
 from kd.cache.reader import CacheReader
 from kd.cache.writer import BackgroundShardWriter
-from kd.pipeline.engines.logits_hf import topk_with_tail
+from kd.pipeline.engines.head import topk_with_tail
 from tests.test_cache_format import bucket_kl
 
 

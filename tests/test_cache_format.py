@@ -14,7 +14,7 @@ import torch
 
 from kd.cache import format as fmt
 from kd.cache.reader import decode_table
-from kd.pipeline.engines.logits_hf import topk_with_tail
+from kd.pipeline.engines.head import topk_with_tail
 
 
 def bucket_kl(p_lp: np.ndarray, p_tail: np.ndarray, q_lp: np.ndarray, q_tail: np.ndarray) -> np.ndarray:

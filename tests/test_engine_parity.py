@@ -2,9 +2,11 @@
 
     .venv/bin/python -m pytest tests/test_engine_parity.py -q
 
-Both engines run the embedded SmolLM2-135M-Instruct teacher over the same conversations; the cached
-top-k ids must agree wherever the teacher's ranking is not a near-tie, and the log-probabilities
-within bf16 tolerance. With --json, vLLM's stdout logging must not reach stdout.
+Both engines run the embedded SmolLM2-135M-Instruct teacher over the same conversations, vLLM in
+both of its scorings (hidden states + kd's head, and vLLM's prompt log-probs); the cached top-k ids
+must agree wherever the teacher's ranking is not a near-tie, and the log-probabilities within bf16
+tolerance. With --json, vLLM's stdout logging must not reach stdout. Random-sampling KD with vLLM
+(hidden scoring only) must draw from the same distribution.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def cached_targets(cache_dir) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndar
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir):
+@pytest.mark.parametrize("scoring", ["hidden", "logprobs"])
+def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir, scoring):
     data = tmp_path / "chat.jsonl"
     data.write_text(
         "".join(
@@ -58,7 +61,9 @@ def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir):
     ]
     hf = run_kd(*common, "--engine", "transformers", "--out", str(tmp_path / "hf"))
     assert hf.returncode == 0, hf.stderr[-2000:]
-    vl = run_kd(*common, "--engine", "vllm", "--out", str(tmp_path / "vllm"), "--json", timeout=900)
+    vl = run_kd(
+        *common, "--engine", "vllm", "--vllm-scoring", scoring, "--out", str(tmp_path / "vllm"), "--json", timeout=900
+    )
     assert vl.returncode == 0, vl.stderr[-4000:]
     # vLLM logs to stdout and its engine-core process inherits it: still exactly one JSON object.
     summary = json.loads(vl.stdout)
@@ -89,6 +94,33 @@ def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir):
         np.testing.assert_allclose(np.exp(tail_a), np.exp(tail_b), atol=0.02)
     assert compared > 20
     assert same_top1 == compared
+
+    if scoring == "hidden":
+        assert_vllm_draws_follow_the_teacher(tmp_path, common, a)
+
+
+def assert_vllm_draws_follow_the_teacher(tmp_path, common, topk: dict) -> None:
+    """--sampling rs with vLLM: every target gets --samples draws, and the confident teacher's
+    top-1 (p > 0.9 in the transformers cache) is the most drawn id (a miss has odds below 1e-15)."""
+    samples = 64
+    rs_args = [a for a in common if a not in ("--value-encoding", "float32", "--top-k", str(K))]
+    rs = run_kd(
+        *rs_args, "--engine", "vllm", "--sampling", "rs", "--samples", str(samples), "--out", str(tmp_path / "rs"),
+        timeout=900,
+    )  # fmt: skip
+    assert rs.returncode == 0, rs.stderr[-4000:]
+    drawn = {s.row: s.teacher for s in CacheReader(tmp_path / "rs").iter_sequences()}
+    assert drawn.keys() == topk.keys()
+    confident = 0
+    for row, (ids, lp, _) in topk.items():
+        assert len(drawn[row].ids) == len(ids)
+        for t in range(len(ids)):
+            counts = np.asarray(drawn[row].counts[t])
+            assert counts.sum() == samples
+            if lp[t, 0] > np.log(0.9):
+                confident += 1
+                assert drawn[row].ids[t][counts.argmax()] == ids[t, 0], (row, t)
+    assert confident > 5
 
 
 @pytest.mark.slow

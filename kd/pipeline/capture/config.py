@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd.cache import format as fmt
+from kd.pipeline.engines.teacher import VLLM_SCORINGS
 from kd.pipeline.errors import KdError
 
 ENGINES = ("transformers", "vllm")
@@ -66,6 +67,11 @@ class CacheConfig:
     """'auto' spreads a teacher too big for one GPU over all GPUs (transformers engine)."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism."""
+    vllm_scoring: str = "auto"
+    """How the vLLM engine scores: hidden (vLLM returns each position's final hidden state and kd applies
+    the LM head at target positions only; top-k or rs), logprobs (vLLM's prompt log-probs: head and
+    log-softmax at every position; top-k only) or auto (hidden where the installed vLLM and the
+    checkpoint allow it)."""
     seed: int = 0
     """Seed of the rs draws."""
     limit: int | None = None
@@ -80,6 +86,10 @@ class CacheConfig:
             self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         if self.engine not in ENGINES:
             raise KdError(f"--engine {self.engine}: expected one of {', '.join(ENGINES)}")
+        if self.vllm_scoring not in VLLM_SCORINGS:
+            raise KdError(f"--vllm-scoring {self.vllm_scoring}: expected one of {', '.join(VLLM_SCORINGS)}")
+        if self.engine == "vllm" and self.vllm_scoring == "logprobs" and self.sampling == "rs":
+            raise KdError("--sampling rs with --engine vllm needs --vllm-scoring hidden (prompt log-probs: top-k only)")
         if self.sampling not in (None, "rs"):
             raise KdError(f"--sampling {self.sampling}: the only sampling mode is 'rs'")
         if self.top_k < 1:

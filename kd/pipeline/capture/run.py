@@ -14,6 +14,7 @@ rows of the record batch being filled, and the writer's few queued record batche
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
                 f"--data {cfg.data}: no usable records ({read} read, {skipped} skipped as too long or without targets)"
             )
 
+        if cfg.engine == "vllm":
+            cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
         settings = _settings(cfg, source, tokenizer_id, vocab_size)
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
@@ -306,6 +309,7 @@ def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int) -> d
         "value_encoding": cfg.value_encoding if cfg.mode == "topk" else None,
         "mass_epsilon": cfg.mass_epsilon if cfg.mode == "topk" else None,
         "engine": cfg.engine,
+        **({"vllm_scoring": cfg.vllm_scoring} if cfg.engine == "vllm" else {}),
         "dtype": cfg.dtype,
         "corpus": {
             "path": os.path.basename(cfg.data),
@@ -354,11 +358,31 @@ def _teacher_vocab_size(source) -> int:
     return int(text_config.vocab_size)
 
 
+def _resolve_vllm_scoring(cfg: CacheConfig, source) -> CacheConfig:
+    """--vllm-scoring auto made definite (it is part of the cache's settings: resume keeps it)."""
+    from kd.pipeline.engines.logits_vllm import resolve_scoring
+    from kd.pipeline.models import hf_dir_for
+
+    scoring, why = resolve_scoring(cfg.vllm_scoring, hf_dir_for(source), cfg.mode)
+    if cfg.vllm_scoring == "auto":
+        log(f"--vllm-scoring auto: {scoring} ({why})")
+    return dataclasses.replace(cfg, vllm_scoring=scoring)
+
+
 def _make_engine(cfg: CacheConfig, source, spec: TargetSpec):
     if cfg.engine == "vllm":
         from kd.pipeline.engines.logits_vllm import VllmTeacher
 
-        return VllmTeacher(source, spec, cfg.tensor_parallel_size, cfg.dtype, cfg.max_seq_len + 1, seed=cfg.seed)
+        return VllmTeacher(
+            source,
+            spec,
+            cfg.tensor_parallel_size,
+            cfg.dtype,
+            cfg.max_seq_len + 1,
+            seed=cfg.seed,
+            scoring=cfg.vllm_scoring,
+            head_device=cfg.device or default_device(),
+        )
     from kd.pipeline.engines.logits_hf import TransformersTeacher
 
     return TransformersTeacher(

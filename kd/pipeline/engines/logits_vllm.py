@@ -1,18 +1,26 @@
-"""Teacher log-probabilities with vLLM's prompt log-probabilities (`SamplingParams(prompt_logprobs=k)`).
+"""Teacher log-probabilities with vLLM, in one of two ways (`--vllm-scoring`).
 
-vLLM computes the log-softmax over the whole vocabulary and returns, for each prompt position, the
-prompt token's own log-prob followed by the top-k in descending order. The tail mass is then
-log(1 - sum of top-k probabilities). RS mode is not available here: vLLM exposes only the top-k of a
-prompt position, not a way to sample from its full distribution.
+``hidden`` (the default where the installed vLLM allows it): vLLM's pooling runner returns the final
+hidden state of every position (`token_embed` pooling, no activation), and kd applies the teacher's
+LM head itself, read from the checkpoint, at target positions only (kd.pipeline.engines.head, the
+same code as the transformers engine). The head then costs what the targets need, and random-sampling
+KD (`--sampling rs`) works, with draws seeded per sequence row.
+
+``logprobs``: `SamplingParams(prompt_logprobs=k)`. vLLM computes the log-softmax over the whole
+vocabulary and ranks it at every prompt position, targets or not (vLLM has no way to restrict that),
+and returns the prompt token's own log-prob followed by the top-k in descending order. The tail mass
+is then log(1 - sum of top-k probabilities). Measured on the embedded 135M teacher, asking vLLM for
+any prompt log-prob at all (`prompt_logprobs=0`) cut its own throughput to 0.72 of prompt-only.
+Top-k only: vLLM exposes no way to sample from a prompt position's distribution.
 
 Feeding (this is where the throughput is): vLLM reaches its speed by scheduling many requests at
 once, so `score` takes a whole window of sequences (thousands; the caller's --window-tokens),
 enqueues them all and steps the engine, converting each request as soon as it finishes. Only
-finished-and-unconverted outputs exist as vLLM's Python objects (~5 KB per position at k = 64), the
-converted ones as [targets, k] arrays (~0.5 KB per target).
+finished-and-unconverted outputs exist as vLLM's objects (a hidden state per position, or ~5 KB of
+log-probs per position at k = 64), the converted ones as [targets, k] arrays (~0.5 KB per target).
 
-Cheapest output form: `detokenize=False` (no strings per log-prob) and, where the installed vLLM has
-it, `flat_logprobs=True` (one flat list per request instead of a dict of `Logprob` objects per
+Cheapest log-prob form: `detokenize=False` (no strings per log-prob) and, where the installed vLLM
+has it, `flat_logprobs=True` (one flat list per request instead of a dict of `Logprob` objects per
 position). Conversion is vectorised: the flat lists of each run of consecutive target positions are
 sliced (positions that are not targets are never converted) and packed with `struct` into one
 buffer that numpy reshapes to [positions, k + 1], dropping the prompt-token column. `struct.pack`
@@ -25,14 +33,52 @@ Engine creation (CPU adjustments, context cap) is shared with generation: see vl
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from kd.cache.format import TopKTargets, target_positions
-from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.engines.vllm_setup import engine_args, import_llm, supports_flat_logprobs
+from kd.cache.format import SampledTargets, TopKTargets, target_positions
+from kd.pipeline.engines.head import head_chunk_rows, head_parameter_names, load_lm_head, score_hidden
+from kd.pipeline.engines.teacher import VLLM_SCORINGS, SequenceToScore, TargetSpec
+from kd.pipeline.engines.vllm_setup import (
+    engine_args,
+    import_llm,
+    supports_flat_logprobs,
+    supports_token_pooling,
+)
 from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for
+
+
+def resolve_scoring(requested: str, model_dir: str, mode: str) -> tuple[str, str]:
+    """The scoring --vllm-scoring `requested` comes to here, and why (for the log).
+
+    ``auto`` is ``hidden`` when the installed vLLM has token-level pooling and the checkpoint's LM
+    head is a plain linear layer stored in safetensors, else ``logprobs``.
+    """
+    if requested not in VLLM_SCORINGS:
+        raise KdError(f"--vllm-scoring {requested}: expected one of {', '.join(VLLM_SCORINGS)}")
+    if requested == "logprobs":
+        if mode == "rs":
+            raise KdError("--sampling rs with --engine vllm needs --vllm-scoring hidden (prompt log-probs: top-k only)")
+        return "logprobs", "as requested"
+    problem = None
+    if not supports_token_pooling():
+        problem = "the installed vLLM has no token-level pooling (token_embed)"
+    elif not any(Path(model_dir).glob("*.safetensors")):
+        problem = f"{model_dir} has no safetensors weights to read the LM head from"
+    else:
+        try:
+            head_parameter_names(model_dir)
+        except KdError as exc:
+            problem = str(exc)
+    if problem is None:
+        return "hidden", "vLLM returns hidden states; kd applies the LM head at target positions"
+    if requested == "hidden" or mode == "rs":
+        flag = "--vllm-scoring hidden" if requested == "hidden" else "--sampling rs with --engine vllm"
+        raise KdError(f"{flag}: {problem}")
+    return "logprobs", f"{problem}; using vLLM's prompt log-probs"
 
 
 def target_runs(positions: np.ndarray) -> list[tuple[int, int]]:
@@ -116,7 +162,7 @@ def topk_from_dicts(prompt_logprobs: list, loss_mask: np.ndarray, k: int) -> Top
 
 
 class VllmTeacher:
-    """Stage-one engine on vLLM (`--engine vllm`, `--tensor-parallel-size`)."""
+    """Stage-one engine on vLLM (`--engine vllm`, `--tensor-parallel-size`, `--vllm-scoring`)."""
 
     schedules_itself = True
     """Stage one hands this engine a whole window per call instead of cutting it into batches."""
@@ -130,26 +176,35 @@ class VllmTeacher:
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.85,
         seed: int = 0,
+        scoring: str = "auto",
+        head_device: str = "cpu",
     ) -> None:
-        if spec.mode != "topk":
-            raise KdError(
-                "--sampling rs needs --engine transformers (vLLM returns only top-k prompt log-probabilities)"
-            )
         LLM = import_llm()
+        path = hf_dir_for(source)
         self.spec = spec
-        kwargs = engine_args(
-            hf_dir_for(source),
+        self.scoring, _ = resolve_scoring(scoring, path, spec.mode)
+        common = dict(
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
-            max_logprobs=spec.k,
-            enable_prefix_caching=False,
+            enable_prefix_caching=False,  # every position's output is needed, cached prefixes have none
         )
-        self.llm = LLM(**kwargs)
-        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
-        self.flat = supports_flat_logprobs()
+        self._submitted = 0
+        if self.scoring == "hidden":
+            from vllm.config import PoolerConfig
+
+            pooler = PoolerConfig(task="token_embed", use_activation=False)
+            self.llm = LLM(**engine_args(path, runner="pooling", convert="embed", pooler_config=pooler, **common))
+            model_dtype = self.llm.llm_engine.model_config.dtype
+            self.head = load_lm_head(path, head_device, model_dtype if isinstance(model_dtype, torch.dtype) else None)
+            self.vocab_size = self.head.vocab_size
+            self.chunk_rows = head_chunk_rows(self.vocab_size, torch.device(head_device).type)
+        else:
+            self.llm = LLM(**engine_args(path, max_logprobs=spec.k, **common))
+            self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+            self.flat = supports_flat_logprobs()
 
     def sampling_params(self):
         from vllm import SamplingParams
@@ -157,33 +212,61 @@ class VllmTeacher:
         extra = {"flat_logprobs": True} if self.flat else {}
         return SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=self.spec.k, detokenize=False, **extra)
 
-    def score(self, batch: list[SequenceToScore]) -> list[TopKTargets]:
-        """Top-k of every target position of every sequence in `batch` (one vLLM schedule for all)."""
-        prompts = [{"prompt_token_ids": np.asarray(seq.input_ids).tolist()} for seq in batch]
-        if not hasattr(self.llm, "enqueue"):  # older vLLM: one generate call, outputs converted at the end
-            outputs = self.llm.generate(prompts, self.sampling_params(), use_tqdm=False)
-            return [self._convert(o, seq.loss_mask) for o, seq in zip(outputs, batch, strict=True)]
-        request_ids = self.llm.enqueue(prompts, self.sampling_params(), use_tqdm=False)
-        # enqueue returns vLLM's internal ids ("<id>-<8 random chars>"); outputs carry the external "<id>".
-        slot = {rid: i for i, rid in enumerate(request_ids)}
-        slot.update({rid.rsplit("-", 1)[0]: i for i, rid in enumerate(request_ids)})
-        results: list[TopKTargets | None] = [None] * len(batch)
+    def score(self, batch: list[SequenceToScore]) -> list[TopKTargets | SampledTargets]:
+        """Targets of every sequence in `batch` (one vLLM schedule for all), converted as each finishes."""
+        if self.scoring == "logprobs" and not hasattr(self.llm, "enqueue"):
+            # older vLLM: one generate call, outputs converted at the end
+            outputs = self.llm.generate(self._prompts(batch), self.sampling_params(), use_tqdm=False)
+            return [self._convert(o, seq) for o, seq in zip(outputs, batch, strict=True)]
         engine = self.llm.llm_engine
+        slot = self._submit(batch)
+        results: list[TopKTargets | SampledTargets | None] = [None] * len(batch)
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if not output.finished:
                     continue
                 i = slot[output.request_id]
-                results[i] = self._convert(output, batch[i].loss_mask)
+                results[i] = self._convert(output, batch[i])
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise KdError(f"vLLM finished without scoring {len(missing)} of {len(batch)} sequences")
         return results  # type: ignore[return-value]
 
-    def _convert(self, output, loss_mask: np.ndarray) -> TopKTargets:
+    @staticmethod
+    def _prompts(batch: list[SequenceToScore]) -> list[dict]:
+        return [{"prompt_token_ids": np.asarray(seq.input_ids).tolist()} for seq in batch]
+
+    def _submit(self, batch: list[SequenceToScore]) -> dict[str, int]:
+        """Enqueue the whole batch; output request id -> index in `batch`."""
+        prompts = self._prompts(batch)
+        if self.scoring == "hidden":
+            from vllm import PoolingParams
+
+            params = PoolingParams(task="token_embed", use_activation=False)
+            base, self._submitted = self._submitted, self._submitted + len(batch)
+            for i, prompt in enumerate(prompts):
+                self.llm.llm_engine.add_request(f"kd-{base + i}", prompt, params)
+            return {f"kd-{base + i}": i for i in range(len(batch))}
+        request_ids = self.llm.enqueue(prompts, self.sampling_params(), use_tqdm=False)
+        # enqueue returns vLLM's internal ids ("<id>-<8 random chars>"); outputs carry the external "<id>".
+        slot = {rid: i for i, rid in enumerate(request_ids)}
+        slot.update({rid.rsplit("-", 1)[0]: i for i, rid in enumerate(request_ids)})
+        return slot
+
+    def _convert(self, output, seq: SequenceToScore) -> TopKTargets | SampledTargets:
+        if self.scoring == "hidden":
+            return self._from_hidden(output.outputs.data, seq)
         if self.flat:
-            return topk_from_flat(output.prompt_logprobs, loss_mask, self.spec.k)
-        return topk_from_dicts(output.prompt_logprobs, loss_mask, self.spec.k)
+            return topk_from_flat(output.prompt_logprobs, seq.loss_mask, self.spec.k)
+        return topk_from_dicts(output.prompt_logprobs, seq.loss_mask, self.spec.k)
+
+    def _from_hidden(self, hidden: torch.Tensor, seq: SequenceToScore) -> TopKTargets | SampledTargets:
+        """The head at the positions before each target (hidden[t - 1] predicts token t)."""
+        positions = target_positions(seq.loss_mask)
+        if hidden.shape[0] != len(seq.input_ids):
+            raise KdError(f"vLLM returned {hidden.shape[0]} hidden states for a {len(seq.input_ids)}-token sequence")
+        before = hidden[torch.from_numpy(positions - 1)]
+        return score_hidden(self.head, before, [len(positions)], self.spec, self.chunk_rows, seed_row=seq.row)[0]
 
     def close(self) -> None:
         del self.llm

@@ -14,6 +14,9 @@ import numpy as np
 
 from kd.cache.format import SampledTargets, TopKTargets
 
+VLLM_SCORINGS = ("auto", "hidden", "logprobs")
+"""How the vLLM engine gets the teacher's distribution (--vllm-scoring; see logits_vllm.py)."""
+
 
 @dataclass(frozen=True)
 class TargetSpec:

@@ -64,6 +64,23 @@ def supports_flat_logprobs() -> bool:
     return "flat_logprobs" in fields or hasattr(SamplingParams, "flat_logprobs")
 
 
+def supports_token_pooling() -> bool:
+    """Whether the installed vLLM can return every position's final hidden state (`token_embed` pooling).
+
+    That lets kd apply the LM head itself at target positions only (see logits_vllm.py); vLLM's
+    prompt log-probs instead run the head, a full-vocabulary log-softmax and a rank at every position.
+    """
+    try:
+        from vllm import PoolingParams
+        from vllm.config import PoolerConfig
+
+        PoolerConfig(task="token_embed", use_activation=False)
+        PoolingParams(task="token_embed", use_activation=False)
+    except Exception:  # older vLLM: no such task or fields
+        return False
+    return True
+
+
 def engine_args(
     path: str,
     *,
