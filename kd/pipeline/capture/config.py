@@ -60,7 +60,8 @@ class CacheConfig:
     world_size: int | None = None
     """Number of processes splitting the corpus [default: $WORLD_SIZE or 1]."""
     device: str | None = None
-    """cpu, cuda, cuda:1 [default: cuda:$LOCAL_RANK when CUDA is available, else cpu]."""
+    """cpu, cuda, cuda:1: where the teacher runs (transformers) or kd's LM head (vLLM hidden scoring)
+    [default: cuda:$LOCAL_RANK when CUDA is available, else cpu]."""
     dtype: str = "auto"
     """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."""
     device_map: str | None = None
