@@ -161,6 +161,12 @@ def topk_from_dicts(prompt_logprobs: list, loss_mask: np.ndarray, k: int) -> Top
     return TopKTargets(np.take_along_axis(ids, order, axis=1).astype(np.int32), top_values, tail_logmass(top_values))
 
 
+CPU_HEAD_THREADS = 1
+"""Threads of kd's head on CPU beside vLLM. vLLM's CPU worker binds its threads to all cores but the
+one it reserves for its front end; a head on more threads preempts the worker. Measured on 2 cores,
+200 GSM8K problems: 1.06x vLLM's own prompt-only throughput with one thread, 1.00x with two."""
+
+
 class VllmTeacher:
     """Stage-one engine on vLLM (`--engine vllm`, `--tensor-parallel-size`, `--vllm-scoring`)."""
 
@@ -192,6 +198,7 @@ class VllmTeacher:
             enable_prefix_caching=False,  # every position's output is needed, cached prefixes have none
         )
         self._submitted = 0
+        self.head_threads: int | None = None
         if self.scoring == "hidden":
             from vllm.config import PoolerConfig
 
@@ -201,6 +208,7 @@ class VllmTeacher:
             self.head = load_lm_head(path, head_device, model_dtype if isinstance(model_dtype, torch.dtype) else None)
             self.vocab_size = self.head.vocab_size
             self.chunk_rows = head_chunk_rows(self.vocab_size, torch.device(head_device).type)
+            self.head_threads = CPU_HEAD_THREADS if torch.device(head_device).type == "cpu" else None
         else:
             self.llm = LLM(**engine_args(path, max_logprobs=spec.k, **common))
             self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -221,12 +229,18 @@ class VllmTeacher:
         engine = self.llm.llm_engine
         slot = self._submit(batch)
         results: list[TopKTargets | SampledTargets | None] = [None] * len(batch)
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if not output.finished:
-                    continue
-                i = slot[output.request_id]
-                results[i] = self._convert(output, batch[i])
+        threads_before = torch.get_num_threads()
+        if self.head_threads:
+            torch.set_num_threads(self.head_threads)
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if not output.finished:
+                        continue
+                    i = slot[output.request_id]
+                    results[i] = self._convert(output, batch[i])
+        finally:
+            torch.set_num_threads(threads_before)
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise KdError(f"vLLM finished without scoring {len(missing)} of {len(batch)} sequences")
