@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from common import write_results
 
-from kd.pipeline.losses import (
+from kd.losses import (
     LossConfig,
     SampledTeacher,
     SparseTeacher,

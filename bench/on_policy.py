@@ -65,7 +65,7 @@ def budget_cut(ledger: Path, prompts: Path, out: Path, tokens: int) -> tuple[Pat
     """The teacher's first samples (gen-traces' ledger, truncated ones included, as in the on-policy arm)
     holding `tokens` sampled tokens, as prompt/completion records rendered with the same template."""
     from kd.pipeline.engines.generation import build_messages
-    from kd.pipeline.traces import load_prompts
+    from kd.pipeline.traces.run import load_prompts
 
     questions = {p.id: p.question for p in load_prompts(str(prompts))}
     entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]

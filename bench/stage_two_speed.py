@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from common import REPO, require_gsm8k, write_results
 
-from kd.pipeline.batches import TrainSequence, collate
+from kd.losses import LossConfig
 from kd.pipeline.data import iter_examples, tokenize_example
 from kd.pipeline.engines.logits_hf import TransformersTeacher
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.losses import LossConfig
 from kd.pipeline.models import load_tokenizer, resolve_model
-from kd.pipeline.students import build_student
-from kd.pipeline.trainer import DistillStep
+from kd.pipeline.training.batches import TrainSequence, collate
+from kd.pipeline.training.students import build_student
+from kd.pipeline.training.trainer import DistillStep
 
 MODES = ("ce", "cached_top64", "cached_rs", "online")
 

@@ -19,7 +19,7 @@ import sys
 import typer
 
 from kd import __version__
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 
 app = typer.Typer(
     name="kd",

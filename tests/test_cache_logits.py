@@ -196,7 +196,7 @@ def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
     partial = cache_files(out)
     assert 2 <= len(partial) < len(expected), "the kill should land mid-run"
     # An interrupted cache is refused by readers until resumed.
-    from kd.pipeline.errors import KdError
+    from kd.errors import KdError
 
     with pytest.raises(KdError, match="incomplete"):
         CacheReader(out)

@@ -18,11 +18,11 @@ from kd.stages.options import settings_of
 from tests.helpers import assert_one_line_error, kd_env, run_kd
 
 DERIVED = {
-    "train": "kd.pipeline.trainer:TrainConfig",
-    "gen-traces": "kd.pipeline.traces:TracesConfig",
-    "demo": "kd.pipeline.demo:DemoConfig",
+    "train": "kd.pipeline.training.trainer:TrainConfig",
+    "gen-traces": "kd.pipeline.traces.run:TracesConfig",
+    "demo": "kd.pipeline.evaluation.demo:DemoConfig",
     "cache-logits": "kd.pipeline.capture.config:CacheConfig",
-    "eval": "kd.pipeline.model_eval:EvalConfig",
+    "eval": "kd.pipeline.evaluation.model_eval:EvalConfig",
     "on-policy": "kd.pipeline.onpolicy:OnPolicyConfig",
 }
 """Commands whose flags come from a settings dataclass, and that dataclass."""

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from kd.errors import KdError
 from kd.pipeline.data import detect_format, encode_examples, iter_examples, tokenize_example
-from kd.pipeline.errors import KdError
 
 CHAT = {
     "conversations": [

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from kd.pipeline.errors import KdError
-from kd.pipeline.traces import Ledger, Prompt, TracesConfig, build_output, split_trace
-from kd.pipeline.verify import answers_match, extract_answer, extract_reference
+from kd.errors import KdError
+from kd.pipeline.traces.run import Ledger, Prompt, TracesConfig, build_output, split_trace
+from kd.pipeline.traces.verify import answers_match, extract_answer, extract_reference
 from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, start_kd
 
 # One OpenMP thread per kd process: with more processes than the 2 cores, OpenMP barriers spin
@@ -254,7 +254,7 @@ def eos_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 def write_prompts(path: Path, count: int = 6) -> Path:
     """GSM8K-shaped problems with ids (made by kd's own problem generator)."""
-    from kd.pipeline.problems import make_problems
+    from kd.pipeline.traces.problems import make_problems
 
     path.write_text("".join(json.dumps(r) + "\n" for r in make_problems(count, seed=0)))
     return path

@@ -1,4 +1,4 @@
-"""kd.pipeline.heap: stage one fixes glibc's mmap threshold unless the user already chose one."""
+"""kd.pipeline.capture.heap: stage one fixes glibc's mmap threshold unless the user already chose one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kd.pipeline.heap import fix_mmap_threshold
+from kd.pipeline.capture.heap import fix_mmap_threshold
 
 
 def glibc() -> bool:
@@ -25,7 +25,7 @@ def test_large_blocks_go_back_to_the_kernel_once_fixed():
     reports it as mmapped memory (hblkhd) rather than heap arena."""
     script = """
 import ctypes, sys
-from kd.pipeline.heap import fix_mmap_threshold
+from kd.pipeline.capture.heap import fix_mmap_threshold
 if sys.argv[1] == "fixed":
     assert fix_mmap_threshold()
 libc = ctypes.CDLL("libc.so.6")

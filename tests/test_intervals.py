@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kd.pipeline.evaluation import bootstrap_ratio_ci
-from kd.pipeline.report import compare, wilson_interval
+from kd.pipeline.evaluation.report import compare, wilson_interval
+from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci
 
 
 def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_data():

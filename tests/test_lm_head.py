@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from kd.errors import KdError
 from kd.pipeline.engines.head import head_chunk_rows, load_lm_head, score_hidden
 from kd.pipeline.engines.logits_hf import TransformersTeacher
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.errors import KdError
 from kd.pipeline.models import resolve_model
 from tests.conftest import tiny_llama_config
 

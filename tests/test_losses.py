@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from kd.cache.format import decode_tail, decode_topk_values, encode_tail, encode_topk_values
-from kd.pipeline.errors import KdError
-from kd.pipeline.losses import (
+from kd.errors import KdError
+from kd.losses import (
     DIVERGENCES,
     DenseTeacher,
     LossConfig,

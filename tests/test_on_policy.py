@@ -122,7 +122,7 @@ def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
     from kd.pipeline.onpolicy.config import OnPolicyConfig
     from kd.pipeline.onpolicy.plan import round_prompt_indices
     from kd.pipeline.onpolicy.sampling import SamplerSettings, read_samples, sample_round
-    from kd.pipeline.traces import load_prompts
+    from kd.pipeline.traces.run import load_prompts
 
     for index in range(ROUNDS):
         here = reference / f"round-{index:03d}"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kd.pipeline.data import Example, TokenizedExample, iter_examples, tokenize_example
-from kd.pipeline.trainer import tag_token_weights
+from kd.pipeline.training.trainer import tag_token_weights
 from tests.helpers import run_kd
 
 TRACE = "<think>\nIs 3 < 4? I think so, and 5 > 2, so 3 + 4 = 7.\n</think>\n\nThe answer is \\boxed{7}."

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from kd.pipeline.errors import KdError, where
+from kd.errors import KdError, where
 
 FORMATS = ("conversations", "messages", "alpaca", "prompt_completion", "gsm8k", "text", "tokens")
 CHAT_ROLES = ("system", "user", "assistant", "tool")

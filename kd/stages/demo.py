@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kd.pipeline.demo import DemoConfig, run_demo
+from kd.pipeline.evaluation.demo import DemoConfig, run_demo
 from kd.pipeline.progress import log
 from kd.stages.options import CommonSwitches, config_command, write_config
 
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         """Write arithmetic word problems with known answers (the demo's own data)."""
         from pathlib import Path
 
-        from kd.pipeline.problems import write_problems
+        from kd.pipeline.traces.problems import write_problems
 
         write_problems(Path(out), count, seed)
         log(f"wrote {count} problems to {out}")

@@ -13,7 +13,7 @@ import json
 import typer
 from rich.table import Table
 
-from kd.pipeline.model_eval import EvalConfig, evaluate_model
+from kd.pipeline.evaluation.model_eval import EvalConfig, evaluate_model
 from kd.pipeline.progress import console
 from kd.stages.cache_logits import stdout_to_stderr
 from kd.stages.options import CommonSwitches, config_command

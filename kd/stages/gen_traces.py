@@ -17,10 +17,10 @@ from typing import Any
 
 import typer
 
+from kd.errors import KdError
 from kd.pipeline.engines.generation import DEFAULT_TEMPLATE
-from kd.pipeline.errors import KdError
 from kd.pipeline.progress import log
-from kd.pipeline.traces import TracesConfig, run_gen_traces
+from kd.pipeline.traces.run import TracesConfig, run_gen_traces
 from kd.stages.options import CommonSwitches, config_command
 
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from kd.cache.reader import CacheReader, decode_table
 from kd.cache.sizes import bytes_breakdown
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 from kd.pipeline.progress import console
 
 

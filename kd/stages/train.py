@@ -17,7 +17,7 @@ import os
 import typer
 
 from kd.pipeline.progress import log
-from kd.pipeline.trainer import TrainConfig, train
+from kd.pipeline.training.trainer import TrainConfig, train
 from kd.stages.options import CommonSwitches, config_command, write_config
 
 

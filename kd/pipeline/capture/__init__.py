@@ -5,7 +5,11 @@
 
 Modules: `config` (settings), `corpus` (records read and tokenized block by block on a background
 thread), `plan` (shard, window, batch and record-batch boundaries: pure functions of the data),
-`meter` (throughput, ETA, teacher share), `run` (the loop that ties them to an engine and a writer).
+`meter` (throughput, ETA, teacher share), `heap` (glibc's mmap threshold), `run` (the loop that ties
+them to an engine and a writer).
+
+May import: kd.cache, engines and the shared pipeline modules; never training, evaluation, onpolicy
+or kd.losses.
 """
 
 from kd.pipeline.capture.config import CacheConfig

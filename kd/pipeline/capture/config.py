@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd.cache import format as fmt
+from kd.errors import KdError
 from kd.pipeline.engines.teacher import VLLM_SCORINGS
-from kd.pipeline.errors import KdError
 
 ENGINES = ("transformers", "vllm")
 

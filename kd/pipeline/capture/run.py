@@ -23,13 +23,13 @@ from typing import Any
 from kd.cache import format as fmt
 from kd.cache.manifest import open_or_create, read_manifest, record_rank_done
 from kd.cache.writer import BackgroundShardWriter
+from kd.errors import KdError
 from kd.pipeline.capture.config import CacheConfig
 from kd.pipeline.capture.corpus import Block, Prefetcher, RecordCounter, Residency, RowsHash, iter_blocks, num_targets
+from kd.pipeline.capture.heap import fix_mmap_threshold
 from kd.pipeline.capture.meter import Meter, make_stage_one_progress
 from kd.pipeline.capture.plan import RunningCut, length_sorted_batches
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.errors import KdError
-from kd.pipeline.heap import fix_mmap_threshold
 from kd.pipeline.models import (
     file_fingerprint,
     load_tokenizer,
@@ -42,7 +42,7 @@ from kd.pipeline.progress import log
 
 def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     """Run stage one for this rank. Returns a summary (counts, throughput, memory held)."""
-    fix_mmap_threshold()  # else peak RSS creeps up with the run's length (see kd.pipeline.heap)
+    fix_mmap_threshold()  # else peak RSS creeps up with the run's length (see kd.pipeline.capture.heap)
     meter = Meter()
     source = resolve_model(cfg.teacher, "--teacher")
     tokenizer = load_tokenizer(source)

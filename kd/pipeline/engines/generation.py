@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 from kd.pipeline.models import ModelSource
 
 Messages = list[dict[str, str]]

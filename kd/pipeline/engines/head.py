@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from kd.cache.format import SampledTargets, TopKTargets
+from kd.errors import KdError
 from kd.pipeline.engines.teacher import TargetSpec
-from kd.pipeline.errors import KdError
 
 HEAD_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 """Bytes of one [rows, vocab] fp32 logits chunk. topk_with_tail holds about two such blocks at once,

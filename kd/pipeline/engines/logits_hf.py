@@ -12,19 +12,8 @@ import torch
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.pipeline.engines.head import head_chunk_rows, score_hidden
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.errors import KdError
+from kd.pipeline.heads import split_body_and_head
 from kd.pipeline.models import ModelSource, load_causal_lm
-
-
-def split_body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
-    """The decoder body (returns hidden states), the LM head, and the final logit soft-cap if any."""
-    body = getattr(model, model.base_model_prefix, None)
-    head = model.get_output_embeddings()
-    if body is None or head is None:
-        raise KdError(f"{type(model).__name__}: cannot separate the decoder from its LM head")
-    if getattr(model.config, "logit_scale", None) not in (None, 1.0):
-        raise KdError(f"{type(model).__name__}: models with a logit_scale are not supported yet")
-    return body, head, getattr(model.config, "final_logit_softcapping", None)
 
 
 class TransformersTeacher:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
+from kd.errors import KdError
 from kd.pipeline.engines.head import head_chunk_rows, head_parameter_names, load_lm_head, score_hidden
 from kd.pipeline.engines.teacher import VLLM_SCORINGS, SequenceToScore, TargetSpec
 from kd.pipeline.engines.vllm_setup import (
@@ -47,7 +48,6 @@ from kd.pipeline.engines.vllm_setup import (
     supports_flat_logprobs,
     supports_token_pooling,
 )
-from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 
 CPU_MEMORY_UTILIZATION = 0.2
 """On the CPU backend vLLM reserves this share of the NUMA node's RAM for weights + KV cache (its

@@ -8,6 +8,8 @@ student answers, through gen-traces' engines and ledger), `scoring` (stage one o
 the judge's inputs), `judge` (reverse KL and teacher log-likelihood of a student's own tokens),
 `state` (the run directory: settings, lock), `run` (the rounds), `measure` (the same verdict for
 `kd eval --on-policy-prompts`).
+
+May import: every other wing (it composes sampling, capture and training) but never kd.stages.
 """
 
 from kd.pipeline.onpolicy.config import OnPolicyConfig

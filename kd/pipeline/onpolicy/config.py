@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kd.cache import format as fmt
+from kd.errors import KdError
+from kd.losses import DIVERGENCES
 from kd.pipeline.capture.config import ENGINES as TEACHER_ENGINES
 from kd.pipeline.engines.generation import DEFAULT_TEMPLATE, GenerationSettings, resolve_engine
-from kd.pipeline.errors import KdError
-from kd.pipeline.losses import DIVERGENCES
 from kd.settings import cli
 
 SAMPLING_ENGINES = ("auto", "vllm", "transformers")

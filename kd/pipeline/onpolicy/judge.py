@@ -29,16 +29,16 @@ import numpy as np
 import torch
 
 from kd.cache.reader import CachedSequence
-from kd.pipeline.batches import collate
-from kd.pipeline.engines.logits_hf import split_body_and_head
-from kd.pipeline.evaluation import bootstrap_ratio_ci, unwrap_causal_lm
-from kd.pipeline.losses import (
+from kd.losses import (
     SparseTeacher,
     bucket_divergence,
     fold_out_of_vocab,
     retemper_sparse,
     student_buckets,
 )
+from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, unwrap_causal_lm
+from kd.pipeline.heads import split_body_and_head
+from kd.pipeline.training.batches import collate
 
 UNRESOLVED_TAIL = 1e-7
 """Tail mass assumed where the cache says -inf (float32 resolution of 1 − Σ p, see above)."""

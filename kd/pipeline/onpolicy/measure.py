@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.manifest import atomic_write_text, describe_difference
+from kd.errors import KdError
 from kd.pipeline.data import corpus_fingerprint
 from kd.pipeline.engines.generation import DEFAULT_TEMPLATE, GenerationSettings, resolve_engine
-from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, resolve_model, weights_fingerprint
 from kd.pipeline.onpolicy.run import check_tokenizers
 from kd.pipeline.onpolicy.sampling import SamplerSettings, read_samples, sample_round, summarize_samples
 from kd.pipeline.onpolicy.scoring import ScoringSettings, judge_samples, score_samples
-from kd.pipeline.traces import load_prompts
+from kd.pipeline.traces.run import load_prompts
 
 
 @dataclass

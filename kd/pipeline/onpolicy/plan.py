@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kd.errors import KdError
 from kd.pipeline.data import iter_examples, tokenize_example
-from kd.pipeline.errors import KdError
 
 
 def round_prompt_indices(num_prompts: int, per_round: int, round_index: int, seed: int) -> list[int]:

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.manifest import atomic_write_lines, atomic_write_text
-from kd.pipeline.caching import default_device
-from kd.pipeline.checkpoint import checkpoint_dir, latest_checkpoint
+from kd.errors import KdError
+from kd.pipeline.capture import default_device
 from kd.pipeline.data import corpus_fingerprint
-from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.models import weights_fingerprint as model_fingerprint
 from kd.pipeline.onpolicy.config import OnPolicyConfig
@@ -41,9 +40,10 @@ from kd.pipeline.onpolicy.sampling import SamplerSettings, read_samples, sample_
 from kd.pipeline.onpolicy.scoring import ScoringSettings, cache_is_complete, judge_samples, score_samples
 from kd.pipeline.onpolicy.state import RunDirectory, round_dir, settings_record
 from kd.pipeline.progress import log
-from kd.pipeline.traces import Prompt, load_prompts
+from kd.pipeline.traces.run import Prompt, load_prompts
 from kd.pipeline.tracking import report_scalars
-from kd.pipeline.trainer import TrainConfig, train
+from kd.pipeline.training.checkpoint import checkpoint_dir, latest_checkpoint
+from kd.pipeline.training.trainer import TrainConfig, train
 
 ROUND_DONE = "round.json"
 INITIAL_STUDENT = "student-init"
@@ -118,7 +118,7 @@ def initial_student(
     if not (target / "config.json").is_file():
         import torch
 
-        from kd.pipeline.students import build_student
+        from kd.pipeline.training.students import build_student
 
         torch.manual_seed(cfg.seed)
         model, tokenizer_source, layers = build_student(

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.manifest import atomic_write_lines
+from kd.errors import KdError
 from kd.pipeline.engines.generation import GenerationSettings, Messages, build_messages
-from kd.pipeline.errors import KdError
 from kd.pipeline.models import ModelSource, hf_dir_for
 from kd.pipeline.progress import log, make_progress
-from kd.pipeline.traces import Ledger, Prompt, _vllm_max_model_len
-from kd.pipeline.verify import answers_match, extract_answer
+from kd.pipeline.traces.run import Ledger, Prompt, _vllm_max_model_len
+from kd.pipeline.traces.verify import answers_match, extract_answer
 
 LEDGER_NAME = "samples.raw.jsonl"
 

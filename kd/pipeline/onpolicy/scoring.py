@@ -14,7 +14,7 @@ from typing import Any
 
 from kd.cache.manifest import read_manifest
 from kd.cache.reader import CacheReader
-from kd.pipeline.caching import CacheConfig, run_cache_logits
+from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.models import ModelSource, load_causal_lm
 from kd.pipeline.onpolicy.judge import judge_sequences
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.manifest import atomic_write_text
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 from kd.pipeline.onpolicy.config import OnPolicyConfig
 
 SETTINGS_FILE = "settings.json"

@@ -22,8 +22,8 @@ from kd.cache import format as fmt
 from kd.cache.manifest import open_or_create, read_manifest, record_rank_done
 from kd.cache.reader import CacheReader
 from kd.cache.writer import BackgroundShardWriter
+from kd.errors import KdError
 from kd.pipeline.data import corpus_fingerprint, iter_examples, tokenize_example
-from kd.pipeline.errors import KdError
 from kd.pipeline.models import tokenizer_fingerprint
 
 SHARD_TARGETS = 4_000_000

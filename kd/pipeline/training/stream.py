@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from kd.cache.reader import CachedSequence, CacheReader, CacheUnit
-from kd.pipeline.batches import Batch, collate
+from kd.pipeline.training.batches import Batch, collate
 from kd.pipeline.training.order import EpochPlan, Identity
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
-from kd.pipeline.losses import SampledTeacher, SparseTeacher
+from kd.losses import SampledTeacher, SparseTeacher
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kd.pipeline.students import decoder_layers
+from kd.pipeline.training.students import decoder_layers
 
 
 def shard_with_fsdp2(module: torch.nn.Module, student_lm: torch.nn.Module, device: torch.device, world_size: int):

@@ -27,16 +27,25 @@ import torch
 import torch.distributed as dist
 
 from kd.cache.reader import CacheReader, CacheUnit
-from kd.pipeline.batches import Batch
-from kd.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kd.errors import KdError
+from kd.losses import DenseTeacher, LossConfig, distill_loss_sum
 from kd.pipeline.data import TokenizedExample
-from kd.pipeline.engines.logits_hf import split_body_and_head
-from kd.pipeline.errors import KdError
-from kd.pipeline.evaluation import evaluate_sequences, unwrap_causal_lm
-from kd.pipeline.losses import DenseTeacher, LossConfig, distill_loss_sum
+from kd.pipeline.evaluation.sequences import evaluate_sequences, unwrap_causal_lm
+from kd.pipeline.heads import split_body_and_head
 from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import log, make_progress
-from kd.pipeline.sharding import (
+from kd.pipeline.tracking import MetricsLogger
+from kd.pipeline.training.batches import Batch
+from kd.pipeline.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kd.pipeline.training.order import EpochPlan, OrderSettings
+from kd.pipeline.training.prepared import prepare_corpus
+from kd.pipeline.training.sharding import (
     full_model_state,
     full_optimizer_state,
     gathered,
@@ -44,11 +53,8 @@ from kd.pipeline.sharding import (
     plain_copy,
     shard_with_fsdp2,
 )
-from kd.pipeline.students import apply_lora, build_student, count_parameters
-from kd.pipeline.tracking import MetricsLogger
-from kd.pipeline.training.order import EpochPlan, OrderSettings
-from kd.pipeline.training.prepared import prepare_corpus
 from kd.pipeline.training.stream import StepLoader
+from kd.pipeline.training.students import apply_lora, build_student, count_parameters
 from kd.settings import cli
 
 THINK_TAGS = ("<think>", "</think>")

@@ -1,6 +1,6 @@
 """Evaluating a model end to end for `kd eval` and the demo report.
 
-Token-level metrics come from kd.pipeline.evaluation on a cache (or on top-k computed live from a
+Token-level metrics come from kd.pipeline.evaluation.sequences on a cache (or on top-k computed live from a
 teacher); answer accuracy comes from greedy generation verified against each record's reference;
 ``on_policy_*`` metrics (--on-policy-prompts) are the teacher's verdict on the model's own samples
 (kd.pipeline.onpolicy.measure: the model samples, the teacher scores, reverse KL per token).
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from kd.cache.reader import CacheReader
-from kd.pipeline.batches import TrainSequence
-from kd.pipeline.caching import default_device
+from kd.errors import KdError
+from kd.pipeline.capture import default_device
 from kd.pipeline.data import iter_examples, iter_raw_records, tokenize_example
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.errors import KdError
-from kd.pipeline.evaluation import evaluate_sequences
+from kd.pipeline.evaluation.sequences import evaluate_sequences
 from kd.pipeline.models import load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import make_progress
+from kd.pipeline.training.batches import TrainSequence
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _attach_live_teacher(seqs: list[TrainSequence], cfg: EvalConfig, device: str
 def answer_accuracy(model, tokenizer, cfg: EvalConfig, device: str) -> dict[str, Any]:
     """Greedy answers to the first `cfg.generate` prompts, verified against their references."""
     from kd.pipeline.engines.generation import render_prompt
-    from kd.pipeline.verify import answers_match, extract_answer, question_and_reference
+    from kd.pipeline.traces.verify import answers_match, extract_answer, question_and_reference
 
     prompts = []
     for _, record in iter_raw_records(cfg.data):

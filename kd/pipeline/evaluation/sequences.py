@@ -20,9 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from kd.pipeline.batches import TrainSequence, collate
-from kd.pipeline.engines.logits_hf import split_body_and_head
-from kd.pipeline.losses import (
+from kd.losses import (
     SampledTeacher,
     SparseTeacher,
     bucket_divergence,
@@ -30,6 +28,8 @@ from kd.pipeline.losses import (
     retemper_sparse,
     student_buckets,
 )
+from kd.pipeline.heads import split_body_and_head
+from kd.pipeline.training.batches import TrainSequence, collate
 
 ECE_BINS = 15
 BOOTSTRAP_SAMPLES = 1000

@@ -14,7 +14,7 @@ import copy
 
 import torch
 
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 from kd.pipeline.models import ModelSource, load_causal_lm, resolve_model
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 from kd.pipeline.progress import log
 
 
@@ -261,6 +261,6 @@ def run_demo(cfg: DemoConfig) -> Path:
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
         if step.done_marker == "traces.summary.json":
             _require_traces(out, step, cfg)
-    from kd.pipeline.report import write_report
+    from kd.pipeline.evaluation.report import write_report
 
     return write_report(out, cfg, steps, timings)

@@ -1,6 +1,6 @@
 """`kd gen-traces` as a library: sample R1-style reasoning traces, verify them, write SFT data.
 
-    from kd.pipeline.traces import TracesConfig, run_gen_traces
+    from kd.pipeline.traces.run import TracesConfig, run_gen_traces
     summary = run_gen_traces(TracesConfig(prompts="problems.jsonl", out="traces.jsonl", filter="all"))
 
 Files next to ``--out traces.jsonl``:
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.cache.manifest import atomic_write_lines, atomic_write_text, describe_difference
+from kd.errors import KdError, where
 from kd.pipeline.data import corpus_fingerprint, iter_raw_records
 from kd.pipeline.engines.generation import (
     DEFAULT_TEMPLATE,
@@ -36,9 +37,8 @@ from kd.pipeline.engines.generation import (
     fill_template,
     resolve_engine,
 )
-from kd.pipeline.errors import KdError, where
 from kd.pipeline.progress import log, make_progress
-from kd.pipeline.verify import answers_match, extract_answer, question_and_reference
+from kd.pipeline.traces.verify import answers_match, extract_answer, question_and_reference
 from kd.settings import cli
 
 FILTERS = ("correct", "all", "pass-rate:LO-HI")

@@ -1,6 +1,6 @@
 """Final-answer extraction and checking for math-style problems (GSM8K and the like).
 
-    from kd.pipeline.verify import extract_answer, extract_reference, answers_match
+    from kd.pipeline.traces.verify import extract_answer, extract_reference, answers_match
     answers_match(extract_answer(completion), extract_reference(record["answer"]))
 
 Used by `kd gen-traces` (keep only traces whose answer is right) and `kd eval` (answer accuracy).

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.pipeline.errors import KdError
+from kd.errors import KdError
 
 STATE_FILE = "state.pt"
 
