@@ -43,6 +43,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,7 +136,7 @@ PRESETS = {
         step_batch=8,
         step_len=1024,
         steps_per_round=2,
-        rounds=5,
+        rounds=7,
         caps={"peak": 20, "stage_one": 150, "head": 80, "step": 200},
     ),
     "medium": Sizes(
@@ -217,7 +218,7 @@ class Row:
     unit: str
     note: str = ""
     status: str = "measured"
-    """measured, skipped (time budget, or a part failed) or not_implemented."""
+    """measured, skipped (time budget, --parts), failed (the part raised; the note says what) or not_implemented."""
 
 
 class Device:
@@ -555,7 +556,8 @@ def rows_of(parts: dict, notes: dict, peak: dict, sizes: Sizes) -> list[Row]:
     def add(part: str, key: str, label: str, unit: str, value: Callable[[dict], float], note: str = "") -> None:
         data = parts.get(part)
         if data is None:
-            rows.append(Row(key, label, None, unit, notes.get(part, "not run"), "skipped"))
+            note = notes.get(part, "not run")
+            rows.append(Row(key, label, None, unit, note, "failed" if note.startswith("failed") else "skipped"))
         else:
             rows.append(Row(key, label, float(value(data)), unit, note))
 
@@ -722,6 +724,35 @@ def main(argv: list[str] | None = None) -> dict:
     notes: dict[str, str] = {}
     wall: dict[str, float] = {}
     wanted = [p for p in args.parts.split(",") if p]
+
+    def write() -> dict:
+        """The JSON and the table as they stand: written after every part, so a killed run leaves what it had."""
+        rows = rows_of(parts, notes, peak, sizes)
+        header = (
+            f"GPU rows: {gpu_name}, torch {torch.__version__}, preset {preset}, "
+            f"{'bf16 autocast' if dev.amp else 'fp32'}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        )
+        result = {
+            "command": " ".join([Path(sys.executable).name, *(sys.argv if argv is None else ["bench/gpu.py", *argv])]),
+            "machine": machine(),
+            "preset": preset,
+            "device": dev.name,
+            "autocast": str(dev.amp) if dev.amp else "none (fp32)",
+            "sizes": asdict(sizes),
+            "peak": peak,
+            "budget_s": args.budget_s,
+            "part_wall_seconds": wall,
+            "total_wall_seconds": time.perf_counter() - clock.start,
+            "rows": [asdict(r) for r in rows],
+            "parts": parts,
+            "notes": notes,
+            "table": markdown(rows, header),
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "gpu.json").write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+        (out_dir / "gpu.md").write_text(result["table"])
+        return result
+
     for name, runner in runners.items():
         if name not in wanted:
             notes[name] = "not run (--parts)"
@@ -732,43 +763,23 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: {notes[name]}", flush=True)
             continue
         t0 = time.perf_counter()
-        # Setup and warm-up count against the part's cap; rounds stop at 80% of it.
+        # Setup and warm-up count against the part's cap; rounds stop at 80% of it (at least one round runs).
         until = clock.part_end(0.8 * cap)
         try:
             parts[name] = runner(sizes, dev, rounds, until)
-        except torch.OutOfMemoryError as exc:  # say so, keep the other parts
-            notes[name] = f"failed: out of memory ({str(exc).splitlines()[0][:120]})"
+        except Exception as exc:  # one call of a lent GPU must bring back the other parts: say why, go on
+            traceback.print_exc()
+            kind = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+            notes[name] = f"failed: {kind} ({str(exc).splitlines()[0][:160] if str(exc) else ''})"
         finally:
             dev.free()
         wall[name] = time.perf_counter() - t0
         taken = len(next(iter(parts[name]["rounds"].values()))) if name in parts else 0
         print(f"{name}: {wall[name]:.1f} s, {taken} rounds {notes.get(name, '')}", flush=True)
+        write()
 
-    rows = rows_of(parts, notes, peak, sizes)
-    header = (
-        f"GPU rows: {gpu_name}, torch {torch.__version__}, preset {preset}, "
-        f"{'bf16 autocast' if dev.amp else 'fp32'}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    )
-    table = markdown(rows, header)
-    result = {
-        "command": " ".join([Path(sys.executable).name, *(sys.argv if argv is None else ["bench/gpu.py", *argv])]),
-        "machine": machine(),
-        "preset": preset,
-        "device": dev.name,
-        "autocast": str(dev.amp) if dev.amp else "none (fp32)",
-        "sizes": asdict(sizes),
-        "peak": peak,
-        "budget_s": args.budget_s,
-        "part_wall_seconds": wall,
-        "total_wall_seconds": time.perf_counter() - clock.start,
-        "rows": [asdict(r) for r in rows],
-        "parts": parts,
-        "notes": notes,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu.json").write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
-    (out_dir / "gpu.md").write_text(table)
-    print(table)
+    result = write()
+    print(result["table"])
     print(f"wrote {out_dir / 'gpu.json'} and gpu.md ({result['total_wall_seconds']:.1f} s)")
     return result
 

@@ -70,9 +70,9 @@ def test_gpu_bench_smoke_writes_every_row(tmp_path: Path) -> None:
     assert "| row | value | unit | note |" in proc.stdout  # the table is printed too
 
 
-def test_gpu_bench_skips_parts_past_the_deadline(tmp_path: Path) -> None:
-    """A budget already spent skips every part with a note instead of overrunning."""
-    sys.path.insert(0, str(REPO / "bench"))  # gpu.py imports its neighbours (common, head_loss_speed)
+def load_gpu_bench():
+    """bench/gpu.py as a module (it imports its neighbours common and head_loss_speed by name)."""
+    sys.path.insert(0, str(REPO / "bench"))
     try:
         spec = importlib.util.spec_from_file_location("kd_bench_gpu", REPO / "bench" / "gpu.py")
         gpu = importlib.util.module_from_spec(spec)
@@ -80,8 +80,29 @@ def test_gpu_bench_skips_parts_past_the_deadline(tmp_path: Path) -> None:
         spec.loader.exec_module(gpu)
     finally:
         sys.path.remove(str(REPO / "bench"))
+    return gpu
+
+
+def test_gpu_bench_skips_parts_past_the_deadline(tmp_path: Path) -> None:
+    """A budget already spent skips every part with a note instead of overrunning."""
+    gpu = load_gpu_bench()
     result = gpu.main(["--smoke", "--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)])
     assert set(result["notes"]) == {"stage_one", "head", "step"}
     assert all(row["status"] in ("skipped", "not_implemented") for row in result["rows"])
     assert all("budget" in note for note in result["notes"].values())
     assert (tmp_path / "gpu.md").is_file()
+
+
+def test_gpu_bench_a_failing_part_leaves_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call of a lent GPU must bring back what it measured: a part that raises is noted, the run goes on."""
+    gpu = load_gpu_bench()
+
+    def broken(*_args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu, "head_alone", broken)
+    result = gpu.main(["--smoke", "--device", "cpu", "--parts", "head", "--out", str(tmp_path)])
+    head = [row for row in result["rows"] if row["key"].startswith("head_")]
+    assert head and all(row["status"] == "failed" and "RuntimeError (boom)" in row["note"] for row in head)
+    assert result["notes"]["stage_one"] == "not run (--parts)"
+    assert json.loads((tmp_path / "gpu.json").read_text())["notes"] == result["notes"]
