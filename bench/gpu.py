@@ -225,10 +225,13 @@ class Row:
 class Device:
     """Timing and memory on CUDA or CPU."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, dtype: str = "auto") -> None:
         self.name = name
         self.cuda = name.startswith("cuda")
-        self.amp = torch.bfloat16 if self.cuda else None  # bf16 on CPU is ~25x slower here: fp32 there
+        # bf16 autocast on CUDA, as kd train does; fp32 on CPU, where bf16 is ~25x slower here.
+        self.amp = torch.bfloat16 if dtype in ("bf16", "bfloat16") or (dtype == "auto" and self.cuda) else None
+        self.engine_dtype = "bfloat16" if self.amp else "float32"
+        """The stage-one teacher's weights (kd cache-logits' --dtype auto: bf16 on CUDA)."""
 
     def sync(self) -> None:
         if self.cuda:
@@ -312,7 +315,7 @@ def build_model(config, dev: Device, dtype: torch.dtype):
 def matmul_peak(dev: Device, smoke: bool) -> float:
     """Measured TFLOP/s of a square matmul in the run's compute dtype: a ceiling beside the nominal peak."""
     n = 256 if smoke else 8192
-    dtype = torch.bfloat16 if dev.cuda else torch.float32
+    dtype = dev.amp or torch.float32
     a = torch.randn(n, n, device=dev.name, dtype=dtype)
     b = torch.randn(n, n, device=dev.name, dtype=dtype)
     for _ in range(3):
@@ -361,7 +364,8 @@ def stage_one(sizes: Sizes, dev: Device, rounds: int, until: float) -> dict:
         config.to_json_file(str(Path(tmp) / "config.json"))
         source = ModelSource("config", str(Path(tmp) / "config.json"), "llama-3.2-1b-shaped (random weights)")
         with torch.device(dev.name):  # the engine's own loader, building the weights on the device
-            engine = TransformersTeacher(source, TargetSpec("topk", k=sizes.top_k), device=dev.name, dtype="auto")
+            spec = TargetSpec("topk", k=sizes.top_k)
+            engine = TransformersTeacher(source, spec, device=dev.name, dtype=dev.engine_dtype)
     model = engine.model
     seqs = synthetic_sequences(sizes, config.vocab_size)
     batches = token_batches(seqs, sizes.batch_tokens)
@@ -698,6 +702,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="sizes (default: full; smoke)")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu.json and gpu.md")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="global deadline, seconds from the start")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per part (preset's default)")
     parser.add_argument(
@@ -708,7 +715,7 @@ def main(argv: list[str] | None = None) -> dict:
     preset = "smoke" if args.smoke else (args.preset or "full")
     sizes = PRESETS[preset]
     clock = Clock(args.budget_s)
-    dev = Device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = Device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype)
     out_dir = args.out or (REPO / "bench" / ("results/gpu" if preset == "full" else f"out/gpu-{preset}"))
     rounds = args.rounds or sizes.rounds
     torch.manual_seed(0)
