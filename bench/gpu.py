@@ -220,6 +220,18 @@ class Row:
     note: str = ""
     status: str = "measured"
     """measured, skipped (time budget, --parts), failed (the part raised; the note says what) or not_implemented."""
+    goal: str = ""
+    """The issue's goal for this figure and whether it is met, where BENCHMARKS.md states one."""
+
+
+GOALS = {
+    "stage_one_ratio_to_forward": ("≥ 0.9", lambda v: v >= 0.9),  # issue 2
+    "head_time_top64_to_ce": ("≤ 1.15", lambda v: v <= 1.15),  # issue 11
+    "step_time_cached_top64_to_ce": ("≤ 1.05", lambda v: v <= 1.05),
+    "step_time_cached_rs_to_ce": ("≤ 1.03", lambda v: v <= 1.03),
+    "step_memory_cached_top64_to_ce": ("≤ 1.05", lambda v: v <= 1.05),
+}
+"""Row key -> (goal, test), the goals BENCHMARKS.md quotes for the same ratios on CPU."""
 
 
 class Device:
@@ -561,13 +573,32 @@ def rows_of(parts: dict, notes: dict, peak: dict, sizes: Sizes) -> list[Row]:
     k, draws = sizes.top_k, sizes.draws
     step_modes = (("cached_top64", f"cached top-{k}"), ("cached_rs", f"cached RS-{draws}"), ("online", "online KD"))
 
-    def add(part: str, key: str, label: str, unit: str, value: Callable[[dict], float], note: str = "") -> None:
+    def basis(part: str, d: dict) -> str:
+        """What a part's figures were measured on, for the note column."""
+        rounds = len(next(iter(d["rounds"].values())))
+        if part == "stage_one":
+            return (
+                f"{d['sequences']} seqs, {d['tokens']:,} tokens ({d['target_tokens']:,} targets), "
+                f"{len(d['batches'])} batches, {rounds} rounds"
+            )
+        if part == "head":
+            return f"[{d['tokens']:,} × {d['vocab']:,}], hidden {d['hidden']}, chunk {d['chunk_size']}, {rounds} rounds"
+        return (
+            f"{d['student_parameters'] / 1e6:,.0f}M-parameter student, {d['batch'][0]} × {d['batch'][1]} tokens "
+            f"({d['target_tokens']:,} targets), {rounds} rounds × {d['steps_per_round']} steps"
+        )
+
+    def add(part: str, key: str, label: str, unit: str, value: Callable[[dict], float]) -> None:
         data = parts.get(part)
         if data is None:
             note = notes.get(part, "not run")
             rows.append(Row(key, label, None, unit, note, "failed" if note.startswith("failed") else "skipped"))
         else:
-            rows.append(Row(key, label, float(value(data)), unit, note))
+            figure = float(value(data))
+            goal = ""
+            if key in GOALS:
+                goal = f"{GOALS[key][0]} — {'met' if GOALS[key][1](figure) else 'not met'}"
+            rows.append(Row(key, label, figure, unit, basis(part, data), goal=goal))
 
     nominal = peak["nominal_tflops"]
     add(
@@ -681,7 +712,7 @@ def rows_of(parts: dict, notes: dict, peak: dict, sizes: Sizes) -> list[Row]:
 
 
 def markdown(rows: list[Row], header: str) -> str:
-    lines = [header, "", "| row | value | unit | note |", "|---|---|---|---|"]
+    lines = [header, "", "| row | value | unit | goal | note |", "|---|---|---|---|---|"]
     for row in rows:
         if row.value is None:
             value = "—"
@@ -689,7 +720,7 @@ def markdown(rows: list[Row], header: str) -> str:
             value = f"{row.value:,.0f}"
         else:
             value = f"{row.value:.3g}" if abs(row.value) < 100 else f"{row.value:,.1f}"
-        lines.append(f"| {row.label} | {value} | {row.unit} | {row.note or row.status} |")
+        lines.append(f"| {row.label} | {value} | {row.unit} | {row.goal} | {row.note or row.status} |")
     return "\n".join(lines) + "\n"
 
 

@@ -65,9 +65,9 @@ def test_gpu_bench_smoke_writes_every_row(tmp_path: Path) -> None:
     assert rows["hidden_cache_step_to_ce"]["value"] is None
     assert result["preset"] == "smoke" and result["notes"] == {}
     table = (tmp_path / "gpu.md").read_text()
-    assert "| row | value | unit | note |" in table
+    assert "| row | value | unit | goal | note |" in table
     assert table.count("\n|") == len(rows) + 2  # header, rule, one line per row
-    assert "| row | value | unit | note |" in proc.stdout  # the table is printed too
+    assert "| row | value | unit | goal | note |" in proc.stdout  # the table is printed too
 
 
 def load_gpu_bench():
