@@ -1,6 +1,6 @@
 """Every GPU row of BENCHMARKS.md in one command, on random-weight models of real shapes (issue 21, item 4).
 
-    python3 bench/gpu.py [--out DIR] [--budget-s 480] [--peak-tflops 989] [--rounds 5]
+    python3 bench/gpu.py [--out DIR] [--budget-s 480] [--peak-tflops 989] [--rounds 7] [--parts stage_one,head,step]
     .venv/bin/python bench/gpu.py --smoke            # tiny sizes, CPU, seconds (tests/test_gpu_smoke.py)
     .venv/bin/python bench/gpu.py --preset medium    # CPU rehearsal of the full run's structure (~1-2 min)
 
@@ -27,8 +27,10 @@ with its modes interleaved round by round (medians over rounds, as the CPU bench
 4. **Hidden-cache KD step**: not implemented yet (a placeholder row).
 
 A global deadline (`--budget-s`, counted from the start of the script) bounds the whole run: each
-part also has its own cap, a part stops taking rounds when either is reached, and a part that cannot
-start in time is skipped with a note, so the run never overruns a 10-minute device call.
+part also has its own cap (setup included), stops taking rounds at 80% of it or at the deadline (its
+warm-up and first round always run), and a part with under a quarter of its cap left is skipped
+with a note. A part that raises (out of memory, say) is noted and the others still run. The JSON
+and table are rewritten after each part, so a run stopped by `timeout` keeps what it measured.
 
 Writes DIR/gpu.json (every row, sizes, per-round figures, machine) and DIR/gpu.md (the table) and
 prints the table. On a CPU (the smoke mode) timings are fp32 and memory is the process's peak RSS.
