@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ test: $(VENV)/.vllm-installed
 lint: $(VENV)/.base-installed
 	$(BIN)/ruff check kd tests $(wildcard bench)
 	$(BIN)/ruff format --check kd tests $(wildcard bench)
+
+# The lent GPU machines have no network and no zstandard: fetch its wheel (CPython 3.12, x86-64
+# manylinux) into the ignored .devcarry/ to carry there. README.md, "Measuring on a GPU".
+gpu-wheels: | $(BIN)/python
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .devcarry/ zstandard
 
 clean:
 	rm -rf $(VENV)

@@ -38,15 +38,23 @@ from kd.losses import (
 )
 
 
-def make_teachers(tokens: int, vocab: int, k: int, draws: int, seed: int) -> tuple[SparseTeacher, SampledTeacher]:
-    """A top-k + tail teacher and an RS teacher (unique ids of `draws` samples with counts) from random logits."""
-    g = torch.Generator().manual_seed(seed)
-    logp = torch.log_softmax(torch.randn(tokens, vocab, generator=g) * 3.0, dim=1)
+def make_teachers(
+    tokens: int, vocab: int, k: int, draws: int, seed: int, device: str | torch.device = "cpu"
+) -> tuple[SparseTeacher, SampledTeacher]:
+    """A top-k + tail teacher and an RS teacher (unique ids of `draws` samples with counts) from random logits.
+
+    Made on `device`: at a 150K vocabulary the [tokens, vocab] temporaries take seconds on a GPU, minutes on a CPU.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    logp = torch.log_softmax(torch.randn(tokens, vocab, generator=g, device=device) * 3.0, dim=1)
     values, ids = logp.topk(k, dim=1)
     tail = torch.log1p(-values.exp().sum(dim=1).clamp(max=1 - 1e-6))
     top = SparseTeacher(ids, values, tail)
     samples = torch.multinomial(logp.exp(), draws, replacement=True, generator=g)
-    counts = torch.zeros(tokens, vocab).scatter_add_(1, samples, torch.ones(tokens, draws))
+    del logp
+    counts = torch.zeros(tokens, vocab, device=device).scatter_add_(
+        1, samples, torch.ones(tokens, draws, device=device)
+    )
     width = int((counts > 0).sum(dim=1).max())
     rs_counts, rs_ids = counts.topk(width, dim=1)  # zero counts pad a row
     return top, SampledTeacher(rs_ids, rs_counts, draws)
