@@ -1,23 +1,201 @@
 """From a model's final hidden states to its logits: the one place that knows how a model's head is applied.
 
-Every wing that turns hidden states into log-probs (capture, training, evaluation, on-policy
-judging) separates the decoder body from the head here, so the head and whatever the model does to
-its logits after it are handled once.
+Every wing that turns hidden states into log-probs (both capture engines, the online teacher, the
+student's loss, `kd eval`, on-policy judging) separates the decoder body from the head here and
+applies the model's post-head transform with `LogitTransform`, so the head and whatever the model
+does to its logits after it are handled once, and tested once against the model's own ``forward``
+(tests/test_head_transforms.py).
+
+The transforms transformers defines (read from each ``*ForCausalLM.forward``, transformers 5.x):
+
+==========================================================  ==========================================
+model_type                                                  forward
+==========================================================  ==========================================
+granite, granite_swa, granitemoe, granitemoe_swa,           ``logits / config.logits_scaling``
+granitemoehybrid, granitemoeshared
+hyperclovax                                                 ``logits * config.logits_scaling``
+minicpm3                                                    ``lm_head(hidden / config.logits_scaling)``
+                                                            (= hidden_size / dim_model_base)
+falcon_h1                                                   ``logits * config.lm_head_multiplier``
+cohere, cohere2, cohere2_moe, cohere_compass                ``logits * config.logit_scale``
+gemma2, gemma3_text, gemma3n_text, gemma4_text,             ``c · tanh(logits / c)``,
+gemma4_unified_text, vaultgemma, nanochat, diffusion_gemma  c = ``config.final_logit_softcapping``
+recurrent_gemma                                             c = ``config.logits_soft_cap``
+xlstm                                                       c = ``config.output_logit_soft_cap``
+==========================================================  ==========================================
+
+A config of any other architecture that carries a field looking like a logit transform (a name
+matching `_LOGIT_FIELD`, with a non-neutral value) is refused in one line naming the field: kd never
+scores a model differently from its own ``forward``.
 """
 
 from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
 
 import torch
 
 from kd.errors import KdError
 
 
-def split_body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
-    """The decoder body (returns hidden states), the LM head, and the final logit soft-cap if any."""
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its LM head's output: ``z = softcap · tanh(scale · logits / softcap)``.
+
+    ``scale`` multiplies (an architecture that divides by d has scale 1/d); ``softcap`` None means no
+    cap. Every architecture transformers ships applies the scale before the cap (the one that has
+    both, MuseGlimmer, does too). Falsy when it is the identity, so ``if transform:`` skips the work.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise KdError(f"logit scale must be a finite number > 0, got {self.scale}")
+        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
+            raise KdError(f"final logit soft-cap must be a finite number > 0, got {self.softcap}")
+
+    def __bool__(self) -> bool:
+        return self.scale != 1.0 or self.softcap is not None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """z[..., V] from the head's logits[..., V]: fp32 (fp64 stays fp64) unless the identity (then unchanged)."""
+        if not self:
+            return logits
+        z = logits if logits.dtype == torch.float64 else logits.float()
+        if self.softcap is not None:  # one fused multiply: scale / cap
+            return torch.tanh(z * (self.scale / self.softcap)) * self.softcap
+        return z * self.scale
+
+    def slope(self, transformed: torch.Tensor) -> torch.Tensor | float:
+        """dz/dlogits, elementwise, from the transformed logits z: scale·(1 − (z/c)²) under a cap, else scale.
+
+        Used by the fused student head to carry d loss/dz back to the head's own logits.
+        """
+        if self.softcap is None:
+            return self.scale
+        return (1.0 - (transformed / self.softcap).square()) * self.scale
+
+
+IDENTITY = LogitTransform()
+
+_SCALE_FIELDS: dict[str, tuple[str, bool]] = {
+    # model_type: (config field, True if forward divides by it)
+    **dict.fromkeys(
+        ("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared"),
+        ("logits_scaling", True),
+    ),
+    "hyperclovax": ("logits_scaling", False),
+    "minicpm3": ("logits_scaling", True),  # divides the hidden states before a bias-free head
+    "falcon_h1": ("lm_head_multiplier", False),
+    **dict.fromkeys(
+        ("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"), ("logit_scale", False)
+    ),
+}
+_SOFTCAP_FIELDS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "gemma2",
+            "gemma3_text",
+            "gemma3n_text",
+            "gemma4_text",
+            "gemma4_unified_text",
+            "vaultgemma",
+            "nanochat",
+            "diffusion_gemma",
+        ),
+        "final_logit_softcapping",
+    ),
+    "recurrent_gemma": "logits_soft_cap",
+    "xlstm": "output_logit_soft_cap",
+}
+_PRE_HEAD_SCALE = {"minicpm3"}
+"""Architectures whose scale divides the hidden states: a post-head scale only while the head has no bias."""
+
+_LOGIT_FIELD = re.compile(
+    r"logit|soft_?cap|lm_head_mult|output_mult|dim_model_base|scale_width|mup_width|width_mult", re.IGNORECASE
+)
+"""Config field names that look like a transform of the logits (the fields above, MiniCPM 1/2's remote
+code ``dim_model_base``/``scale_width``, muP output multipliers, MPT's ``logit_scale``...)."""
+
+_BODY_FIELDS = frozenset(
+    {
+        "attn_logit_softcapping",  # Gemma-2's attention scores: inside the body
+        "attention_logit_cap",
+        "conf_attention_logit_cap",
+        "gate_soft_cap",  # xLSTM's gates
+        "moe_router_logit_softcapping",
+        "router_logit_softcapping",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "num_logits_to_keep",
+        "lm_head_bias",  # the head's own bias: applied with the head
+        "attention_invalid_logits_value",
+        "tie_word_embeddings",
+    }
+)
+"""Matching field names that do not touch the LM head's output."""
+
+
+def _neutral(value) -> bool:
+    return value is None or value is False or (isinstance(value, int | float) and value in (0, 1))
+
+
+def logit_transform(config, head_has_bias: bool = False) -> LogitTransform:
+    """The post-head transform a model's ``forward`` applies, from its config; KdError if kd does not know it.
+
+    `head_has_bias`: whether the LM head has a bias (a pre-head scale then is no post-head scale).
+    """
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    known: set[str] = set()
+    scale, softcap = 1.0, None
+    if model_type in _SCALE_FIELDS:
+        field, divides = _SCALE_FIELDS[model_type]
+        known.add(field)
+        value = getattr(config, field, None)
+        if value is None and model_type.startswith("cohere_compass"):  # its forward skips a None scale
+            value = 1.0
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise KdError(f"{model_type}: config.{field} = {value!r} is not a positive number")
+        scale = 1.0 / float(value) if divides else float(value)
+        if model_type in _PRE_HEAD_SCALE:
+            known |= {"dim_model_base"}
+            if head_has_bias and scale != 1.0:
+                raise KdError(f"{model_type}: config.{field} scales the hidden states before an LM head with a bias")
+    if model_type in _SOFTCAP_FIELDS:
+        field = _SOFTCAP_FIELDS[model_type]
+        known.add(field)
+        value = getattr(config, field, None)
+        softcap = None if value is None else float(value)
+    try:
+        fields = dict(config.to_dict())
+    except Exception:  # a plain namespace (tests) or a config without to_dict
+        fields = dict(vars(config))
+    for name, value in sorted(fields.items()):
+        if name in known or name in _BODY_FIELDS or not _LOGIT_FIELD.search(name) or _neutral(value):
+            continue
+        if isinstance(value, dict):  # a nested text_config and the like is a multimodal wrapper's business
+            continue
+        raise KdError(
+            f"{model_type}: config.{name} = {value!r} looks like a transform of the logits that kd does not "
+            "know; kd refuses rather than score the model differently from its own forward"
+        )
+    return LogitTransform(scale, softcap)
+
+
+def split_body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, LogitTransform]:
+    """The decoder body (returns hidden states), the LM head, and the model's post-head `LogitTransform`."""
     body = getattr(model, model.base_model_prefix, None)
     head = model.get_output_embeddings()
     if body is None or head is None:
         raise KdError(f"{type(model).__name__}: cannot separate the decoder from its LM head")
-    if getattr(model.config, "logit_scale", None) not in (None, 1.0):
-        raise KdError(f"{type(model).__name__}: models with a logit_scale are not supported yet")
-    return body, head, getattr(model.config, "final_logit_softcapping", None)
+    return body, head, logit_transform(model.config, getattr(head, "bias", None) is not None)
+
+
+def head_logits(head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits[N, V] exactly as the model's forward makes them from its final hidden states[N, H]."""
+    logits = head(hidden)
+    return transform.apply(logits) if transform else logits.float()
