@@ -351,3 +351,30 @@ def test_online_student_head_padded_beyond_the_teacher(divergence):
         return  # student mass on the padding: Σ q·(log q − LOG_FLOOR) per id online, one bucket cached
     for online, cached in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(online, cached, rtol=1e-9, atol=1e-10)
+
+
+def test_wrappers_and_other_configs():
+    """Configs only: multimodal wrappers whose forward applies the text config's transform get it; one whose
+    forward ignores it (Cohere2Vision) and configs kd cannot map (Inkling's pre-head multiplier and vocab
+    slice, MPT's logit_scale that transformers' MPT ignores) are refused naming the field."""
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert logit_transform(transformers.Gemma3nConfig()) == LogitTransform(1.0, 30.0)
+        assert logit_transform(transformers.Granite4VisionConfig(text_config={"logits_scaling": 8.0})) == (
+            LogitTransform(1 / 8)
+        )
+        glimmer = transformers.MuseGlimmerConfig()
+        text = glimmer.get_text_config()
+        assert logit_transform(glimmer) == LogitTransform(text.output_multiplier, text.final_logit_softcapping)
+        assert logit_transform(transformers.xLSTMConfig()) == LogitTransform(1.0, 30.0)
+        assert logit_transform(transformers.RecurrentGemmaConfig()) == LogitTransform(1.0, 30.0)
+        assert not logit_transform(transformers.MptConfig())
+        for config, field in (
+            (transformers.Cohere2VisionConfig(), "text_config.logit_scale"),
+            (transformers.MptConfig(logit_scale=2.0), "logit_scale"),
+            (transformers.InklingTextConfig(), "logits_mup_width_multiplier"),
+        ):
+            with pytest.raises(KdError, match=rf"config\.{field} "):
+                logit_transform(config)

@@ -12,17 +12,21 @@ The transforms transformers defines (read from each ``*ForCausalLM.forward``, tr
 model_type                                                  forward
 ==========================================================  ==========================================
 granite, granite_swa, granitemoe, granitemoe_swa,           ``logits / config.logits_scaling``
-granitemoehybrid, granitemoeshared
+granitemoehybrid, granitemoeshared, granite4_vision_text
 hyperclovax                                                 ``logits * config.logits_scaling``
 minicpm3                                                    ``lm_head(hidden / config.logits_scaling)``
                                                             (= hidden_size / dim_model_base)
 falcon_h1                                                   ``logits * config.lm_head_multiplier``
-cohere, cohere2, cohere2_moe, cohere_compass                ``logits * config.logit_scale``
+cohere, cohere2, cohere2_moe, cohere_compass_text           ``logits * config.logit_scale``
 gemma2, gemma3_text, gemma3n_text, gemma4_text,             ``c · tanh(logits / c)``,
 gemma4_unified_text, vaultgemma, nanochat, diffusion_gemma  c = ``config.final_logit_softcapping``
 recurrent_gemma                                             c = ``config.logits_soft_cap``
 xlstm                                                       c = ``config.output_logit_soft_cap``
+muse_glimmer_text                                           ``c · tanh(logits · output_multiplier / c)``
 ==========================================================  ==========================================
+
+The multimodal wrappers gemma3n, gemma4, gemma4_unified, granite4_vision, cohere_compass and
+muse_glimmer apply their text config's transform; gemma3's applies none (its cap is None anyway).
 
 A config of any other architecture that carries a field looking like a logit transform (a name
 matching `_LOGIT_FIELD`, with a non-neutral value) is refused in one line naming the field: kd never
@@ -91,9 +95,9 @@ _SCALE_FIELDS: dict[str, tuple[str, bool]] = {
     "hyperclovax": ("logits_scaling", False),
     "minicpm3": ("logits_scaling", True),  # divides the hidden states before a bias-free head
     "falcon_h1": ("lm_head_multiplier", False),
-    **dict.fromkeys(
-        ("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"), ("logit_scale", False)
-    ),
+    "granite4_vision_text": ("logits_scaling", True),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), ("logit_scale", False)),
+    "muse_glimmer_text": ("output_multiplier", False),  # then the soft-cap
 }
 _SOFTCAP_FIELDS: dict[str, str] = {
     **dict.fromkeys(
@@ -109,9 +113,12 @@ _SOFTCAP_FIELDS: dict[str, str] = {
         ),
         "final_logit_softcapping",
     ),
+    "muse_glimmer_text": "final_logit_softcapping",
     "recurrent_gemma": "logits_soft_cap",
     "xlstm": "output_logit_soft_cap",
 }
+_TEXT_WRAPPERS = frozenset({"gemma3n", "gemma4", "gemma4_unified", "granite4_vision", "cohere_compass", "muse_glimmer"})
+"""Multimodal wrappers whose ``forward`` applies their text config's transform (``get_text_config()``)."""
 _PRE_HEAD_SCALE = {"minicpm3"}
 """Architectures whose scale divides the hidden states: a post-head scale only while the head has no bias."""
 
@@ -144,46 +151,85 @@ def _neutral(value) -> bool:
     return value is None or value is False or (isinstance(value, int | float) and value in (0, 1))
 
 
+def _positive(model_type: str, field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise KdError(f"{model_type}: config.{field} = {value!r} is not a positive number")
+    return float(value)
+
+
+def _unknown_field(fields: dict, prefix: str = "") -> tuple[str, object] | None:
+    """The first field (nested configs included) that looks like a logit transform and is not neutral."""
+    for name, value in sorted(fields.items(), key=lambda item: str(item[0])):
+        if not isinstance(name, str):  # a table keyed by ids (id2label, per-layer maps)
+            continue
+        if isinstance(value, dict):
+            found = _unknown_field(value, f"{prefix}{name}.")
+            if found is not None:
+                return found
+        elif _LOGIT_FIELD.search(name) and name not in _BODY_FIELDS and not _neutral(value):
+            return f"{prefix}{name}", value
+    return None
+
+
+def _is_config_of(value, config) -> bool:
+    return isinstance(value, dict) and value.get("model_type") == config.model_type
+
+
+def _config_fields(config) -> dict:
+    try:
+        return dict(config.to_dict())
+    except AttributeError:  # a plain namespace
+        return dict(vars(config))
+
+
 def logit_transform(config, head_has_bias: bool = False) -> LogitTransform:
     """The post-head transform a model's ``forward`` applies, from its config; KdError if kd does not know it.
 
     `head_has_bias`: whether the LM head has a bias (a pre-head scale then is no post-head scale).
+    A multimodal wrapper in `_TEXT_WRAPPERS` applies its text config's transform; any other wrapper
+    whose nested configs carry a non-neutral logit field is refused like a top-level one (Cohere2Vision's
+    forward ignores its text config's ``logit_scale``, Cohere2's applies it: kd does not guess).
     """
     model_type = getattr(config, "model_type", None) or type(config).__name__
-    known: set[str] = set()
+    fields = _config_fields(config)
+    if model_type in _TEXT_WRAPPERS:
+        text = config.get_text_config()
+        transform = logit_transform(text, head_has_bias)
+        # The other nested configs (vision, audio) are still scanned.
+        fields = {
+            k: v for k, v in fields.items() if not (isinstance(v, dict) and v.get("model_type") == text.model_type)
+        }
+        if (found := _unknown_field(fields)) is None:
+            return transform
+        raise _refusal(model_type, *found)
     scale, softcap = 1.0, None
     if model_type in _SCALE_FIELDS:
         field, divides = _SCALE_FIELDS[model_type]
-        known.add(field)
+        fields.pop(field, None)
         value = getattr(config, field, None)
-        if value is None and model_type.startswith("cohere_compass"):  # its forward skips a None scale
+        if value is None and model_type == "cohere_compass_text":  # its forward skips a None scale
             value = 1.0
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise KdError(f"{model_type}: config.{field} = {value!r} is not a positive number")
-        scale = 1.0 / float(value) if divides else float(value)
+        value = _positive(model_type, field, value)
+        scale = 1.0 / value if divides else value
         if model_type in _PRE_HEAD_SCALE:
-            known |= {"dim_model_base"}
+            fields.pop("dim_model_base", None)
             if head_has_bias and scale != 1.0:
                 raise KdError(f"{model_type}: config.{field} scales the hidden states before an LM head with a bias")
     if model_type in _SOFTCAP_FIELDS:
         field = _SOFTCAP_FIELDS[model_type]
-        known.add(field)
+        fields.pop(field, None)
         value = getattr(config, field, None)
-        softcap = None if value is None else float(value)
-    try:
-        fields = dict(config.to_dict())
-    except Exception:  # a plain namespace (tests) or a config without to_dict
-        fields = dict(vars(config))
-    for name, value in sorted(fields.items()):
-        if name in known or name in _BODY_FIELDS or not _LOGIT_FIELD.search(name) or _neutral(value):
-            continue
-        if isinstance(value, dict):  # a nested text_config and the like is a multimodal wrapper's business
-            continue
-        raise KdError(
-            f"{model_type}: config.{name} = {value!r} looks like a transform of the logits that kd does not "
-            "know; kd refuses rather than score the model differently from its own forward"
-        )
+        softcap = None if value is None else _positive(model_type, field, value)
+    if (found := _unknown_field(fields)) is not None:
+        raise _refusal(model_type, *found)
     return LogitTransform(scale, softcap)
+
+
+def _refusal(model_type: str, name: str, value) -> KdError:
+    return KdError(
+        f"{model_type}: config.{name} = {value!r} looks like a transform of the logits that kd does not "
+        "know; kd refuses rather than score the model differently from its own forward"
+    )
 
 
 def split_body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, LogitTransform]:
