@@ -378,3 +378,31 @@ def test_wrappers_and_other_configs():
         ):
             with pytest.raises(KdError, match=rf"config\.{field} "):
                 logit_transform(config)
+
+
+def test_online_distill_step_with_a_padded_student_equals_the_cached_one():
+    """The same through DistillStep with real models: a Granite student padded to 104 ids, its teacher
+    at 96 (both scaled), online equals the teacher's full-vocabulary cache, loss and gradient."""
+    student = build_model("granite", seed=5, dtype=torch.float64, vocab_size=VOCAB + 8).train()
+    teacher = build_model("granite", seed=6, dtype=torch.float64)
+    seqs = sequences()
+    config = LossConfig(alpha=0.5, chunk_size=6)
+    grads, totals = [], []
+    for kind in ("online", "cached"):
+        batch = collate(seqs)
+        if kind == "cached":
+            teacher_lp = torch.cat([reference_logprobs(teacher, s) for s in seqs])
+            batch.teacher = SparseTeacher(
+                torch.arange(VOCAB).expand(len(teacher_lp), VOCAB).contiguous(),
+                teacher_lp,
+                torch.full((len(teacher_lp),), float("-inf"), dtype=torch.float64),
+            )
+        step = DistillStep(student, config, teacher=teacher if kind == "online" else None)
+        parts = step(batch)
+        parts.total.backward()
+        totals.append(parts.total.detach())
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        student.zero_grad()
+    torch.testing.assert_close(totals[0], totals[1], rtol=1e-9, atol=1e-9)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-7, atol=1e-10, msg=name)
