@@ -196,9 +196,7 @@ def logit_transform(config, head_has_bias: bool = False) -> LogitTransform:
         text = config.get_text_config()
         transform = logit_transform(text, head_has_bias)
         # The other nested configs (vision, audio) are still scanned.
-        fields = {
-            k: v for k, v in fields.items() if not (isinstance(v, dict) and v.get("model_type") == text.model_type)
-        }
+        fields = {k: v for k, v in fields.items() if not _is_config_of(v, text)}
         if (found := _unknown_field(fields)) is None:
             return transform
         raise _refusal(model_type, *found)
