@@ -353,7 +353,13 @@ def _dense_chunk_loss(
 
 
 def checked_teacher_logits(teacher: DenseTeacher, lo: int, hi: int, vocab: int) -> torch.Tensor:
-    """The teacher's fp32 logits [hi − lo, V], cut to the student's vocabulary only where that is safe."""
+    """The teacher's fp32 logits [hi − lo, V] on the student's vocabulary of V ids.
+
+    A larger teacher vocabulary is cut only where that is safe (padding ids holding almost no mass);
+    a smaller one (the student's head padded beyond the shared tokenizer) is padded with -inf: the
+    student's extra ids get teacher probability 0, as a top-k cache gives them (they never appear
+    among its ids).
+    """
     teacher_logits = teacher.logits(lo, hi)
     if teacher_logits.shape[1] > vocab:
         foreign = torch.logsumexp(teacher_logits, 1) - torch.logsumexp(teacher_logits[:, vocab:], 1)
@@ -366,5 +372,6 @@ def checked_teacher_logits(teacher: DenseTeacher, lo: int, hi: int, vocab: int) 
         # Below the threshold these are never-trained padding ids; dropping them is explicit here.
         teacher_logits = teacher_logits[:, :vocab]
     elif teacher_logits.shape[1] < vocab:
-        raise KdError(f"the student's vocabulary ({vocab}) is larger than the teacher's ({teacher_logits.shape[1]})")
+        missing = teacher_logits.new_full((teacher_logits.shape[0], vocab - teacher_logits.shape[1]), float("-inf"))
+        teacher_logits = torch.cat([teacher_logits, missing], dim=1)
     return teacher_logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +54,30 @@ class SampledTeacher:
     num_samples: int
 
 
+class LogitMap(Protocol):
+    """A model's post-head transform (kd.pipeline.heads.LogitTransform): losses only call these two methods.
+
+    apply(logits[n, V]) -> z[n, V] in fp32 (fp64 stays fp64); slope(z) -> dz/dlogits elementwise
+    ([n, V] or a float). Falsy when it is the identity.
+    """
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def slope(self, transformed: torch.Tensor) -> torch.Tensor | float: ...
+
+
 @dataclass
 class DenseTeacher:
-    """Full-vocabulary teacher: either teacher_logits[N, V], or teacher_hidden[N, H] with the head's
-    teacher_head_weight[V, H] (+ bias[V]) so that logits are made one chunk at a time."""
+    """Full-vocabulary teacher: either teacher_logits[N, V] (final logits), or teacher_hidden[N, H] with the
+    head's teacher_head_weight[V, H] (+ bias[V]) and its post-head transform (scale, soft-cap), so that
+    logits are made one chunk at a time exactly as the teacher's forward makes them."""
 
     teacher_logits: torch.Tensor | None = None
     teacher_hidden: torch.Tensor | None = None
     teacher_head_weight: torch.Tensor | None = None
     teacher_head_bias: torch.Tensor | None = None
+    teacher_logit_transform: LogitMap | None = None
+    """Applied to the head's output (teacher_hidden path only); None or a falsy map: none."""
 
     def logits(self, lo: int, hi: int) -> torch.Tensor:
         """fp32 teacher logits of tokens [lo, hi)."""
@@ -69,7 +85,10 @@ class DenseTeacher:
             return upcast_logits(self.teacher_logits[lo:hi])
         if self.teacher_hidden is None or self.teacher_head_weight is None:
             raise ValueError("DenseTeacher needs teacher_logits or teacher_hidden + teacher_head_weight")
-        return upcast_logits(F.linear(self.teacher_hidden[lo:hi], self.teacher_head_weight, self.teacher_head_bias))
+        logits = F.linear(self.teacher_hidden[lo:hi], self.teacher_head_weight, self.teacher_head_bias)
+        if self.teacher_logit_transform:
+            logits = self.teacher_logit_transform.apply(logits)
+        return upcast_logits(logits)
 
 
 TeacherSignal = SparseTeacher | SampledTeacher | DenseTeacher

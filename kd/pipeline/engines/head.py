@@ -24,6 +24,7 @@ import torch
 from kd.cache.format import SampledTargets, TopKTargets
 from kd.errors import KdError
 from kd.pipeline.engines.teacher import TargetSpec
+from kd.pipeline.heads import IDENTITY, LogitTransform, logit_transform
 
 HEAD_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 """Bytes of one [rows, vocab] fp32 logits chunk. topk_with_tail holds about two such blocks at once,
@@ -82,11 +83,11 @@ def batch_seed(seed: int, first_row: int) -> int:
 
 @dataclass
 class LmHead:
-    """hidden -> logits: the output projection (and bias), then the final logit soft-cap if any."""
+    """hidden -> logits: the output projection (and bias), then the model's post-head transform (scale, soft-cap)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
-    softcap: float | None = None
+    transform: LogitTransform = IDENTITY
 
     @property
     def vocab_size(self) -> int:
@@ -94,9 +95,7 @@ class LmHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(hidden.to(self.weight.device, self.weight.dtype), self.weight, self.bias)
-        if self.softcap:
-            logits = torch.tanh(logits.float() / self.softcap) * self.softcap
-        return logits
+        return self.transform.apply(logits)
 
 
 @torch.inference_mode()
@@ -144,8 +143,8 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def head_parameter_names(model_dir: str) -> tuple[list[str], list[str], float | None]:
-    """Checkpoint names the output projection's weight (and bias) may be stored under, and the soft-cap.
+def head_parameter_names(model_dir: str) -> tuple[list[str], list[str], LogitTransform]:
+    """Checkpoint names the output projection's weight (and bias) may be stored under, and the post-head transform.
 
     Built from the model's own class on the meta device (no weights, no memory): with tied
     embeddings the head's weight is the input embedding, stored under that name only.
@@ -158,12 +157,14 @@ def head_parameter_names(model_dir: str) -> tuple[list[str], list[str], float | 
     head = model.get_output_embeddings()
     if head is None or not isinstance(head, torch.nn.Linear):
         raise KdError(f"{model_dir}: {type(model).__name__} has no plain linear LM head")
-    if getattr(config, "logit_scale", None) not in (None, 1.0):
-        raise KdError(f"{model_dir}: models with a logit_scale are not supported yet")
+    try:
+        transform = logit_transform(config, head.bias is not None)
+    except KdError as e:
+        raise KdError(f"{model_dir}: {e}") from None
     named = list(model.named_parameters(remove_duplicate=False))
     weights = [name for name, p in named if p is head.weight]
     biases = [name for name, p in named if head.bias is not None and p is head.bias]
-    return weights, biases, getattr(config, "final_logit_softcapping", None)
+    return weights, biases, transform
 
 
 def load_lm_head(model_dir: str, device: str, dtype: torch.dtype) -> LmHead:
@@ -174,7 +175,7 @@ def load_lm_head(model_dir: str, device: str, dtype: torch.dtype) -> LmHead:
     """
     from safetensors import safe_open
 
-    weights, biases, softcap = head_parameter_names(model_dir)
+    weights, biases, transform = head_parameter_names(model_dir)
     found: dict[str, torch.Tensor] = {}
     for path in _checkpoint_files(Path(model_dir)):
         with safe_open(str(path), "pt") as f:
@@ -190,5 +191,5 @@ def load_lm_head(model_dir: str, device: str, dtype: torch.dtype) -> LmHead:
     return LmHead(
         weight.to(device=device, dtype=dtype),
         None if bias is None else bias.to(device=device, dtype=dtype),
-        softcap,
+        transform,
     )

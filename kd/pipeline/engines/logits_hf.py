@@ -40,7 +40,7 @@ class TransformersTeacher:
         self.spec = spec
         self.device = device
         self.model = load_causal_lm(source, dtype=dtype, device=device, device_map=device_map).eval()
-        self.body, self.head, self.softcap = split_body_and_head(self.model)
+        self.body, self.head, self.transform = split_body_and_head(self.model)
         self.vocab_size = self.head.weight.shape[0]
         self.chunk_rows = chunk_rows or head_chunk_rows(self.vocab_size, self.head.weight.device.type)
         self.input_device = next(self.body.parameters()).device
@@ -68,10 +68,7 @@ class TransformersTeacher:
         return hidden[index_rows, index_cols], counts
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden.to(self.head.weight.device))
-        if self.softcap:
-            logits = torch.tanh(logits.float() / self.softcap) * self.softcap
-        return logits
+        return self.transform.apply(self.head(hidden.to(self.head.weight.device)))
 
     @torch.inference_mode()
     def score(self, batch: list[SequenceToScore]) -> list[TopKTargets | SampledTargets]:

@@ -28,7 +28,7 @@ from kd.losses import (
     retemper_sparse,
     student_buckets,
 )
-from kd.pipeline.heads import split_body_and_head
+from kd.pipeline.heads import head_logits, split_body_and_head
 from kd.pipeline.training.batches import TrainSequence, collate
 
 ECE_BINS = 15
@@ -85,7 +85,7 @@ def evaluate_sequences(
     lm = unwrap_causal_lm(model)
     was_training = lm.training
     lm.eval()
-    body, head, softcap = split_body_and_head(lm)
+    body, head, transform = split_body_and_head(lm)
     vocab = head.weight.shape[0]
     sums = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "correct": 0.0, "tokens": 0, "teacher_tokens": 0, "kl_tokens": 0}
     conf_bins = np.zeros(ECE_BINS)
@@ -109,9 +109,7 @@ def evaluate_sequences(
             teacher = fold_out_of_vocab(teacher, vocab)
         for lo in range(0, hidden.shape[0], chunk_size):
             hi = min(lo + chunk_size, hidden.shape[0])
-            logits = head(hidden[lo:hi]).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = head_logits(head, transform, hidden[lo:hi])
             lse = torch.logsumexp(logits, dim=-1)
             labels = batch.labels[lo:hi]
             sums["ce"] += float((lse - logits.gather(1, labels[:, None]).squeeze(1)).sum())

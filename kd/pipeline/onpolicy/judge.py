@@ -37,7 +37,7 @@ from kd.losses import (
     student_buckets,
 )
 from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, unwrap_causal_lm
-from kd.pipeline.heads import split_body_and_head
+from kd.pipeline.heads import head_logits, split_body_and_head
 from kd.pipeline.training.batches import collate
 
 UNRESOLVED_TAIL = 1e-7
@@ -76,7 +76,7 @@ def judge_sequences(
     lm = unwrap_causal_lm(model)
     was_training = lm.training
     lm.eval()
-    body, head, softcap = split_body_and_head(lm)
+    body, head, transform = split_body_and_head(lm)
     vocab = head.weight.shape[0]
     per_prompt: dict[str, dict[str, float]] = {}
     same_length = judged = 0
@@ -92,9 +92,7 @@ def judge_sequences(
         sums = {k: np.zeros(len(chunk)) for k in SUMS}
         for lo in range(0, hidden.shape[0], chunk_size):
             hi = min(lo + chunk_size, hidden.shape[0])
-            logits = head(hidden[lo:hi]).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = head_logits(head, transform, hidden[lo:hi])
             lse = torch.logsumexp(logits, dim=-1)
             labels = batch.labels[lo:hi]
             parts = _token_terms(logits, lse, labels, _slice(teacher, lo, hi), vocab)

@@ -346,19 +346,16 @@ class DistillStep(torch.nn.Module):
         self._teacher = [teacher] if teacher is not None else []  # a list hides it from Module/DDP
         self.teacher_device = teacher_device
         if teacher is not None:
-            teacher_body, teacher_head, _ = split_body_and_head(teacher)
-            self._teacher_parts = (teacher_body, teacher_head)
+            self._teacher_parts = split_body_and_head(teacher)  # body, head, post-head transform
 
     def forward(self, batch: Batch):
         lm = unwrap_causal_lm(self.student)
-        body, head, softcap = split_body_and_head(lm)
-        if softcap:
-            raise KdError("students with final logit soft-capping are not supported yet")
+        body, head, transform = split_body_and_head(lm)
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = hidden[batch.hidden_rows, batch.hidden_cols]
         teacher_signal = batch.teacher
         if self._teacher:
-            teacher_body, teacher_head = self._teacher_parts
+            teacher_body, teacher_head, teacher_transform = self._teacher_parts
             device = self.teacher_device or batch.input_ids.device
             with torch.no_grad():
                 teacher_hidden = teacher_body(
@@ -369,6 +366,7 @@ class DistillStep(torch.nn.Module):
                 teacher_hidden=teacher_hidden.to(hidden.device),
                 teacher_head_weight=teacher_head.weight.to(hidden.device),
                 teacher_head_bias=None if teacher_head.bias is None else teacher_head.bias.to(hidden.device),
+                teacher_logit_transform=teacher_transform,
             )
         return distill_loss_sum(
             hidden,
@@ -378,6 +376,7 @@ class DistillStep(torch.nn.Module):
             teacher_signal,
             self.loss_config,
             token_weights=batch.token_weights,
+            student_logit_transform=transform,
         )
 
 
