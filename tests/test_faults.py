@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import start_kd
-from tests.test_cache_logits import make_corpus
+from tests.helpers import assert_one_line_error, kd_env, run_kd, start_kd
+from tests.test_cache_logits import cache_files, make_corpus
 
 
 @pytest.fixture()
@@ -69,3 +69,29 @@ def test_ctrl_c_in_any_command_says_interrupted(monkeypatch, capsys):
         kd.cli.main(["inspect", "somewhere"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "kd: interrupted"
+
+
+# ----------------------------------------------------------------------------- damaged caches
+
+
+def test_rerun_recreates_a_deleted_and_a_truncated_shard(tmp_path, corpus, tiny_model_dir):
+    out = tmp_path / "cache"
+    args = cache_args(tiny_model_dir, corpus, out, "--shard-tokens", "300", "--json")
+    first = run_kd(*args)
+    assert first.returncode == 0, first.stderr
+    expected = cache_files(out)
+    assert len(expected) >= 3
+    deleted, truncated = sorted(expected)[1:3]
+    (out / deleted).unlink()
+    data = (out / truncated).read_bytes()
+    (out / truncated).write_bytes(data[:-100])
+
+    again = run_kd(*args, env=kd_env(COLUMNS="1000"))  # log lines unwrapped
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert summary["shards_written"] == 2 and summary["shards_reused"] == len(expected) - 2, summary
+    assert deleted in again.stderr and truncated in again.stderr  # said, not silently redone
+    verify = run_kd("inspect", str(out), "--verify", "--json")
+    assert verify.returncode == 0 and json.loads(verify.stdout)["verified"], verify.stderr
+    assert cache_files(out) == expected  # the same bytes as the uninterrupted run
+    assert {p.name for p in out.glob("shard-*")} == set(expected)

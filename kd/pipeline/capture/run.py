@@ -22,6 +22,7 @@ from typing import Any
 
 from kd.cache import format as fmt
 from kd.cache.manifest import open_or_create, read_manifest, record_rank_done
+from kd.cache.reader import shard_problem
 from kd.cache.writer import BackgroundShardWriter
 from kd.errors import KdError
 from kd.pipeline.capture.config import CacheConfig
@@ -178,6 +179,8 @@ class _Capture:
         stats["tokens"] += len(seq.input_ids)
         stats["targets"] += n
         ends = self.shard_cut.add(n)
+        if stats["rows"] == 1 and self.index in self.done:
+            self._check_done_file()
         if self.index in self.done:  # written by an earlier run: only check it
             self.residency.release(1, n)
             if ends:
@@ -208,6 +211,17 @@ class _Capture:
         self.written += 1
         self.targets_written += self.shard["targets"]
         self._next_shard()
+
+    def _check_done_file(self) -> None:
+        """A listed shard whose file is missing or damaged is scored again, not counted as reused.
+
+        Checked as the stream reaches the shard (size, then sha256: one read of the file), so the
+        cost is spread over the resume instead of a pre-pass; the re-created file replaces the entry.
+        """
+        problem = shard_problem(Path(self.cfg.out), self.done[self.index])
+        if problem:
+            log(f"{problem}: re-creating it")
+            del self.done[self.index]
 
     def _close_done_shard(self) -> None:
         entry = self.done[self.index]
