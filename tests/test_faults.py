@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kd.errors import KdError
 from tests.helpers import assert_one_line_error, kd_env, run_kd, start_kd
 from tests.test_cache_logits import cache_files, make_corpus
 
@@ -95,3 +96,55 @@ def test_rerun_recreates_a_deleted_and_a_truncated_shard(tmp_path, corpus, tiny_
     assert verify.returncode == 0 and json.loads(verify.stdout)["verified"], verify.stderr
     assert cache_files(out) == expected  # the same bytes as the uninterrupted run
     assert {p.name for p in out.glob("shard-*")} == set(expected)
+
+
+# ----------------------------------------------------------------------------- settings checked up front
+
+
+@pytest.mark.parametrize(
+    "flag, value, named",
+    [
+        ("distill_temperature", 0.0, "--distill-temperature"),
+        ("learning_rate", -1.0, "--learning-rate"),
+        ("alpha", 2.0, "--alpha"),
+    ],
+)
+def test_on_policy_training_flags_are_checked_before_anything_runs(tmp_path, flag, value, named):
+    from kd.pipeline.onpolicy import OnPolicyConfig
+
+    with pytest.raises(KdError, match=f"^{named} ") as info:
+        OnPolicyConfig(out=str(tmp_path / "run"), prompts="p.jsonl", student_from_teacher=True, **{flag: value})
+    assert "--temperature" not in str(info.value).replace("--distill-temperature", "")
+    assert not (tmp_path / "run").exists()
+
+
+def test_on_policy_bad_distill_temperature_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
+    proc = run_kd(
+        "on-policy", "--prompts", str(prompts), "--student-from-teacher", "--out", str(out),
+        "--prompts-per-round", "4", "--distill-temperature", "0",
+    )  # fmt: skip
+    assert_one_line_error(proc, "--distill-temperature must be > 0")
+    assert not out.exists()
+
+
+def test_cache_logits_bad_dtype_writes_nothing(tmp_path, corpus):
+    out = tmp_path / "cache"
+    proc = run_kd("cache-logits", "--data", str(corpus), "--out", str(out), "--dtype", "foo")
+    assert_one_line_error(proc, "--dtype foo")
+    assert not out.exists()
+
+
+def test_a_manifest_without_shards_does_not_bind_settings(tmp_path, tiny_model_dir):
+    """What a run refused or killed before its first shard left behind does not refuse the corrected command."""
+    data = make_corpus(tmp_path / "small.jsonl", rows=3)
+    out = tmp_path / "cache"
+    out.mkdir()
+    stale = {"kd_version": "0", "settings": {"dtype": "foo", "mode": "topk"}, "shards": [], "ranks": {}}
+    (out / "manifest.json").write_text(json.dumps({**stale, "complete": False}))
+    proc = run_kd(*cache_args(tiny_model_dir, data, out, "--dtype", "float32"))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["settings"]["dtype"] == "float32" and manifest["shards"]

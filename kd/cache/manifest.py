@@ -107,6 +107,12 @@ def open_or_create(cache_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
             }
             _write(cache_dir, manifest)
             return manifest
+        if manifest.get("settings") != settings and not manifest.get("shards"):
+            # No shard was finished under the old settings (a run refused or killed before its first
+            # one): nothing depends on them, so the corrected command starts the cache afresh.
+            manifest = {**manifest, "settings": settings, "ranks": {}, "complete": False}
+            _write(cache_dir, manifest)
+            return manifest
         if manifest.get("settings") != settings:
             diff = describe_difference(manifest.get("settings", {}), settings)
             raise KdError(

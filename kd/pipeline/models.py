@@ -232,6 +232,33 @@ def load_causal_lm(
     return model
 
 
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+"""Spellings of --dtype that resolve_dtype (and vLLM's mapping) accept."""
+
+
+def check_dtype(dtype: str, flag: str = "--dtype") -> None:
+    """Refuse an unknown dtype while the settings are read, before anything is written."""
+    if dtype not in DTYPES:
+        raise KdError(f"{flag} {dtype}: expected one of auto, bfloat16, float16, float32")
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a device torch cannot parse, or CUDA where torch sees none, before anything is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise KdError(f"{flag} {device}: not a device (expected cpu, cuda or cuda:N)") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KdError(f"{flag} {device}: CUDA is not available here (torch sees no GPU); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise KdError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def resolve_dtype(dtype: str, device: str = "cpu"):
     """Map a dtype flag to a torch dtype; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
     import torch
@@ -246,6 +273,5 @@ def resolve_dtype(dtype: str, device: str = "cpu"):
     }
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in table:
-        raise KdError(f"--dtype {dtype}: expected one of auto, bfloat16, float16, float32")
+    check_dtype(dtype)
     return table[dtype]
