@@ -148,3 +148,31 @@ def test_a_manifest_without_shards_does_not_bind_settings(tmp_path, tiny_model_d
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["settings"]["dtype"] == "float32" and manifest["shards"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_missing_local_path_with_one_slash_is_not_a_hub_id(tmp_path, monkeypatch):
+    from kd.pipeline.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "students").mkdir()
+    for offline in ("1", "0"):  # a local parent directory decides it even with the hub reachable
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", offline)
+        with pytest.raises(KdError, match="--model students/nope: no such file or directory"):
+            resolve_model("students/nope", "--model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, and not in the hub cache: no such file either
+    with pytest.raises(KdError, match="no such file or directory"):
+        resolve_model("some-org/some-model", "--model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")  # online: left to the hub (resolving asks nothing yet)
+    assert resolve_model("some-org/some-model", "--model").kind == "hub"
+
+
+def test_eval_of_a_missing_student_is_one_line_at_once(tmp_path, corpus):
+    start = time.time()
+    proc = run_kd("eval", "--model", "students/nope", "--data", str(corpus))
+    assert_one_line_error(proc, "students/nope: no such file or directory")
+    assert time.time() - start < 60

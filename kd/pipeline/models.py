@@ -74,9 +74,30 @@ def resolve_model(spec: str | None, flag: str = "--teacher") -> ModelSource:
             return ModelSource("config", str(path.resolve()), path.stem)
         raise KdError(f"{flag} {spec}: expected a model directory, a .gguf file or a config .json")
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if looks_like_hub_id:
+    if looks_like_hub_id and _may_be_on_hub(spec):
         return ModelSource("hub", spec, spec)
     raise KdError(f"{flag} {spec}: no such file or directory")
+
+
+def _may_be_on_hub(repo_id: str) -> bool:
+    """Whether a missing local path with one slash should go to the hub as a repo id.
+
+    Yes if the hub cache holds it. Otherwise no when the hub is off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE:
+    asking would only fail) or when its first part is a local directory (``students/nope`` is a typo
+    for a local student, not an organisation on the hub; asking costs a minute of retries offline).
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return True
+    except Exception:  # not a valid repo id (HFValidationError) or no huggingface_hub: not a hub id
+        return False
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
+    return not offline and not Path(repo_id).parent.is_dir()
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def file_fingerprint(path: Path, edge_bytes: int = 1 << 20) -> str:
