@@ -176,3 +176,84 @@ def test_eval_of_a_missing_student_is_one_line_at_once(tmp_path, corpus):
     proc = run_kd("eval", "--model", "students/nope", "--data", str(corpus))
     assert_one_line_error(proc, "students/nope: no such file or directory")
     assert time.time() - start < 60
+
+
+# ----------------------------------------------------------------------------- one line, not "internal error"
+
+
+@pytest.mark.parametrize("out", ["file", "/sys/kd-cache"])
+def test_cache_logits_out_that_cannot_be_a_cache(tmp_path, corpus, tiny_model_dir, out):
+    if out == "file":
+        out = tmp_path / "taken"
+        out.write_text("not a directory\n")
+        expected = "exists and is not a directory"
+    else:  # /sys refuses every mkdir, even root's (tests may run as root, where chmod would not)
+        expected = "not writable"
+    proc = run_kd(*cache_args(tiny_model_dir, corpus, Path(out)))
+    assert_one_line_error(proc, f"--out {out}", expected)
+
+
+def test_device_cuda_without_cuda_is_one_line(tmp_path, corpus):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_kd("cache-logits", "--data", str(corpus), "--out", str(tmp_path / "c"), "--device", "cuda")
+    assert_one_line_error(proc, "--device cuda", "CUDA is not available")
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(KdError, match="--device cuda:0: CUDA is not available"):
+        from kd.pipeline.evaluation.model_eval import EvalConfig
+
+        EvalConfig(model="m", data="d.jsonl", device="cuda:0")
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"settings": {}, "complete": true}', "{not json"])
+def test_a_manifest_that_is_not_a_cache_is_one_line(tmp_path, content):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(content)
+    line = assert_one_line_error(run_kd("inspect", str(cache)), "manifest.json: corrupt manifest")
+    assert "internal error" not in line
+    student = tmp_path / "student.json"
+    train = run_kd("train", "--from-cache", str(cache), "--student", str(student), "--out", str(tmp_path / "s"))
+    assert_one_line_error(train, "manifest.json: corrupt manifest")
+
+
+def test_inspect_names_no_flag_it_does_not_have(tmp_path):
+    line = assert_one_line_error(run_kd("inspect", str(tmp_path)), "kd inspect", "not a kd cache")
+    assert "--from-cache" not in line
+
+
+def test_broken_yaml_config_is_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("top_k: 8\n  data: [unclosed\n")
+    proc = run_kd("cache-logits", "--config", str(config), "--print-config")
+    line = assert_one_line_error(proc, f"--config {config}: not valid YAML (line 2")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert line
+
+
+# ----------------------------------------------------------------------------- concurrency and clobbering
+
+
+def test_refused_non_empty_out_is_left_untouched(tmp_path, corpus, tiny_model_dir):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    assert_one_line_error(run_kd(*cache_args(tiny_model_dir, corpus, out)), "not empty")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_two_cache_logits_into_one_out_at_once_are_refused(tmp_path, tiny_model_dir):
+    data = make_corpus(tmp_path / "big.jsonl", rows=400)
+    out = tmp_path / "cache"
+    args = cache_args(tiny_model_dir, data, out, "--shard-tokens", "40", "--batch-size", "1")
+    first = start_kd(*args)
+    try:
+        wait_for_shards(first, out, 1)
+        second = run_kd(*args)
+        assert_one_line_error(second, f"--out {out}", "another kd cache-logits")
+        assert first.poll() is None  # the first run carries on
+    finally:
+        first.kill()
+        first.wait()

@@ -18,10 +18,10 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kd.cache import format as fmt
-from kd.cache.manifest import open_or_create, read_manifest, record_rank_done
+from kd.cache.manifest import claim_rank, open_or_create, read_manifest, record_rank_done
 from kd.cache.reader import shard_problem
 from kd.cache.writer import BackgroundShardWriter
 from kd.errors import KdError
@@ -43,6 +43,15 @@ from kd.pipeline.progress import log
 
 def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     """Run stage one for this rank. Returns a summary (counts, throughput, memory held)."""
+    held: list[IO[Any]] = []  # this rank's lock on --out, released however the run ends
+    try:
+        return _run(cfg, held)
+    finally:
+        for lock in held:
+            lock.close()
+
+
+def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
     fix_mmap_threshold()  # else peak RSS creeps up with the run's length (see kd.pipeline.capture.heap)
     meter = Meter()
     source = resolve_model(cfg.teacher, "--teacher")
@@ -76,6 +85,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
             cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
         settings = _settings(cfg, source, tokenizer_id, vocab_size)
+        held.append(claim_rank(out, cfg.rank))  # a second writer of this rank is refused, not interleaved
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
         done = {s["index"]: s for s in manifest["shards"] if s["rank"] == cfg.rank}
         if done:
