@@ -257,3 +257,58 @@ def test_two_cache_logits_into_one_out_at_once_are_refused(tmp_path, tiny_model_
     finally:
         first.kill()
         first.wait()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _gsm8k(i: int) -> str:
+    return json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
+
+
+def test_utf8_bom_is_not_part_of_line_1(tmp_path):
+    from kd.pipeline.data import iter_examples
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{_gsm8k(1)}\n{_gsm8k(2)}\n".encode())
+    assert [e.source for e in iter_examples(path)] == [f"{path}:1", f"{path}:2"]
+
+
+def test_a_directory_as_data_says_so(tmp_path):
+    from kd.pipeline.data import iter_examples
+
+    with pytest.raises(KdError, match="is a directory"):
+        list(iter_examples(tmp_path))
+
+
+def test_mixed_record_formats_name_the_line_and_where_the_format_came_from(tmp_path):
+    from kd.pipeline.data import iter_examples
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(f"{_gsm8k(1)}\n{_gsm8k(2)}\n" + json.dumps({"text": "plain text"}) + "\n")
+    with pytest.raises(KdError) as info:
+        list(iter_examples(path))
+    assert str(info.value).startswith(
+        f"{path}:3: a text record, but this file's format is gsm8k (detected from {path}:1)"
+    )
+    assert list(iter_examples(path, limit=2))  # the records before it are fine
+
+
+def test_a_truncated_zstd_corpus_is_refused_naming_the_line(tmp_path):
+    import zstandard
+
+    from kd.pipeline.data import iter_raw_records
+
+    text = "".join(f"{_gsm8k(i)}\n" for i in range(20000)).encode()
+    whole = tmp_path / "whole.jsonl.zst"
+    frames = [zstandard.ZstdCompressor().compress(part) for part in (text[: len(text) // 2], text[len(text) // 2 :])]
+    whole.write_bytes(b"".join(frames))  # two frames, the split inside a record
+    assert [r for _, r in iter_raw_records(whole)] == [json.loads(line) for line in text.decode().splitlines()]
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    with pytest.raises(KdError, match=r"cut.jsonl.zst: truncated zstd stream \(.*after line \d+\)"):
+        list(iter_raw_records(cut))
+    small = tmp_path / "small.jsonl.zst"  # one short frame cut: it used to read as an empty corpus
+    small.write_bytes(zstandard.ZstdCompressor().compress(text[:500])[:-20])
+    with pytest.raises(KdError, match="truncated zstd stream"):
+        list(iter_raw_records(small))
