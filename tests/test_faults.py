@@ -312,3 +312,14 @@ def test_a_truncated_zstd_corpus_is_refused_naming_the_line(tmp_path):
     small.write_bytes(zstandard.ZstdCompressor().compress(text[:500])[:-20])
     with pytest.raises(KdError, match="truncated zstd stream"):
         list(iter_raw_records(small))
+
+
+def test_on_policy_out_that_cannot_be_a_run_directory(tmp_path):
+    from kd.pipeline.onpolicy.state import RunDirectory
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file\n")
+    with pytest.raises(KdError, match="exists and is not a directory"):
+        RunDirectory(taken)
+    with pytest.raises(KdError, match="--out /sys/kd-run: not writable"):
+        RunDirectory(Path("/sys/kd-run"))

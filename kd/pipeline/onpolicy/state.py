@@ -49,7 +49,12 @@ class RunDirectory:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise KdError(f"--out {out}: exists and is not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise KdError(f"--out {out}: not writable ({exc.strerror})") from exc
         self._lock = hold_exclusive(out / ".lock", f"--out {out}: another kd on-policy is running there; wait for it")
 
     def has_samples(self) -> bool:
