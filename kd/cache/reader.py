@@ -63,6 +63,18 @@ class CacheUnit:
     """Rows the record batch holds when `rows` uses only its first ones (kd train --limit)."""
 
 
+def shard_problem(cache_dir: Path, shard: dict[str, Any], full: bool = True) -> str | None:
+    """What is wrong with a listed shard's file (missing, other size, other sha256 if `full`), or None."""
+    path = cache_dir / shard["file"]
+    if not path.is_file():
+        return f"{path}: shard listed in the manifest is missing"
+    if path.stat().st_size != shard["bytes"]:
+        return f"{path}: shard is corrupted or truncated ({path.stat().st_size} bytes, manifest says {shard['bytes']})"
+    if full and sha256_file(path) != shard["sha256"]:
+        return f"{path}: shard is corrupted or truncated (sha256 mismatch)"
+    return None
+
+
 class CacheReader:
     """A cache directory opened for reading.
 
@@ -136,16 +148,7 @@ class CacheReader:
         return [problem for shard in self.shards if (problem := self._check(shard, full=True))]
 
     def _check(self, shard: dict[str, Any], full: bool) -> str | None:
-        path = self.dir / shard["file"]
-        if not path.is_file():
-            return f"{path}: shard listed in the manifest is missing"
-        if path.stat().st_size != shard["bytes"]:
-            return (
-                f"{path}: shard is corrupted or truncated ({path.stat().st_size} bytes, manifest says {shard['bytes']})"
-            )
-        if full and sha256_file(path) != shard["sha256"]:
-            return f"{path}: shard is corrupted or truncated (sha256 mismatch)"
-        return None
+        return shard_problem(self.dir, shard, full)
 
     def _file(self, position: int) -> pa.ipc.RecordBatchFileReader:
         """The shard's IPC reader, memory-mapped; checked (size + sha256) the first time it is opened."""
@@ -155,7 +158,7 @@ class CacheReader:
         shard = self.shards[position]
         problem = self._check(shard, full=self.verify_on_open and position not in self.verified)
         if problem:
-            raise KdError(f"{problem}; re-create the cache (rerun `kd cache-logits` after deleting that shard)")
+            raise KdError(f"{problem}; rerun the same `kd cache-logits` command: it re-creates that shard")
         self.verified.add(position)
         path = self.dir / shard["file"]
         try:

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Show a cache's manifest, bytes per target token and top-k mass coverage; verify checksums."""
-        reader = CacheReader(cache, require_complete=False)
+        reader = CacheReader(cache, require_complete=False, flag="kd inspect")
         report = cache_report(reader, verify)
         if as_json:
             typer.echo(json.dumps(report, indent=2))

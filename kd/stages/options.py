@@ -133,7 +133,11 @@ def _load_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # yaml.YAMLError or json.JSONDecodeError: say where, in one line
-        raise KdError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from exc
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        why = " ".join(str(exc).split())  # yaml's message spans lines (it quotes the source)
+        if mark is not None and problem:
+            why = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        raise KdError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({why})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -9,6 +9,7 @@ from typing import Any
 from kd.cache import format as fmt
 from kd.errors import KdError
 from kd.pipeline.engines.teacher import VLLM_SCORINGS
+from kd.pipeline.models import check_device, check_dtype
 
 ENGINES = ("transformers", "vllm")
 
@@ -124,6 +125,8 @@ class CacheConfig:
             raise KdError(f"--rank {self.rank} / --world-size {self.world_size}: need 0 <= rank < world size")
         if self.limit is not None and self.limit < 1:
             raise KdError(f"--limit must be >= 1, got {self.limit}")
+        check_dtype(self.dtype)
+        check_device(self.device)
 
     @property
     def mode(self) -> str:

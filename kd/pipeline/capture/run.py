@@ -18,10 +18,11 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kd.cache import format as fmt
-from kd.cache.manifest import open_or_create, read_manifest, record_rank_done
+from kd.cache.manifest import claim_rank, open_or_create, read_manifest, record_rank_done
+from kd.cache.reader import shard_problem
 from kd.cache.writer import BackgroundShardWriter
 from kd.errors import KdError
 from kd.pipeline.capture.config import CacheConfig
@@ -42,6 +43,15 @@ from kd.pipeline.progress import log
 
 def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     """Run stage one for this rank. Returns a summary (counts, throughput, memory held)."""
+    held: list[IO[Any]] = []  # this rank's lock on --out, released however the run ends
+    try:
+        return _run(cfg, held)
+    finally:
+        for lock in held:
+            lock.close()
+
+
+def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
     fix_mmap_threshold()  # else peak RSS creeps up with the run's length (see kd.pipeline.capture.heap)
     meter = Meter()
     source = resolve_model(cfg.teacher, "--teacher")
@@ -75,6 +85,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
             cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
         settings = _settings(cfg, source, tokenizer_id, vocab_size)
+        held.append(claim_rank(out, cfg.rank))  # a second writer of this rank is refused, not interleaved
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
         done = {s["index"]: s for s in manifest["shards"] if s["rank"] == cfg.rank}
         if done:
@@ -178,6 +189,8 @@ class _Capture:
         stats["tokens"] += len(seq.input_ids)
         stats["targets"] += n
         ends = self.shard_cut.add(n)
+        if stats["rows"] == 1 and self.index in self.done:
+            self._check_done_file()
         if self.index in self.done:  # written by an earlier run: only check it
             self.residency.release(1, n)
             if ends:
@@ -208,6 +221,17 @@ class _Capture:
         self.written += 1
         self.targets_written += self.shard["targets"]
         self._next_shard()
+
+    def _check_done_file(self) -> None:
+        """A listed shard whose file is missing or damaged is scored again, not counted as reused.
+
+        Checked as the stream reaches the shard (size, then sha256: one read of the file), so the
+        cost is spread over the resume instead of a pre-pass; the re-created file replaces the entry.
+        """
+        problem = shard_problem(Path(self.cfg.out), self.done[self.index])
+        if problem:
+            log(f"{problem}: re-creating it")
+            del self.done[self.index]
 
     def _close_done_shard(self) -> None:
         entry = self.done[self.index]

@@ -23,7 +23,7 @@ from kd.pipeline.capture import default_device
 from kd.pipeline.data import iter_examples, iter_raw_records, tokenize_example
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
 from kd.pipeline.evaluation.sequences import evaluate_sequences
-from kd.pipeline.models import load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
+from kd.pipeline.models import check_device, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import make_progress
 from kd.pipeline.training.batches import TrainSequence
 
@@ -77,6 +77,7 @@ class EvalConfig:
             raise KdError("give --cache CACHE, --data PATH or --on-policy-prompts PATH")
         if self.cache is not None and self.teacher is not None and self.on_policy_prompts is None:
             raise KdError("--cache already holds the teacher's log-probs; drop --teacher")
+        check_device(self.device)
 
 
 def model_size_bytes(source) -> int:

@@ -17,7 +17,6 @@ Files next to ``--out traces.jsonl``:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd.cache.manifest import atomic_write_lines, atomic_write_text, describe_difference
+from kd.cache.manifest import atomic_write_lines, atomic_write_text, describe_difference, hold_exclusive
 from kd.errors import KdError, where
 from kd.pipeline.data import corpus_fingerprint, iter_raw_records
 from kd.pipeline.engines.generation import (
@@ -106,6 +105,9 @@ class TracesConfig:
             raise KdError("--template must contain the placeholder {question}")
         if self.concurrency < 1:
             raise KdError(f"--concurrency must be >= 1, got {self.concurrency}")
+        from kd.pipeline.models import check_device  # lazy, as this module's other uses of models
+
+        check_device(self.device)
         if self.timeout <= 0:
             raise KdError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if self.max_retries < 0:
@@ -202,14 +204,8 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a+b")  # noqa: SIM115 - held open for the whole run
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self.file.close()
-            raise KdError(
-                f"--out: another kd gen-traces is writing {path}; wait for it or choose another --out"
-            ) from exc
+        refusal = f"--out: another kd gen-traces is writing {path}; wait for it or choose another --out"
+        self.file = hold_exclusive(path, refusal, "a+b")  # held open (and locked) for the whole run
         self.records: dict[tuple[str, int], dict[str, Any]] = {}
         self.repaired = self._load()
 
