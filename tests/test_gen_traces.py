@@ -117,6 +117,55 @@ def test_answers_mismatch(answer, reference):
     assert not answers_match(answer, reference)
 
 
+# The cases above are the contract of kd's former sympy verifier; math-verify now decides them.
+# Alone, boxed, it disagrees on four of them, and the tests are right each time: "18 dollars" (it
+# reads the unit as symbols 18*d*o*l*l*a*r*s), "72." and "\text{12 apples}" (no value), "1e3"
+# (LaTeX's e is a symbol: 1*e*3), and it matches "Paris" to any anagram (a product of symbols).
+# kd's normalize_answer and its words-only rule in answers_match settle them before math-verify.
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        (r"\{1,2\}", r"\{2,1\}"),  # sets
+        (r"\frac{\pi}{2}", r"\pi/2"),
+        (r"2\sqrt{2}", r"\sqrt{8}"),
+        ("x^2+y^2", "y^2+x^2"),  # two powers: the old verifier refused any second power
+    ],
+)
+def test_answers_match_beyond_the_old_verifier(answer, reference):
+    assert answers_match(answer, reference)
+
+
+def test_model_strings_are_never_executed(tmp_path):
+    """A model's answer goes through LaTeX and expression parsing, never Python's eval."""
+    import math_verify
+
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    for text in [
+        f"The answer is \\boxed{{{payload}}}.",
+        f"\\boxed{{1+{payload}}}",
+        f"Answer: {payload}",
+        f"$${payload}$$",
+    ]:
+        answer = extract_answer(text)
+        assert answers_match(answer or text, "1") is False
+        assert answers_match("1", answer or text) is False
+        math_verify.verify(math_verify.parse("1"), math_verify.parse(text))  # math-verify's defaults too
+    assert not marker.exists()
+
+
+def test_answers_match_in_a_worker_thread():
+    """math-verify's timeouts are signal.alarm (main thread only): off the main thread kd turns them off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [(r"\frac{3}{4}", "0.75"), ("2(x+1)", "2x+2"), ("9^{9^{9^9}}", "1"), ("99999!", "1"), ("17", "18")]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda p: answers_match(*p), pairs))
+    assert results == [True, True, False, False, False]  # the last three without hanging
+
+
 def test_answers_match_never_raises():
     for junk in ["\\frac{", "}{", "((((", "1/0", "0/0", "\\boxed{", "x" * 10000, "∞", "nan", "inf"]:
         assert answers_match(junk, "1") in (True, False)
