@@ -489,6 +489,8 @@ def test_changed_settings_are_refused(tmp_path, eos_model_dir):
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--template", "no placeholder"], ["--template"]),
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--concurrency", "0"], ["--concurrency"]),
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--teacher", "/no/such/model"], ["--teacher /no/such"]),
+        (['{"question": "1+1?", "answer": "#### 2"}'], ["--decontaminate", "/no/such.jsonl"], ["/no/such.jsonl"]),
+        (['{"question": "1+1?", "answer": "#### 2"}'], ["--decontaminate-ngram", "0"], ["--decontaminate-ngram"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_model_dir, lines, flags, fragments):
@@ -501,6 +503,54 @@ def test_bad_input_is_one_line(tmp_path, tiny_model_dir, lines, flags, fragments
     proc = run_kd("gen-traces", *teacher, *engine, "--prompts", str(prompts), "--out", str(out), *flags, env=ENV)
     assert_one_line_error(proc, *fragments)
     assert not out.exists() and not (tmp_path / "traces.raw.jsonl").exists()
+
+
+def test_decontaminate_drops_prompts_that_share_eight_words_with_held_out_data(tmp_path, eos_model_dir):
+    prompts = tmp_path / "problems.jsonl"
+    questions = [
+        "A farmer plants seven rows of corn with twelve plants in each row. How many plants are there?",
+        "The library lends out forty books on Monday and thirty books on Tuesday. How many books in all?",
+        "Sam walks three miles each day for five days. How far does Sam walk?",
+    ]
+    prompts.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": q, "answer": "#### 1"}) + "\n" for i, q in enumerate(questions))
+    )
+    held_out = tmp_path / "heldout.jsonl"
+    held_out.write_text(
+        json.dumps({"question": "Quiz: a FARMER plants seven rows of corn with twelve trees.", "answer": "#### 84"})
+        + "\n"  # 8 words of q0 (case differs): q0 is dropped
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Quiz: the library lends out forty books on Friday."},  # 7 of q1: kept
+                    {"role": "assistant", "content": questions[2]},  # an answer is not a held-out question: q2 kept
+                ]
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "traces.jsonl"
+    flags = ["--n", "1", "--filter", "all", "--decontaminate", str(held_out)]
+    proc = gen(eos_model_dir, prompts, out, *flags, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["decontaminated"] == 1 and summary["prompts"] == 2
+    assert sorted({e["prompt_id"] for e in read_jsonl(tmp_path / "traces.raw.jsonl")}) == ["q1", "q2"]
+    console = gen(eos_model_dir, prompts, out, *flags)  # the ledger has every sample: nothing is generated
+    assert console.returncode == 0, console.stderr
+    assert "1 dropped by --decontaminate" in console.stderr
+    assert "dropped 1 of 3 prompts sharing a 8-word sequence" in console.stderr
+    # Several held-out files (the flag repeated); the n-gram size is a flag.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "Sam walks three miles each day for five weeks.", "completion": "."}) + "\n")
+    both = gen(eos_model_dir, prompts, out, *flags, "--decontaminate", str(other), "--json")
+    assert both.returncode == 0, both.stderr
+    assert json.loads(both.stdout)["decontaminated"] == 2  # q0 and q2
+    seven = gen(eos_model_dir, prompts, out, *flags, "--decontaminate-ngram", "7", "--json")
+    assert seven.returncode == 0, seven.stderr
+    assert json.loads(seven.stdout)["decontaminated"] == 2  # q0 and q1
+    everything = gen(eos_model_dir, prompts, out, *flags, "--decontaminate", str(other), "--decontaminate-ngram", "7")
+    assert_one_line_error(everything, "--decontaminate", "all 3 prompts")
 
 
 def test_template_from_a_file(tmp_path, eos_model_dir):
