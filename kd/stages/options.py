@@ -232,7 +232,7 @@ def config_command(
     settings = settings_of(config_cls)
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
     for s in settings:
-        default = None if s.required or s.type is list else s.default
+        default = None if s.required else s.default
         # escape: typer renders --help with rich markup, where "[default: x]" would vanish as a tag.
         option = typer.Option(
             default,
