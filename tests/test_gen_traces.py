@@ -131,6 +131,8 @@ def test_answers_mismatch(answer, reference):
         (r"\frac{\pi}{2}", r"\pi/2"),
         (r"2\sqrt{2}", r"\sqrt{8}"),
         ("x^2+y^2", "y^2+x^2"),  # two powers: the old verifier refused any second power
+        ("a^2b^2", "(ab)^2"),
+        ("2^{10}", "1024"),
     ],
 )
 def test_answers_match_beyond_the_old_verifier(answer, reference):
@@ -160,10 +162,17 @@ def test_answers_match_in_a_worker_thread():
     """math-verify's timeouts are signal.alarm (main thread only): off the main thread kd turns them off."""
     from concurrent.futures import ThreadPoolExecutor
 
-    pairs = [(r"\frac{3}{4}", "0.75"), ("2(x+1)", "2x+2"), ("9^{9^{9^9}}", "1"), ("99999!", "1"), ("17", "18")]
+    pairs = [
+        (r"\frac{3}{4}", "0.75"),
+        ("2(x+1)", "2x+2"),
+        ("9^{9^{9^9}}", "1"),
+        ("999999!", "1"),
+        ("(9^{99999})^{99999}", "1"),
+        ("17", "18"),
+    ]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda p: answers_match(*p), pairs))
-    assert results == [True, True, False, False, False]  # the last three without hanging
+    assert results == [True, True, False, False, False, False]  # the last four without hanging
 
 
 def test_answers_match_never_raises():
