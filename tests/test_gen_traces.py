@@ -175,6 +175,13 @@ def test_answers_match_in_a_worker_thread():
     assert results == [True, True, False, False, False, False]  # the last four without hanging
 
 
+def test_a_missing_math_verify_is_an_error_not_a_wrong_answer(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify now raises ImportError
+    assert answers_match("1,234", "1234")  # settled before math-verify
+    with pytest.raises(KdError, match="needs math-verify"):
+        answers_match(r"\frac{3}{4}", "0.75")
+
+
 def test_answers_match_never_raises():
     for junk in ["\\frac{", "}{", "((((", "1/0", "0/0", "\\boxed{", "x" * 10000, "∞", "nan", "inf"]:
         assert answers_match(junk, "1") in (True, False)

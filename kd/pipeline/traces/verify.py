@@ -20,6 +20,8 @@ import logging
 import re
 import threading
 
+from kd.errors import KdError
+
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
 _LAST_NUMBER_RE = re.compile(rf"(?:{_NUMBER})(?:\s*/\s*(?:\d+))?")
 _HASH_RE = re.compile(r"####\s*([^\n]+)")
@@ -190,9 +192,9 @@ def answers_match(answer: str, reference: str) -> bool:
             return False
         if _too_costly(a) or _too_costly(r):
             return False
-        return _math_verify_equal(a, r)
     except Exception:  # odd model output must never crash a generation run
         return False
+    return _math_verify_equal(a, r)
 
 
 def _too_costly(s: str) -> bool:
@@ -208,8 +210,11 @@ def _as_latex(s: str) -> str:
 
 
 def _math_verify_equal(answer: str, reference: str) -> bool:
-    from math_verify import LatexExtractionConfig, parse, verify
-    from math_verify.errors import TimeoutException
+    try:
+        from math_verify import LatexExtractionConfig, parse, verify
+        from math_verify.errors import TimeoutException
+    except ImportError as exc:  # not swallowed: without it every answer would silently count as wrong
+        raise KdError(f"answer checking needs math-verify: pip install 'math-verify[antlr4_13_2]' ({exc})") from exc
 
     # signal.alarm works only in the main thread: elsewhere math-verify raises unless its timeouts
     # are off (None), and then the guards must bound the work: _too_costly, and no power of a power.
