@@ -117,6 +117,71 @@ def test_answers_mismatch(answer, reference):
     assert not answers_match(answer, reference)
 
 
+# The cases above are the contract of kd's former sympy verifier; math-verify now decides them.
+# Alone, boxed, it disagrees on four of them, and the tests are right each time: "18 dollars" (it
+# reads the unit as symbols 18*d*o*l*l*a*r*s), "72." and "\text{12 apples}" (no value), "1e3"
+# (LaTeX's e is a symbol: 1*e*3), and it matches "Paris" to any anagram (a product of symbols).
+# kd's normalize_answer and its words-only rule in answers_match settle them before math-verify.
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        (r"\{1,2\}", r"\{2,1\}"),  # sets
+        (r"\frac{\pi}{2}", r"\pi/2"),
+        (r"2\sqrt{2}", r"\sqrt{8}"),
+        ("x^2+y^2", "y^2+x^2"),  # two powers: the old verifier refused any second power
+        ("a^2b^2", "(ab)^2"),
+        ("2^{10}", "1024"),
+    ],
+)
+def test_answers_match_beyond_the_old_verifier(answer, reference):
+    assert answers_match(answer, reference)
+
+
+def test_model_strings_are_never_executed(tmp_path):
+    """A model's answer goes through LaTeX and expression parsing, never Python's eval."""
+    import math_verify
+
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    for text in [
+        f"The answer is \\boxed{{{payload}}}.",
+        f"\\boxed{{1+{payload}}}",
+        f"Answer: {payload}",
+        f"$${payload}$$",
+    ]:
+        answer = extract_answer(text)
+        assert answers_match(answer or text, "1") is False
+        assert answers_match("1", answer or text) is False
+        math_verify.verify(math_verify.parse("1"), math_verify.parse(text))  # math-verify's defaults too
+    assert not marker.exists()
+
+
+def test_answers_match_in_a_worker_thread():
+    """math-verify's timeouts are signal.alarm (main thread only): off the main thread kd turns them off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [
+        (r"\frac{3}{4}", "0.75"),
+        ("2(x+1)", "2x+2"),
+        ("9^{9^{9^9}}", "1"),
+        ("999999!", "1"),
+        ("(9^{99999})^{99999}", "1"),
+        ("17", "18"),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda p: answers_match(*p), pairs))
+    assert results == [True, True, False, False, False, False]  # the last four without hanging
+
+
+def test_a_missing_math_verify_is_an_error_not_a_wrong_answer(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify now raises ImportError
+    assert answers_match("1,234", "1234")  # settled before math-verify
+    with pytest.raises(KdError, match="needs math-verify"):
+        answers_match(r"\frac{3}{4}", "0.75")
+
+
 def test_answers_match_never_raises():
     for junk in ["\\frac{", "}{", "((((", "1/0", "0/0", "\\boxed{", "x" * 10000, "∞", "nan", "inf"]:
         assert answers_match(junk, "1") in (True, False)
@@ -440,6 +505,8 @@ def test_changed_settings_are_refused(tmp_path, eos_model_dir):
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--template", "no placeholder"], ["--template"]),
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--concurrency", "0"], ["--concurrency"]),
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--teacher", "/no/such/model"], ["--teacher /no/such"]),
+        (['{"question": "1+1?", "answer": "#### 2"}'], ["--decontaminate", "/no/such.jsonl"], ["/no/such.jsonl"]),
+        (['{"question": "1+1?", "answer": "#### 2"}'], ["--decontaminate-ngram", "0"], ["--decontaminate-ngram"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_model_dir, lines, flags, fragments):
@@ -452,6 +519,54 @@ def test_bad_input_is_one_line(tmp_path, tiny_model_dir, lines, flags, fragments
     proc = run_kd("gen-traces", *teacher, *engine, "--prompts", str(prompts), "--out", str(out), *flags, env=ENV)
     assert_one_line_error(proc, *fragments)
     assert not out.exists() and not (tmp_path / "traces.raw.jsonl").exists()
+
+
+def test_decontaminate_drops_prompts_that_share_eight_words_with_held_out_data(tmp_path, eos_model_dir):
+    prompts = tmp_path / "problems.jsonl"
+    questions = [
+        "A farmer plants seven rows of corn with twelve plants in each row. How many plants are there?",
+        "The library lends out forty books on Monday and thirty books on Tuesday. How many books in all?",
+        "Sam walks three miles each day for five days. How far does Sam walk?",
+    ]
+    prompts.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": q, "answer": "#### 1"}) + "\n" for i, q in enumerate(questions))
+    )
+    held_out = tmp_path / "heldout.jsonl"
+    held_out.write_text(
+        json.dumps({"question": "Quiz: a FARMER plants seven rows of corn with twelve trees.", "answer": "#### 84"})
+        + "\n"  # 8 words of q0 (case differs): q0 is dropped
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Quiz: the library lends out forty books on Friday."},  # 7 of q1: kept
+                    {"role": "assistant", "content": questions[2]},  # an answer is not a held-out question: q2 kept
+                ]
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "traces.jsonl"
+    flags = ["--n", "1", "--filter", "all", "--decontaminate", str(held_out)]
+    proc = gen(eos_model_dir, prompts, out, *flags, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["decontaminated"] == 1 and summary["prompts"] == 2
+    assert sorted({e["prompt_id"] for e in read_jsonl(tmp_path / "traces.raw.jsonl")}) == ["q1", "q2"]
+    console = gen(eos_model_dir, prompts, out, *flags)  # the ledger has every sample: nothing is generated
+    assert console.returncode == 0, console.stderr
+    assert "1 dropped by --decontaminate" in console.stderr
+    assert "dropped 1 of 3 prompts sharing a 8-word sequence" in console.stderr
+    # Several held-out files (the flag repeated); the n-gram size is a flag.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "Sam walks three miles each day for five weeks.", "completion": "."}) + "\n")
+    both = gen(eos_model_dir, prompts, out, *flags, "--decontaminate", str(other), "--json")
+    assert both.returncode == 0, both.stderr
+    assert json.loads(both.stdout)["decontaminated"] == 2  # q0 and q2
+    seven = gen(eos_model_dir, prompts, out, *flags, "--decontaminate-ngram", "7", "--json")
+    assert seven.returncode == 0, seven.stderr
+    assert json.loads(seven.stdout)["decontaminated"] == 2  # q0 and q1
+    everything = gen(eos_model_dir, prompts, out, *flags, "--decontaminate", str(other), "--decontaminate-ngram", "7")
+    assert_one_line_error(everything, "--decontaminate", "all 3 prompts")
 
 
 def test_template_from_a_file(tmp_path, eos_model_dir):

@@ -65,6 +65,8 @@ def field_docs(cls: type) -> dict[str, str]:
 def _option_type(annotation: Any) -> tuple[type | None, bool]:
     """(scalar type, may be None) of a field annotation such as ``int | None``; None type if not a CLI scalar."""
     origin = typing.get_origin(annotation)
+    if origin is list and typing.get_args(annotation) == (str,):  # a repeatable flag: --x A --x B
+        return list, False
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1 and args[0] in (str, int, float, bool):
@@ -146,6 +148,11 @@ def _load_file(path: Path) -> dict[str, Any]:
 
 
 def _check_type(setting: Setting, value: Any, where: str) -> Any:
+    if setting.type is list:  # a file may give one string or a list of strings
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise KdError(f"{where}: '{setting.flag.lstrip('-')}' must be a string or a list of strings, got {value!r}")
+        return value
     if value is None and (setting.optional or setting.default is None):
         return None
     ok = isinstance(value, setting.type) and not (setting.type in (int, float) and isinstance(value, bool))
@@ -231,8 +238,17 @@ def config_command(
     for s in settings:
         default = None if s.required else s.default
         # escape: typer renders --help with rich markup, where "[default: x]" would vanish as a tag.
-        option = typer.Option(default, *s.flags, help=escape(s.help), show_default=s.show_default and not s.required)
-        annotation = s.type if not (s.optional or default is None) else typing.Optional[s.type]  # noqa: UP045 - typer
+        option = typer.Option(
+            default,
+            *s.flags,
+            help=escape(s.help),
+            show_default=s.show_default and not s.required,
+            metavar="FILE" if s.type is list else None,  # the list settings so far are all files
+        )
+        if s.type is list:
+            annotation = typing.Optional[typing.List[str]]  # noqa: UP006, UP045 - typer
+        else:
+            annotation = s.type if not (s.optional or default is None) else typing.Optional[s.type]  # noqa: UP045 - typer
         params.append(inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     params += [
         inspect.Parameter(
@@ -269,6 +285,9 @@ def config_command(
             if getattr(ctx.get_parameter_source(s.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
         }
         values = {s.name: kwargs[s.name] for s in settings}
+        for s in settings:
+            if s.type is list:  # typer gives None (or ()) for a repeatable flag not used
+                values[s.name] = list(values[s.name] or s.default or [])
         if kwargs["config_file"]:
             from_file = config_file_values(Path(kwargs["config_file"]), settings)
             values.update({k: v for k, v in from_file.items() if k not in given})

@@ -146,6 +146,8 @@ def build_steps(cfg: DemoConfig) -> list[Step]:
                 *engine,
                 "--prompts",
                 "train.jsonl",
+                "--decontaminate",  # no training prompt shares 8 words in a row with a held-out one
+                "heldout.jsonl",
                 "--out",
                 "traces.jsonl",
                 "--n",

@@ -37,6 +37,7 @@ from kd.pipeline.engines.generation import (
     resolve_engine,
 )
 from kd.pipeline.progress import log, make_progress
+from kd.pipeline.traces.decontaminate import HeldOutNgrams
 from kd.pipeline.traces.verify import answers_match, extract_answer, question_and_reference
 from kd.settings import cli
 
@@ -97,6 +98,10 @@ class TracesConfig:
     """Teacher dtype: auto, bfloat16, float16, float32."""
     max_model_len: int | None = None
     """vLLM context length; default: the longest prompt plus max_new_tokens."""
+    decontaminate: list[str] = field(default_factory=list)
+    """Held-out files (kd data formats): drop prompts sharing an n-gram of words with them; repeat for several."""
+    decontaminate_ngram: int = 8
+    """Words per n-gram for --decontaminate (open-r1's rule: lowercased, whitespace-split words)."""
 
     def __post_init__(self) -> None:
         self.generation  # noqa: B018 - validates n, temperature, top-p, max new tokens
@@ -118,6 +123,8 @@ class TracesConfig:
             raise KdError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise KdError(f"--limit must be >= 1, got {self.limit}")
+        if self.decontaminate_ngram < 1:
+            raise KdError(f"--decontaminate-ngram must be >= 1, got {self.decontaminate_ngram}")
         if not self.out.endswith(".jsonl"):
             raise KdError(f"--out {self.out}: expected a .jsonl file name")
         if self.engine == "auto" and self.base_url:
@@ -449,11 +456,31 @@ def _generate(engine, prompts: list[Prompt], messages, todo, cfg: TracesConfig, 
             yield from batch
 
 
+def _decontaminated_prompts(cfg: TracesConfig) -> tuple[list[Prompt], int]:
+    """The prompts to sample, and how many --decontaminate dropped (--limit counts the kept ones)."""
+    if not cfg.decontaminate:
+        return load_prompts(cfg.prompts, cfg.limit), 0
+    held_out = HeldOutNgrams.from_files(cfg.decontaminate, cfg.decontaminate_ngram)
+    prompts = load_prompts(cfg.prompts)
+    kept = [p for p in prompts if not held_out.overlaps(p.question)]
+    dropped = len(prompts) - len(kept)
+    if not kept:
+        raise KdError(
+            f"--decontaminate: all {len(prompts)} prompts of {cfg.prompts} share a {cfg.decontaminate_ngram}-word "
+            "sequence with the held-out files; nothing is left to sample"
+        )
+    log(
+        f"--decontaminate: dropped {dropped} of {len(prompts)} prompts sharing a {cfg.decontaminate_ngram}-word "
+        f"sequence with {', '.join(cfg.decontaminate)}"
+    )
+    return kept[: cfg.limit] if cfg.limit is not None else kept, dropped
+
+
 def run_gen_traces(cfg: TracesConfig) -> dict[str, Any]:
     """Generate the missing samples, then rewrite --out from the ledger; returns the summary."""
     out = Path(cfg.out)
     ledger_path, settings_path = side_paths(out)
-    prompts = load_prompts(cfg.prompts, cfg.limit)
+    prompts, decontaminated = _decontaminated_prompts(cfg)
     kind, _ = parse_filter(cfg.filter)
     if kind != "all" and not any(p.reference is not None for p in prompts):
         raise KdError(
@@ -511,6 +538,7 @@ def run_gen_traces(cfg: TracesConfig) -> dict[str, Any]:
     generated_tokens = sum(c.completion_tokens for c in generated)
     summary = {
         "prompts": len(prompts),
+        "decontaminated": decontaminated,
         "samples": counts["samples"],
         "accepted": len(records),
         "accepted_share": len(records) / counts["samples"] if counts["samples"] else 0.0,
