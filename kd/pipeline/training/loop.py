@@ -57,6 +57,7 @@ def train(cfg: TrainConfig, on_start: Callable[[], None] | None = None) -> dict[
 
 
 def _train(cfg: TrainConfig, on_start: Callable[[], None] | None) -> dict[str, Any]:
+    """Set up, plan, restore; per step: fetch, count, forward/backward, optimizer step, log, eval, save; finish."""
     clock = Clock()
     run = set_up(cfg)
     env = run.env
