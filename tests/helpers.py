@@ -1,7 +1,9 @@
-"""Helpers for tests that run the real `kd` CLI in a subprocess."""
+"""Helpers for tests that run the real `kd` CLI, in a subprocess or (where a process is not the point) in-process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -32,6 +34,45 @@ def kd_cmd(*args: str) -> list[str]:
 def run_kd(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `kd ARGS` to completion and return the completed process (text output)."""
     return subprocess.run(kd_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env or kd_env(), cwd=REPO)
+
+
+def run_kd_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `kd ARGS` through `kd.cli.main` in this process and return what a subprocess would have.
+
+    The same argument parsing, error lines and exit codes as `run_kd`, without a fresh interpreter
+    importing torch and transformers (5-10 s a call on a busy 2-core CI machine). Use it where a real
+    process is not what the test checks: input refused before any work, `--print-config`, fixtures
+    that only need a command's output, runs compared with each other. Keep `run_kd` for the one real
+    end-to-end run of each command, kill -9, torchrun, vLLM, `--debug` tracebacks, `--help` rendering
+    and anything read from the environment at import time. torch gets the subprocess's thread count
+    (OMP_NUM_THREADS), so results match a subprocess's bit for bit. An exception main() does not turn
+    into an error line propagates (the test fails, as a traceback would fail it); output written
+    below Python (C++ or Rust logs) is not captured.
+    """
+    import torch
+
+    from kd.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    os.environ.update(kd_env() if env is None else env)
+    code = 0
+    try:
+        os.chdir(REPO)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # what the subprocess would get
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main(list(args))
+            except SystemExit as exc:  # main() exits 1 (or click's code) on a user error
+                if isinstance(exc.code, str):  # sys.exit("message") prints the message, exits 1
+                    print(exc.code, file=sys.stderr)
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        torch.set_num_threads(saved_threads)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["kd", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def start_kd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
