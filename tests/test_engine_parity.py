@@ -147,12 +147,12 @@ def test_trained_student_loads_in_vllm(tmp_path, tiny_model_dir):
         )
     )
     cache = tmp_path / "cache"
-    made = run_kd(
+    made = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(data), "--out", str(cache), "--top-k", str(K)
     )
     assert made.returncode == 0, made.stderr[-2000:]
     student = tmp_path / "student"
-    trained = run_kd(
+    trained = run_kd_in_process(
         "train",
         "--from-cache",
         str(cache),

@@ -378,7 +378,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, eos_model_dir):
     prompts = write_prompts(tmp_path / "problems.jsonl", 40)
     flags = ["--n", "2", "--filter", "all", "--batch-size", "2"]
     reference = tmp_path / "reference.jsonl"
-    assert gen(eos_model_dir, prompts, reference, *flags, run=run_kd).returncode == 0
+    assert gen(eos_model_dir, prompts, reference, *flags).returncode == 0
     expected = reference.read_bytes()
     assert len(read_jsonl(reference)) >= 20
 
