@@ -26,7 +26,7 @@ import pytest
 from kd.errors import KdError
 from kd.pipeline.traces.run import Ledger, Prompt, TracesConfig, build_output, split_trace
 from kd.pipeline.traces.verify import answers_match, extract_answer, extract_reference
-from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, start_kd
+from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, run_kd_in_process, start_kd
 
 # One OpenMP thread per kd process: with more processes than the 2 cores, OpenMP barriers spin
 # and a tiny model's decode step goes from ~10 ms to ~300 ms.
@@ -325,8 +325,9 @@ def write_prompts(path: Path, count: int = 6) -> Path:
     return path
 
 
-def gen(teacher: Path, prompts: Path, out: Path, *flags: str, env: dict | None = None):
-    return run_kd(
+def gen(teacher: Path, prompts: Path, out: Path, *flags: str, env: dict | None = None, run=run_kd_in_process):
+    """`kd gen-traces` with the transformers engine, in this process unless `run=run_kd` (a real one)."""
+    return run(
         "gen-traces",
         "--teacher",
         str(teacher),
@@ -379,7 +380,9 @@ def check_trace_records(records: list[dict], n: int, system: str | None = None) 
 def test_transformers_end_to_end_and_cache_logits_reads_it(tmp_path, eos_model_dir):
     prompts = write_prompts(tmp_path / "problems.jsonl", 6)
     out = tmp_path / "traces.jsonl"
-    proc = gen(eos_model_dir, prompts, out, "--n", "3", "--filter", "all", "--system", "Be brief.", "--json")
+    proc = gen(
+        eos_model_dir, prompts, out, "--n", "3", "--filter", "all", "--system", "Be brief.", "--json", run=run_kd
+    )  # the one real process: stdout holds only the summary
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # nothing but the summary on stdout
@@ -399,7 +402,7 @@ def test_transformers_end_to_end_and_cache_logits_reads_it(tmp_path, eos_model_d
 
     # The traces are training data for stage one as they are.
     cache = tmp_path / "cache"
-    cached = run_kd(
+    cached = run_kd_in_process(
         "cache-logits",
         "--teacher",
         str(eos_model_dir),
@@ -463,7 +466,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, eos_model_dir):
     with open(ledger, "ab") as f:
         f.write(b'{"prompt_id": "p0-39", "sample": 1, "text": "tor')
 
-    resumed = gen(eos_model_dir, prompts, out, *flags, "--json")
+    resumed = gen(eos_model_dir, prompts, out, *flags, "--json", run=run_kd)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["reused_samples"] == done and summary["generated_samples"] == 80 - done
@@ -516,7 +519,9 @@ def test_bad_input_is_one_line(tmp_path, tiny_model_dir, lines, flags, fragments
     teacher = [] if "--teacher" in flags else ["--teacher", str(tiny_model_dir)]
     engine = [] if "--engine" in flags else ["--engine", "transformers"]
     out = tmp_path / "traces.jsonl"
-    proc = run_kd("gen-traces", *teacher, *engine, "--prompts", str(prompts), "--out", str(out), *flags, env=ENV)
+    proc = run_kd_in_process(
+        "gen-traces", *teacher, *engine, "--prompts", str(prompts), "--out", str(out), *flags, env=ENV
+    )
     assert_one_line_error(proc, *fragments)
     assert not out.exists() and not (tmp_path / "traces.raw.jsonl").exists()
 
