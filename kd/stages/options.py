@@ -72,6 +72,8 @@ def _option_type(annotation: Any) -> tuple[type | None, bool]:
         return None, True
     if annotation in (str, int, float, bool):
         return annotation, False
+    if origin is list and typing.get_args(annotation) == (str,):
+        return list, False
     return None, False
 
 
@@ -87,6 +89,8 @@ class Setting:
     flags: tuple[str, ...]
     help: str
     show_default: bool
+    argument: bool = False
+    """A positional argument (``kd compare A/ B/``) rather than an option."""
 
     @property
     def flag(self) -> str:
@@ -110,10 +114,22 @@ def settings_of(cls: type) -> list[Setting]:
         else:
             default, required = None, True
         flags = tuple(meta.get("flags") or ()) or ("--" + f.name.replace("_", "-"),)
+        if meta.get("argument"):
+            flags = (f.name.upper(),)
         if f.name not in docs:
             raise TypeError(f"{cls.__name__}.{f.name} has no docstring: it is the flag's --help text")
         out.append(
-            Setting(f.name, typ, optional, default, required, flags, docs[f.name], meta.get("show_default", True))
+            Setting(
+                f.name,
+                typ,
+                optional,
+                default,
+                required,
+                flags,
+                docs[f.name],
+                meta.get("show_default", True),
+                bool(meta.get("argument")),
+            )
         )
     return out
 
@@ -144,6 +160,10 @@ def _load_file(path: Path) -> dict[str, Any]:
 def _check_type(setting: Setting, value: Any, where: str) -> Any:
     if value is None and (setting.optional or setting.default is None):
         return None
+    if setting.type is list:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise KdError(f"{where}: '{setting.name}' must be a list of strings, got {type(value).__name__} {value!r}")
+        return value
     ok = isinstance(value, setting.type) and not (setting.type in (int, float) and isinstance(value, bool))
     if setting.type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -226,6 +246,13 @@ def config_command(
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
     for s in settings:
         default = None if s.required else s.default
+        if s.argument:
+            # Positional: typer wants None (not []) as the default of a variadic argument.
+            argument = typer.Argument(None, help=escape(s.help), show_default=False)
+            annotation = typing.Optional[list[str]] if s.type is list else typing.Optional[s.type]  # noqa: UP045
+            kind = inspect.Parameter.KEYWORD_ONLY
+            params.append(inspect.Parameter(s.name, kind, default=argument, annotation=annotation))
+            continue
         # escape: typer renders --help with rich markup, where "[default: x]" would vanish as a tag.
         option = typer.Option(default, *s.flags, help=escape(s.help), show_default=s.show_default and not s.required)
         annotation = s.type if not (s.optional or default is None) else typing.Optional[s.type]  # noqa: UP045 - typer
@@ -265,6 +292,11 @@ def config_command(
             if getattr(ctx.get_parameter_source(s.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
         }
         values = {s.name: kwargs[s.name] for s in settings}
+        for s in settings:
+            if s.argument and s.type is list:
+                values[s.name] = list(values[s.name] or [])
+                if not values[s.name]:
+                    given.discard(s.name)
         if kwargs["config_file"]:
             from_file = config_file_values(Path(kwargs["config_file"]), settings)
             values.update({k: v for k, v in from_file.items() if k not in given})
