@@ -139,7 +139,8 @@ def test_identical_models_differ_by_exactly_zero_json_and_markdown(tmp_path, tin
 
 
 def test_console_table(tiny_model_dir, twin_dir, heldout_cache):
-    proc = run_kd("compare", str(tiny_model_dir), str(twin_dir), "--cache", str(heldout_cache), env=kd_env(COLUMNS="250"))
+    wide = kd_env(COLUMNS="250")
+    proc = run_kd("compare", str(tiny_model_dir), str(twin_dir), "--cache", str(heldout_cache), env=wide)
     assert proc.returncode == 0, proc.stderr
     assert "within noise" in proc.stderr and "held-out CE" in proc.stderr and "+0.000" in proc.stderr  # rich: stderr
 

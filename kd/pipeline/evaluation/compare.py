@@ -251,18 +251,51 @@ def paired_metric(
     }
 
 
-def compare_models(cfg: CompareConfig) -> dict[str, Any]:
-    """Score every model on the same held-out sequences (and prompts); compare each with the first."""
+@dataclass
+class Scores:
+    """Every model's figures on the same held-out sequences and prompts, kept per sequence for pairing."""
+
+    specs: list[str]
+    rows: list[dict[str, Any]]
+    """Each model's own metrics (evaluate_sequences' figures, answer accuracy, size)."""
+    per_sequence: list[dict[str, np.ndarray]]
+    """Each model's per-sequence sums (kd.pipeline.evaluation.sequences.PER_SEQUENCE), rows aligned."""
+    answers: list[list[Answer]]
+    """Each model's greedy answers to the --generate prompts (empty without --generate)."""
+    samples: list[dict[float, list[Answer]]]
+    """Each model's sampled answers to the --samples-at prompts, by temperature."""
+    prompts: list[tuple[str, str]]
+
+    def pair(self, key: str, model: int, baseline: int = 0) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """[baseline, model] (numerator, denominator) per row of metric `key`; None where it was not measured."""
+        if key == "answer_accuracy":
+            if not self.answers:
+                return None
+            ones = np.ones(len(self.answers[baseline]))
+            return [(np.array([a.correct for a in self.answers[i]], float), ones) for i in (baseline, model)]
+        if key not in self.rows[baseline]:
+            return None
+        num, den = RATIOS[key]
+        return [(self.per_sequence[i][num], self.per_sequence[i][den]) for i in (baseline, model)]
+
+    def against(self, model: int, baseline: int = 0, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict:
+        """Every measured metric of `model` against `baseline`: values, paired difference, interval, verdict."""
+        compared = {}
+        for key, _, better in METRICS:
+            if (pair := self.pair(key, model, baseline)) is not None:
+                compared[key] = paired_metric(*pair, better, samples, seed)
+        return {"model": self.specs[model], "baseline": self.specs[baseline], "metrics": compared}
+
+
+def score_models(cfg: CompareConfig) -> Scores:
+    """Score every model of `cfg` on the same held-out sequences (and prompts), one model in memory at a time."""
     device = cfg.device or default_device()
     models = [resolve_compared_model(spec) for spec in cfg.models]
     tokenizers = _check_tokenizers(cfg, models)
     wanted = max(cfg.generate, cfg.sample_prompts if cfg.samples_at else 0)
     prompts = reference_prompts(cfg.data, wanted) if wanted else []
     fixed = _sequences(cfg, tokenizers[0], device) if not cfg.cache else None
-    rows: list[dict[str, Any]] = []
-    per_sequence: list[dict[str, np.ndarray]] = []
-    answers: list[list[Answer]] = []
-    samples: list[dict[float, list[Answer]]] = []
+    scores = Scores([m.spec for m in models], [], [], [], [], prompts)
     for model, tokenizer in zip(models, tokenizers, strict=True):
         log(f"[bold]scoring {model.spec}[/bold]")
         lm = load_compared_model(model, device)
@@ -284,55 +317,67 @@ def compare_models(cfg: CompareConfig) -> dict[str, Any]:
             row["answer_accuracy"] = sum(a.correct for a in greedy) / len(greedy)
             row["answered"] = len(greedy)
             row["generation_tokens_per_second"] = sum(a.tokens for a in greedy) / (time.perf_counter() - started)
-            answers.append(greedy)
+            scores.answers.append(greedy)
         shown = prompts[: cfg.sample_prompts]
-        samples.append(
+        scores.samples.append(
             {
                 t: generate_answers(lm, tokenizer, shown, cfg.max_new_tokens, cfg.batch_size, device, t, cfg.seed)
                 for t in cfg.temperatures()
             }
         )
-        rows.append(row)
-        per_sequence.append(seq)
+        scores.rows.append(row)
+        scores.per_sequence.append(seq)
         del lm
         gc.collect()
-
-    if len({len(s["tokens"]) for s in per_sequence}) != 1 or any(
-        not np.array_equal(s["tokens"], per_sequence[0]["tokens"]) for s in per_sequence
-    ):
+    first = scores.per_sequence[0]["tokens"]
+    if any(len(s["tokens"]) != len(first) or not np.array_equal(s["tokens"], first) for s in scores.per_sequence):
         raise KdError("the models were not scored on the same target tokens (the held-out data changed mid-run?)")
-    comparisons = []
-    for index in range(1, len(models)):
-        compared: dict[str, Any] = {}
-        for key, _, better in METRICS:
-            if key == "answer_accuracy":
-                if not answers:
-                    continue
-                ones = np.ones(len(answers[0]))
-                base = (np.array([a.correct for a in answers[0]], float), ones)
-                mine = (np.array([a.correct for a in answers[index]], float), ones)
-            else:
-                num, den = RATIOS[key]
-                if key not in rows[0]:
-                    continue
-                base = (per_sequence[0][num], per_sequence[0][den])
-                mine = (per_sequence[index][num], per_sequence[index][den])
-            compared[key] = paired_metric(base, mine, better, cfg.bootstrap, cfg.seed)
-        comparisons.append({"model": models[index].spec, "baseline": models[0].spec, "metrics": compared})
+    return scores
 
+
+def gap_closed_ci(
+    baseline: tuple[np.ndarray, np.ndarray],
+    model: tuple[np.ndarray, np.ndarray],
+    reference: tuple[np.ndarray, np.ndarray],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> tuple[float | None, list[float] | None]:
+    """Share of the baseline → reference gap the model closes, (b − m) / (b − r) of a token-weighted metric
+    (e.g. held-out KL: b CE-only, r online KD), with a 95% bootstrap interval resampling the same sequences
+    for all three. Each argument is (numerator[S], denominator[S]). (None, None) when b = r."""
+    arrays = [(np.asarray(n, float), np.asarray(d, float)) for n, d in (baseline, model, reference)]
+    (nb, db), (nm, dm), (nr, dr) = arrays
+
+    def ratio(n: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return n.sum(-1) / np.maximum(d.sum(-1), 1e-300)
+
+    b, m, r = ratio(nb, db), ratio(nm, dm), ratio(nr, dr)
+    if b == r:
+        return None, None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(nb), size=(samples, len(nb)))
+    gaps = (ratio(nb[idx], db[idx]) - ratio(nm[idx], dm[idx])) / (ratio(nb[idx], db[idx]) - ratio(nr[idx], dr[idx]))
+    tail = (1 - CI_LEVEL) / 2 * 100
+    return float((b - m) / (b - r)), [float(np.percentile(gaps, tail)), float(np.percentile(gaps, 100 - tail))]
+
+
+def compare_models(cfg: CompareConfig) -> dict[str, Any]:
+    """Score every model on the same held-out sequences (and prompts); compare each with the first."""
+    scores = score_models(cfg)
+    rows = scores.rows
     result: dict[str, Any] = {
-        "baseline": models[0].spec,
+        "baseline": scores.specs[0],
         "held_out": {
             "cache": cfg.cache,
             "data": cfg.data,
             "teacher": cfg.teacher,
             "sequences": rows[0]["sequences"],
             "tokens": rows[0]["tokens"],
-            "prompts": len(answers[0]) if answers else 0,
+            "prompts": len(scores.answers[0]) if scores.answers else 0,
         },
         "interval": {"level": CI_LEVEL, "bootstrap": cfg.bootstrap, "unit": "sequence", "paired": True},
         "models": rows,
-        "comparisons": comparisons,
+        "comparisons": [scores.against(i, 0, cfg.bootstrap, cfg.seed) for i in range(1, len(scores.specs))],
     }
     if cfg.temperatures():
         result["samples"] = [
@@ -342,9 +387,12 @@ def compare_models(cfg: CompareConfig) -> dict[str, Any]:
                     {
                         "question": question,
                         "reference": reference,
-                        "answers": [{"model": m.spec, **asdict(s[t][i])} for m, s in zip(models, samples, strict=True)],
+                        "answers": [
+                            {"model": spec, **asdict(by_temperature[t][i])}
+                            for spec, by_temperature in zip(scores.specs, scores.samples, strict=True)
+                        ],
                     }
-                    for i, (question, reference) in enumerate(prompts[: cfg.sample_prompts])
+                    for i, (question, reference) in enumerate(scores.prompts[: cfg.sample_prompts])
                 ],
             }
             for t in cfg.temperatures()
