@@ -115,7 +115,7 @@ def settings_of(cls: type) -> list[Setting]:
             default, required = None, True
         flags = tuple(meta.get("flags") or ()) or ("--" + f.name.replace("_", "-"),)
         if meta.get("argument"):
-            flags = (f.name.upper(),)
+            flags = (f.name,)  # what click calls the argument (its opts) and --help shows
         if f.name not in docs:
             raise TypeError(f"{cls.__name__}.{f.name} has no docstring: it is the flag's --help text")
         out.append(
