@@ -221,13 +221,14 @@ def generate_answers(
                 tokens = tokens[tokens != pad]
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 answer = extract_answer(text)
+                truncated = int(tokens.numel()) >= max_new_tokens
                 answers.append(
                     Answer(
                         text=text,
-                        tokens=int(tokens.numel()) + 1,
+                        tokens=int(tokens.numel()) + (0 if truncated else 1),  # + the end-of-sequence token
                         answer=answer,
                         correct=bool(answer is not None and answers_match(answer, reference)),
-                        truncated=int(tokens.numel()) >= max_new_tokens,
+                        truncated=truncated,
                     )
                 )
             progress.advance(task, len(chunk))
