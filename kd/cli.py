@@ -39,6 +39,7 @@ STAGE_MODULES = (
     "kd.stages.gen_traces",
     "kd.stages.on_policy",
     "kd.stages.evaluate",
+    "kd.stages.compare",
     "kd.stages.demo",
 )
 

@@ -74,6 +74,8 @@ def _option_type(annotation: Any) -> tuple[type | None, bool]:
         return None, True
     if annotation in (str, int, float, bool):
         return annotation, False
+    if origin is list and typing.get_args(annotation) == (str,):
+        return list, False
     return None, False
 
 
@@ -89,6 +91,8 @@ class Setting:
     flags: tuple[str, ...]
     help: str
     show_default: bool
+    argument: bool = False
+    """A positional argument (``kd compare A/ B/``) rather than an option."""
 
     @property
     def flag(self) -> str:
@@ -112,10 +116,22 @@ def settings_of(cls: type) -> list[Setting]:
         else:
             default, required = None, True
         flags = tuple(meta.get("flags") or ()) or ("--" + f.name.replace("_", "-"),)
+        if meta.get("argument"):
+            flags = (f.name,)  # what click calls the argument (its opts) and --help shows
         if f.name not in docs:
             raise TypeError(f"{cls.__name__}.{f.name} has no docstring: it is the flag's --help text")
         out.append(
-            Setting(f.name, typ, optional, default, required, flags, docs[f.name], meta.get("show_default", True))
+            Setting(
+                f.name,
+                typ,
+                optional,
+                default,
+                required,
+                flags,
+                docs[f.name],
+                meta.get("show_default", True),
+                bool(meta.get("argument")),
+            )
         )
     return out
 
@@ -237,6 +253,13 @@ def config_command(
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
     for s in settings:
         default = None if s.required else s.default
+        if s.argument:
+            # Positional: typer wants None (not []) as the default of a variadic argument.
+            argument = typer.Argument(None, help=escape(s.help), show_default=False)
+            annotation = typing.Optional[list[str]] if s.type is list else typing.Optional[s.type]  # noqa: UP045
+            kind = inspect.Parameter.KEYWORD_ONLY
+            params.append(inspect.Parameter(s.name, kind, default=argument, annotation=annotation))
+            continue
         # escape: typer renders --help with rich markup, where "[default: x]" would vanish as a tag.
         option = typer.Option(
             default,
@@ -286,8 +309,10 @@ def config_command(
         }
         values = {s.name: kwargs[s.name] for s in settings}
         for s in settings:
-            if s.type is list:  # typer gives None (or ()) for a repeatable flag not used
+            if s.type is list:  # typer gives None (or ()) for a repeatable flag or a variadic argument not used
                 values[s.name] = list(values[s.name] or s.default or [])
+                if s.argument and not values[s.name]:
+                    given.discard(s.name)
         if kwargs["config_file"]:
             from_file = config_file_values(Path(kwargs["config_file"]), settings)
             values.update({k: v for k, v in from_file.items() if k not in given})

@@ -36,7 +36,7 @@ from kd.losses import (
     retemper_sparse,
     student_buckets,
 )
-from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, unwrap_causal_lm
+from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, paired_ratio_difference_ci, unwrap_causal_lm
 from kd.pipeline.heads import head_logits, split_body_and_head
 from kd.pipeline.training.batches import collate
 
@@ -168,19 +168,16 @@ def paired_difference_ci(
     a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], name: str = "reverse_kl", samples: int = 1000
 ) -> dict[str, float | list[float]]:
     """Mean(a) − mean(b) of a per-token metric on the prompts both judged, with a paired bootstrap
-    interval over prompts (the same resampled prompts for both): what "a beats b" rests on."""
+    interval over prompts (the same resampled prompts for both): what "a beats b" rests on.
+    (kd.pipeline.evaluation.sequences.paired_ratio_difference_ci over prompts keyed by name.)"""
     keys = sorted(set(a) & set(b))
     if len(keys) < 2:
         raise ValueError("a paired comparison needs at least two prompts judged for both")
-    num_a = np.array([a[k][name] for k in keys])
-    den_a = np.array([a[k]["tokens"] for k in keys])
-    num_b = np.array([b[k][name] for k in keys])
-    den_b = np.array([b[k]["tokens"] for k in keys])
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(keys), size=(samples, len(keys)))
-    diffs = num_a[idx].sum(1) / np.maximum(den_a[idx].sum(1), 1) - num_b[idx].sum(1) / np.maximum(den_b[idx].sum(1), 1)
-    return {
-        "difference": float(num_a.sum() / den_a.sum() - num_b.sum() / den_b.sum()),
-        "difference_ci": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
-        "prompts": len(keys),
-    }
+    difference, ci = paired_ratio_difference_ci(
+        np.array([a[k][name] for k in keys]),
+        np.array([a[k]["tokens"] for k in keys]),
+        np.array([b[k][name] for k in keys]),
+        np.array([b[k]["tokens"] for k in keys]),
+        samples=samples,
+    )
+    return {"difference": difference, "difference_ci": ci, "prompts": len(keys)}
