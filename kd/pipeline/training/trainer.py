@@ -500,6 +500,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 f"--divergence {cfg.divergence} needs teacher log-probabilities; an RS cache stores only "
                 "sample counts (use a top-k cache)"
             )
+        reader.require_temperature(cfg.temperature)  # a top-k cache is exact only at the temperatures it recorded
         train_reader, train_flag = reader, "--from-cache"
     else:
         train_reader = open_data(cfg.data, "--data", out, "train", tokenizer, cfg, env, weighted=True)
