@@ -35,15 +35,16 @@ class CacheConfig:
     """``rs`` for random-sampling KD instead of top-k."""
     samples: int = 64
     """Draws per target token in rs mode."""
-    value_encoding: str = "sqrt8"
+    value_encoding: str = "auto"
     """sqrt8 (sqrt p in one byte; KL to the exact teacher at most 2k/360² nats/token: 9.9e-4 at k=64,
-    2.0e-3 at k=128), q64 (uint16 log-probs, max error 0.0078 nats per value, KL ~3e-5 at any k) or
-    float32 (exact)."""
+    2.0e-3 at k=128), q64 (uint16 log-probs, max error 0.0078 nats per value, KL ~3e-5 at any k),
+    float32 (exact), or auto: sqrt8, but q64 when --temperatures asks for a T != 1 (sqrt8's coarse
+    small probabilities, raised to 1/T, cost 2.3e-3 nats/token at T=2 on SmolLM2; q64 8e-7)."""
     temperatures: str = "1"
     """Temperatures the cache will be exact at, e.g. 1,2,4: for each T != 1 stage one also records the
-    log of the tail mass of softmax(z/T) per target (2 bytes each with sqrt8/q64, 4 with float32), so
-    that `kd train --temperature T` gets the exact tempered teacher. Top-k mode; not with --vllm-scoring
-    logprobs (vLLM's prompt log-probs hold no tail shape)."""
+    log of the tail mass of softmax(z/T) per target (float16; float32 with float32 values), so that
+    `kd train --temperature T` trains on the exact tempered teacher (a T the cache lacks is refused).
+    Top-k mode; not with --vllm-scoring logprobs (vLLM's prompt log-probs hold no tail shape)."""
     mass_epsilon: float = 0.0
     """Adaptive top-k: keep only the leading ids until they hold 1 - epsilon of the mass (0: always k)."""
     max_seq_len: int = 2048
@@ -117,8 +118,11 @@ class CacheConfig:
                 "--temperatures with --vllm-scoring logprobs: vLLM's prompt log-probs hold only the top-k, "
                 "not the full logits a tempered tail needs; use --vllm-scoring hidden"
             )
+        if self.value_encoding == "auto":  # resolved here: the manifest and config.yaml hold what was used
+            self.value_encoding = "q64" if len(tempered) > 1 else "sqrt8"
         if self.value_encoding not in fmt.VALUE_ENCODINGS:
-            raise KdError(f"--value-encoding {self.value_encoding}: expected one of {', '.join(fmt.VALUE_ENCODINGS)}")
+            choices = ", ".join(("auto", *fmt.VALUE_ENCODINGS))
+            raise KdError(f"--value-encoding {self.value_encoding}: expected one of {choices}")
         if self.max_seq_len < 2:
             raise KdError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
         if self.overflow not in ("truncate", "skip"):
