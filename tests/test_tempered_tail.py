@@ -338,5 +338,6 @@ def test_inspect_shows_the_temperatures(tiny_caches):
     assert report["bytes_per_target_token_by_part"]["tempered tails"] > 0
     plain = json.loads(run_kd("inspect", str(tiny_caches["plain"]), "--json").stdout)
     assert plain["temperatures"] == [1.0] and "tempered tails" not in plain["bytes_per_target_token_by_part"]
-    text = run_kd("inspect", str(tiny_caches["tempered"])).stdout
+    proc = run_kd("inspect", str(tiny_caches["tempered"]))
+    text = proc.stdout + proc.stderr  # the table goes to kd's console
     assert "temperatures" in text and "1, 2" in text
