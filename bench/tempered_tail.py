@@ -125,7 +125,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), torch_dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     encodings = {"sqrt8": "tempered", "q64": "tempered-q64", "float32": "tempered-float32"}
-    kl = {f"{when}_T{t:g}": [] for t in TEMPERATURES for when in ("before_sqrt8", *(f"after_{e}" for e in encodings))}
+    kl = {
+        f"{when}_T{t:g}": []
+        for t in TEMPERATURES
+        for when in (*(f"before_{e}" for e in encodings), *(f"after_{e}" for e in encodings))
+    }
     sqrt8 = {k: [] for k in SQRT8_KS}
     streams = [CacheReader(work / name).iter_sequences() for name in encodings.values()]
     for seq, *others in zip(*streams, strict=True):
@@ -145,10 +149,9 @@ def main() -> None:
                 m = teacher.temperatures.index(t)
                 got = retemper_sparse(lp, tail, t, torch.from_numpy(teacher.tempered_tails[:, m]).double())
                 kl[f"after_{encoding}_T{t:g}"].append(bucket_kl(exact_lp, exact_tail, *got))
-                if encoding == "sqrt8":
-                    kl[f"before_sqrt8_T{t:g}"].append(
-                        bucket_kl(exact_lp, exact_tail, *old_retemper(lp, tail, t, vocab))
-                    )
+                kl[f"before_{encoding}_T{t:g}"].append(
+                    bucket_kl(exact_lp, exact_tail, *old_retemper(lp, tail, t, vocab))
+                )
 
     sizes = {}
     for name in caches:
@@ -163,7 +166,7 @@ def main() -> None:
         text=True,
         env=kd_env(),
         cwd=REPO,
-    ).stdout
+    ).stderr  # kd inspect's table goes to its console (stderr)
     results = {
         "rows": args.rows,
         "k": 64,

@@ -39,7 +39,7 @@ class CacheConfig:
     """sqrt8 (sqrt p in one byte; KL to the exact teacher at most 2k/360² nats/token: 9.9e-4 at k=64,
     2.0e-3 at k=128), q64 (uint16 log-probs, max error 0.0078 nats per value, KL ~3e-5 at any k),
     float32 (exact), or auto: sqrt8, but q64 when --temperatures asks for a T != 1 (sqrt8's coarse
-    small probabilities, raised to 1/T, cost 2.3e-3 nats/token at T=2 on SmolLM2; q64 8e-7)."""
+    small probabilities, raised to 1/T, cost 3e-3 nats/token at T=2 on SmolLM2; q64 8e-7)."""
     temperatures: str = "1"
     """Temperatures the cache will be exact at, e.g. 1,2,4: for each T != 1 stage one also records the
     log of the tail mass of softmax(z/T) per target (float16; float32 with float32 values), so that
