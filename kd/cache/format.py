@@ -64,9 +64,10 @@ Value encodings (``manifest.value_encoding``):
   u_i by at most 1/360, so KL ≤ 2k / 360² = ``sqrt8_kl_bound(k)``: **9.9e-4 nats per token at k = 64,
   1.98e-3 at k = 128, 3.95e-3 at k = 256** (renormalising can only lower it). An adversarial row
   (every sqrt p half a step off, signs alternating so that renormalising undoes nothing) reaches it;
-  real teacher rows stay far below (embedded teacher on GSM8K, bench/tempered_tail.py: mean 2.8e-4
-  / max 5.0e-4 at k = 64, mean 5.0e-4 / max 9.7e-4 at k = 128, mean 8.8e-4 / max 1.8e-3 at k = 256). Where the bound matters (k > 64 with a tight KL budget),
-  ``q64`` costs a second byte per value and is bounded by ~3e-5 whatever k. The tail stays q64.
+  real teacher rows stay below (embedded teacher on GSM8K, bench/tempered_tail.py: mean 2.8e-4 /
+  max 5.0e-4 at k = 64, mean 5.0e-4 / max 9.7e-4 at k = 128, mean 8.8e-4 / max 1.8e-3 at k = 256).
+  Where the bound matters (k > 64 with a tight KL budget), ``q64`` costs a second byte per value and
+  is bounded by ~3e-5 whatever k (½ (1/128)²). The tail stays q64.
 
 * ``q64``: a log-prob ``v <= 0`` is stored as ``q = round(-64 v)`` in uint16 (so values down to
   -1023.98 nats), and along each top-k row as the difference to the previous entry (top-k rows are
