@@ -93,7 +93,9 @@ def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
 
         counter = RecordCounter(cfg.data, cfg.limit)
         meter.total_records = lambda: counter.total
-        schema = fmt.schema(cfg.mode, vocab_size, cfg.top_k, cfg.value_encoding, cfg.samples)
+        schema = fmt.schema(
+            cfg.mode, vocab_size, cfg.top_k, cfg.value_encoding, cfg.samples, tempered=len(cfg.tempered)
+        )
         writer = BackgroundShardWriter(out, schema)
         capture = _Capture(cfg, source, schema, vocab_size, done, writer, residency, meter)
         stats = {"rows_read": 0, "rows_skipped": 0, "rows_truncated": 0}
@@ -298,7 +300,7 @@ class _Capture:
     def _engine(self):
         """The teacher, loaded when the first window needs it (a fully reused cache never loads it)."""
         if self.engine is None:
-            spec = TargetSpec(self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed)
+            spec = TargetSpec(self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed, self.cfg.tempered)
             self.engine = _make_engine(self.cfg, self.source, spec)
             if self.engine.vocab_size != self.vocab_size:
                 raise KdError(
@@ -332,6 +334,8 @@ def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int) -> d
         "seed": cfg.seed if cfg.mode == "rs" else None,
         "value_encoding": cfg.value_encoding if cfg.mode == "topk" else None,
         "mass_epsilon": cfg.mass_epsilon if cfg.mode == "topk" else None,
+        # Only when asked for: a cache without the key is exact at T = 1 alone, and old caches resume.
+        **({"temperatures": [1.0, *cfg.tempered]} if cfg.tempered else {}),
         "engine": cfg.engine,
         **({"vllm_scoring": cfg.vllm_scoring} if cfg.engine == "vllm" else {}),
         "dtype": cfg.dtype,
@@ -388,6 +392,10 @@ def _resolve_vllm_scoring(cfg: CacheConfig, source) -> CacheConfig:
     from kd.pipeline.models import hf_dir_for
 
     scoring, why = resolve_scoring(cfg.vllm_scoring, hf_dir_for(source), cfg.mode)
+    if scoring == "logprobs" and cfg.tempered:
+        raise KdError(
+            f"--temperatures with --engine vllm needs hidden scoring, and --vllm-scoring auto came to logprobs ({why})"
+        )
     if cfg.vllm_scoring == "auto":
         log(f"--vllm-scoring auto: {scoring} ({why})")
     return dataclasses.replace(cfg, vllm_scoring=scoring)

@@ -175,7 +175,17 @@ def build_steps(cfg: DemoConfig) -> list[Step]:
         ),
         Step(
             "teacher logits (train)",
-            ["cache-logits", *teacher, "--data", "traces.jsonl", "--out", "cache-train", "--top-k", str(cfg.top_k)],
+            [
+                "cache-logits",
+                *teacher,
+                "--data",
+                "traces.jsonl",
+                "--out",
+                "cache-train",
+                "--top-k",
+                str(cfg.top_k),
+                *(["--temperatures", f"1,{cfg.temperature!r}"] if cfg.temperature != 1.0 else []),
+            ],  # fmt: skip
             "cache-train/manifest.json",
         ),
         Step(

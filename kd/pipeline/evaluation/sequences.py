@@ -185,7 +185,7 @@ def score_sequences(
                 valid = torch.isfinite(teacher.teacher_logprobs[lo:hi])
                 student_lp, student_tail = student_buckets(logits, lse, ids, valid)
                 teacher_lp, teacher_tail = retemper_sparse(
-                    teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi], 1.0, vocab
+                    teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi], 1.0
                 )
                 kl = bucket_divergence(teacher_lp, teacher_tail, student_lp, student_tail, "forward_kl")
                 sums["kl"] += float(kl.sum())

@@ -5,7 +5,7 @@ For every sampled token t (a target of the cache) with the student's prefix befo
 * ``reverse_kl``: KL(student ‖ teacher) over the cached buckets (the teacher's top-k ids plus one
   tail bucket), the quantity on-policy distillation minimises; ``forward_kl`` alongside;
 * ``teacher_logprob``: log p_teacher(t). When t lies outside the cached top-k only the tail mass is
-  known, and t is given an even share of it (tail / (V − K), the assumption kd's re-tempering makes);
+  known, and t is given an even share of it (tail / (V − K));
   ``teacher_topk_coverage`` says how often that was needed (1 − coverage);
 * ``student_logprob``: log p_student(t), the student's own confidence in what it wrote.
 
@@ -116,8 +116,13 @@ def judge_sequences(
 
 
 def _slice(teacher: SparseTeacher, lo: int, hi: int) -> SparseTeacher:
+    tempered = teacher.teacher_tempered_tails
     return SparseTeacher(
-        teacher.teacher_ids[lo:hi], teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi]
+        teacher.teacher_ids[lo:hi],
+        teacher.teacher_logprobs[lo:hi],
+        teacher.teacher_tail_logmass[lo:hi],
+        None if tempered is None else tempered[lo:hi],
+        teacher.teacher_temperatures,
     )
 
 
@@ -132,7 +137,7 @@ def _token_terms(
     unresolved = torch.isneginf(cached_tail) & (valid.sum(dim=1) < vocab)
     cached_tail = torch.where(unresolved, torch.full_like(cached_tail, math.log(UNRESOLVED_TAIL)), cached_tail)
     # T = 1: only renormalises (removes the drift value quantisation adds to the cached mass).
-    teacher_lp, teacher_tail = retemper_sparse(teacher.teacher_logprobs, cached_tail, 1.0, vocab)
+    teacher_lp, teacher_tail = retemper_sparse(teacher.teacher_logprobs, cached_tail, 1.0)
     hit = (ids == labels[:, None]) & valid
     in_topk = hit.any(dim=1)
     label_lp = torch.where(hit, teacher_lp, torch.zeros_like(teacher_lp)).sum(dim=1)

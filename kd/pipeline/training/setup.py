@@ -142,6 +142,7 @@ def check_cache(cfg: TrainConfig, reader: CacheReader, fingerprint: str) -> None
             f"--divergence {cfg.divergence} needs teacher log-probabilities; an RS cache stores only "
             "sample counts (use a top-k cache)"
         )
+    reader.require_temperature(cfg.temperature)  # a top-k cache is exact only at the temperatures it recorded
 
 
 def load_online_teacher(
