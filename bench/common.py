@@ -12,6 +12,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def run_step(args: list[str], done: Path, log: Path | None = None) -> float:
     line = "kd " + " ".join(shlex.quote(a) for a in args)
     print(f"run    {line}", flush=True)
     started = time.perf_counter()
-    with open(log or os.devnull, "w") as sink:
+    with open(log, "w") if log else tempfile.TemporaryFile("w+") as sink:
         proc = subprocess.run(
             [sys.executable, "-m", "kd.cli", *args],
             stderr=sink,
@@ -53,6 +54,10 @@ def run_step(args: list[str], done: Path, log: Path | None = None) -> float:
             env=kd_env(),
             cwd=REPO,
         )
+        if proc.returncode != 0 and log is None:  # no log file: say kd's own last lines here
+            sink.seek(0)
+            tail = "".join(sink.readlines()[-5:]).rstrip()
+            raise SystemExit(f"failed ({proc.returncode}): {line}\n{tail}")
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {line}; see {log}")
     if proc.stdout and done.suffix == ".json" and not done.exists():
@@ -62,8 +67,6 @@ def run_step(args: list[str], done: Path, log: Path | None = None) -> float:
 
 def child_run(args: list[str]) -> dict:
     """Run `kd ARGS --json` as a child: its own peak RSS (MB) from wait4, wall time and JSON summary."""
-    import tempfile
-
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
