@@ -20,6 +20,7 @@ GROUPS = {
     "values": ("teacher_values", "teacher_counts"),
     "tail": ("teacher_tail",),
     "tokens": ("row", "input_ids", "loss_mask", "token_weights"),
+    "hidden": ("teacher_hidden", "teacher_hidden_scale"),
 }
 
 

@@ -56,12 +56,16 @@ class SampledTeacher:
 @dataclass
 class DenseTeacher:
     """Full-vocabulary teacher: either teacher_logits[N, V], or teacher_hidden[N, H] with the head's
-    teacher_head_weight[V, H] (+ bias[V]) so that logits are made one chunk at a time."""
+    teacher_head_weight[V, H] (+ bias[V]) so that logits are made one chunk at a time (online KD, or a
+    hidden-state cache), followed by the model's post-head transforms: logits * teacher_logit_scale,
+    then teacher_softcap * tanh(logits / teacher_softcap)."""
 
     teacher_logits: torch.Tensor | None = None
     teacher_hidden: torch.Tensor | None = None
     teacher_head_weight: torch.Tensor | None = None
     teacher_head_bias: torch.Tensor | None = None
+    teacher_softcap: float | None = None
+    teacher_logit_scale: float | None = None
 
     def logits(self, lo: int, hi: int) -> torch.Tensor:
         """fp32 teacher logits of tokens [lo, hi)."""
@@ -69,7 +73,14 @@ class DenseTeacher:
             return upcast_logits(self.teacher_logits[lo:hi])
         if self.teacher_hidden is None or self.teacher_head_weight is None:
             raise ValueError("DenseTeacher needs teacher_logits or teacher_hidden + teacher_head_weight")
-        return upcast_logits(F.linear(self.teacher_hidden[lo:hi], self.teacher_head_weight, self.teacher_head_bias))
+        # The hidden rows take the head's dtype (a cache decodes them to fp32; a bf16 head stays bf16).
+        hidden = self.teacher_hidden[lo:hi].to(self.teacher_head_weight.dtype)
+        logits = upcast_logits(F.linear(hidden, self.teacher_head_weight, self.teacher_head_bias))
+        if self.teacher_logit_scale not in (None, 1.0):
+            logits = logits * self.teacher_logit_scale
+        if self.teacher_softcap:
+            logits = torch.tanh(logits / self.teacher_softcap) * self.teacher_softcap
+        return logits
 
 
 TeacherSignal = SparseTeacher | SampledTeacher | DenseTeacher

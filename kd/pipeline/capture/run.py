@@ -47,6 +47,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     source = resolve_model(cfg.teacher, "--teacher")
     tokenizer = load_tokenizer(source)
     vocab_size = _teacher_vocab_size(source)
+    hidden_size = _teacher_hidden_size(source) if cfg.mode == "hidden" else 0
     if cfg.mode == "topk" and cfg.top_k > vocab_size:
         raise KdError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary size ({vocab_size})")
     tokenizer_id = tokenizer_fingerprint(tokenizer)  # before the reader thread owns the tokenizer
@@ -74,7 +75,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
         if cfg.engine == "vllm":
             cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
-        settings = _settings(cfg, source, tokenizer_id, vocab_size)
+        settings = _settings(cfg, source, tokenizer_id, vocab_size, hidden_size)
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
         done = {s["index"]: s for s in manifest["shards"] if s["rank"] == cfg.rank}
         if done:
@@ -82,7 +83,15 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
 
         counter = RecordCounter(cfg.data, cfg.limit)
         meter.total_records = lambda: counter.total
-        schema = fmt.schema(cfg.mode, vocab_size, cfg.top_k, cfg.value_encoding, cfg.samples)
+        schema = fmt.schema(
+            cfg.mode,
+            vocab_size,
+            cfg.top_k,
+            cfg.value_encoding,
+            cfg.samples,
+            hidden_size=hidden_size,
+            hidden_encoding=cfg.hidden_encoding,
+        )
         writer = BackgroundShardWriter(out, schema)
         capture = _Capture(cfg, source, schema, vocab_size, done, writer, residency, meter)
         stats = {"rows_read": 0, "rows_skipped": 0, "rows_truncated": 0}
@@ -280,6 +289,8 @@ class _Capture:
                 raise KdError(
                     f"--teacher: model head has {self.engine.vocab_size} outputs but its config says {self.vocab_size}"
                 )
+            if self.cfg.mode == "hidden":
+                _store_teacher_head(self.engine, Path(self.cfg.out), self.schema)
         return self.engine
 
     def close(self) -> None:
@@ -291,8 +302,21 @@ def _empty_stats() -> dict[str, Any]:
     return {"rows": 0, "first_row": None, "last_row": None, "tokens": 0, "targets": 0}
 
 
-def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int) -> dict[str, Any]:
+def _store_teacher_head(engine, out: Path, schema) -> None:
+    """--store hidden: the head the engine applies, written once beside the shards (before any shard)."""
+    from kd.pipeline.engines.hidden import save_teacher_head
+
+    weight, bias, transforms = engine.head_for_cache()
+    hidden_size = schema.field("teacher_hidden").type.value_type.list_size
+    if weight.shape[1] != hidden_size:
+        raise KdError(f"--teacher: LM head takes {weight.shape[1]} inputs, the config's hidden size is {hidden_size}")
+    save_teacher_head(out, weight, bias, transforms)
+
+
+def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int, hidden_size: int = 0) -> dict[str, Any]:
+    hidden = {"hidden_encoding": cfg.hidden_encoding, "hidden_size": hidden_size} if cfg.mode == "hidden" else {}
     return {
+        **hidden,
         "format_version": fmt.FORMAT_VERSION,
         "teacher": {
             "name": source.display_name,
@@ -356,6 +380,17 @@ def _teacher_vocab_size(source) -> int:
     config = AutoConfig.from_pretrained(hf_dir_for(source))
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.vocab_size)
+
+
+def _teacher_hidden_size(source) -> int:
+    """The width of the teacher's final hidden state (the LM head's input)."""
+    from transformers import AutoConfig
+
+    from kd.pipeline.models import hf_dir_for
+
+    config = AutoConfig.from_pretrained(hf_dir_for(source))
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.hidden_size)
 
 
 def _resolve_vllm_scoring(cfg: CacheConfig, source) -> CacheConfig:

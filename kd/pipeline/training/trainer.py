@@ -43,6 +43,7 @@ from kd.pipeline.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from kd.pipeline.training.hidden_teacher import CachedTeacherHead, load_cached_teacher_head
 from kd.pipeline.training.order import EpochPlan, OrderSettings
 from kd.pipeline.training.prepared import prepare_corpus
 from kd.pipeline.training.sharding import (
@@ -339,15 +340,16 @@ class DistillStep(torch.nn.Module):
         loss_config: LossConfig,
         teacher=None,
         teacher_device: torch.device | None = None,
+        cached_head: CachedTeacherHead | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.loss_config = loss_config
         self._teacher = [teacher] if teacher is not None else []  # a list hides it from Module/DDP
+        self._cached_head = [cached_head] if cached_head is not None else []  # a hidden cache's head, frozen
         self.teacher_device = teacher_device
         if teacher is not None:
-            teacher_body, teacher_head, _ = split_body_and_head(teacher)
-            self._teacher_parts = (teacher_body, teacher_head)
+            self._teacher_parts = split_body_and_head(teacher)
 
     def forward(self, batch: Batch):
         lm = unwrap_causal_lm(self.student)
@@ -357,8 +359,10 @@ class DistillStep(torch.nn.Module):
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = hidden[batch.hidden_rows, batch.hidden_cols]
         teacher_signal = batch.teacher
+        if self._cached_head:
+            teacher_signal = self._cached_head[0].attach(teacher_signal, hidden.device)
         if self._teacher:
-            teacher_body, teacher_head = self._teacher_parts
+            teacher_body, teacher_head, teacher_softcap = self._teacher_parts
             device = self.teacher_device or batch.input_ids.device
             with torch.no_grad():
                 teacher_hidden = teacher_body(
@@ -369,6 +373,7 @@ class DistillStep(torch.nn.Module):
                 teacher_hidden=teacher_hidden.to(hidden.device),
                 teacher_head_weight=teacher_head.weight.to(hidden.device),
                 teacher_head_bias=None if teacher_head.bias is None else teacher_head.bias.to(hidden.device),
+                teacher_softcap=teacher_softcap,
             )
         return distill_loss_sum(
             hidden,
@@ -524,6 +529,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.eval_data:
         eval_reader = open_data(cfg.eval_data, "--eval-data", out, "eval", tokenizer, cfg, env, weighted=False)
 
+    eval_head = load_cached_teacher_head(eval_reader, device) if eval_reader is not None else None
     if cfg.lora:
         student = apply_lora(student, cfg.lora)
     student.train()
@@ -542,7 +548,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         train_reader, plan, train_units, env.rank, env.world_size, cfg.accumulation_steps, prefetch=cfg.prefetch
     )
 
-    module = DistillStep(student, cfg.loss_config(), teacher_model, teacher_device)
+    cached_head = load_cached_teacher_head(train_reader, device, train_flag)  # None unless a hidden cache
+    module = DistillStep(student, cfg.loss_config(), teacher_model, teacher_device, cached_head)
     wrapped: torch.nn.Module = module
     fsdp = cfg.fsdp and env.world_size > 1
     if fsdp:
@@ -606,7 +613,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         """Held-out metrics at `step` (every rank takes part: under FSDP2 the head is gathered)."""
         with gathered(module):
             metrics = evaluate_sequences(
-                module.student, eval_reader.iter_sequences(), cfg.batch_size, cfg.chunk_size, device, amp
+                module.student,
+                eval_reader.iter_sequences(),
+                cfg.batch_size,
+                cfg.chunk_size,
+                device,
+                amp,
+                teacher_head=eval_head,
             )
         prefixed = {f"eval_{k}": v for k, v in metrics.items()}
         logger.log({"step": step, **prefixed}, console=False)
