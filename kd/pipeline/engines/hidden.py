@@ -48,6 +48,9 @@ def save_teacher_head(
     path = cache_dir / HEAD_FILE
     tmp = cache_dir / f".{HEAD_FILE}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; the head is as readable as the shards
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
