@@ -94,7 +94,7 @@ def test_cache_holds_the_head_and_the_rows(caches, tiny_model_dir):
     reader = CacheReader(caches["bf16"])
     assert reader.mode == "hidden" and reader.settings["hidden_size"] == 128
     entry = reader.manifest["teacher_head"]
-    assert entry["shape"] == [reader.vocab_size, 128] and entry["transforms"] == {}
+    assert entry["shape"] == [reader.vocab_size, 128] and entry["transforms"] == {"scale": 1.0, "softcap": None}
     head = load_cached_teacher_head(reader)
     model = load_teacher(tiny_model_dir)
     assert torch.equal(head.weight, model.get_output_embeddings().weight)
@@ -243,7 +243,7 @@ def softcap_teacher(tmp_path_factory, smollm2_dir) -> Path:
 def test_softcapped_teacher_from_its_hidden_cache(tmp_path, softcap_teacher, corpus):
     cache = build_cache(tmp_path / "cache", softcap_teacher, corpus, "float32")
     reader = CacheReader(cache)
-    assert reader.manifest["teacher_head"]["transforms"] == {"softcap": 5.0}
+    assert reader.manifest["teacher_head"]["transforms"] == {"scale": 1.0, "softcap": 5.0}
     head = load_cached_teacher_head(reader)
     model = load_teacher(softcap_teacher)
     for seq in list(reader.iter_sequences())[:4]:

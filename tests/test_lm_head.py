@@ -52,7 +52,7 @@ def test_head_from_the_checkpoint_is_the_models_head(which, tiny_model_dir, unti
     torch.testing.assert_close(head.weight, expected, rtol=0, atol=0)
     if which == "untied":
         assert not torch.equal(head.weight, model.get_input_embeddings().weight)
-    assert head.bias is None and head.softcap is None
+    assert head.bias is None and not head.transform
 
 
 @pytest.mark.parametrize("mode", ["topk", "rs"])

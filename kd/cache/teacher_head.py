@@ -1,10 +1,11 @@
 """The teacher's LM head beside a hidden-state cache: one safetensors file, checksummed in the manifest.
 
 A hidden cache (``kd cache-logits --store hidden``) holds the teacher's final hidden states; the
-logits are ``transforms(hidden @ weight.T + bias)``. The head is stored once per cache as
+logits are ``transform(hidden @ weight.T + bias)``. The head is stored once per cache as
 ``teacher_head.safetensors`` (tensors ``weight`` [V, d] and, if the head has one, ``bias`` [V], in
 the teacher's dtype), and the manifest's ``teacher_head`` entry records its size, sha256, shape and
-the post-head transforms as a dict (``{"softcap": 30.0}``; new kinds are new keys, and a reader
+the post-head transform as a dict of kd.pipeline.heads.LogitTransform's fields (``{"scale": 1.0,
+"softcap": 30.0}``, softcap null when the model has none; new kinds are new keys, and a reader
 refuses a key it does not know rather than compute other logits than the teacher's).
 
 This module only names, records and checks the file (model-free); writing and loading the tensors
@@ -22,9 +23,9 @@ from kd.cache.writer import sha256_file
 from kd.errors import KdError
 
 HEAD_FILE = "teacher_head.safetensors"
-TRANSFORMS = ("softcap", "logit_scale")
-"""Post-head logit transforms kd applies, in this order: logits * logit_scale, then
-softcap * tanh(logits / softcap)."""
+TRANSFORMS = ("scale", "softcap")
+"""The fields of kd.pipeline.heads.LogitTransform: z = softcap * tanh(scale * logits / softcap) (no cap: z =
+scale * logits)."""
 
 
 def record_teacher_head(cache_dir: Path, entry: dict[str, Any]) -> None:

@@ -205,8 +205,12 @@ def fused_chunk_loss(
             exact = _exact_tail_rows(relogits(fallback), ids[fallback], valid[fallback], temperature)
             student_tail[fallback] = exact.tail_lse - exact.lse
         teacher_tail = teacher.teacher_tail_logmass[lo:hi].to(logits.dtype)
-        if temperature != 1.0:
-            teacher_logprobs, teacher_tail = retemper_sparse(teacher_logprobs, teacher_tail, temperature, vocab)
+        if temperature != 1.0:  # exact: the tempered tail stage one recorded (refused if it did not)
+            tempered = teacher.tempered_tail_logmass(temperature)
+            teacher_logprobs, teacher_tail = retemper_sparse(
+                teacher_logprobs, teacher_tail, temperature, None if tempered is None else tempered[lo:hi]
+            )
+            teacher_logprobs, teacher_tail = teacher_logprobs.to(logits.dtype), teacher_tail.to(logits.dtype)
         if config.divergence == "forward_kl":
             bucket = _forward_kl_buckets(teacher_logprobs, teacher_tail, shifted, log_sum, student_tail, w)
         else:
@@ -353,7 +357,13 @@ def _dense_chunk_loss(
 
 
 def checked_teacher_logits(teacher: DenseTeacher, lo: int, hi: int, vocab: int) -> torch.Tensor:
-    """The teacher's fp32 logits [hi − lo, V], cut to the student's vocabulary only where that is safe."""
+    """The teacher's fp32 logits [hi − lo, V] on the student's vocabulary of V ids.
+
+    A larger teacher vocabulary is cut only where that is safe (padding ids holding almost no mass);
+    a smaller one (the student's head padded beyond the shared tokenizer) is padded with -inf: the
+    student's extra ids get teacher probability 0, as a top-k cache gives them (they never appear
+    among its ids).
+    """
     teacher_logits = teacher.logits(lo, hi)
     if teacher_logits.shape[1] > vocab:
         foreign = torch.logsumexp(teacher_logits, 1) - torch.logsumexp(teacher_logits[:, vocab:], 1)
@@ -366,5 +376,6 @@ def checked_teacher_logits(teacher: DenseTeacher, lo: int, hi: int, vocab: int) 
         # Below the threshold these are never-trained padding ids; dropping them is explicit here.
         teacher_logits = teacher_logits[:, :vocab]
     elif teacher_logits.shape[1] < vocab:
-        raise KdError(f"the student's vocabulary ({vocab}) is larger than the teacher's ({teacher_logits.shape[1]})")
+        missing = teacher_logits.new_full((teacher_logits.shape[0], vocab - teacher_logits.shape[1]), float("-inf"))
+        teacher_logits = torch.cat([teacher_logits, missing], dim=1)
     return teacher_logits

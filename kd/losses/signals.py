@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +37,26 @@ class SparseTeacher:
     """Top-k teacher data for N target tokens.
 
     teacher_ids[N, K] (long), teacher_logprobs[N, K] (log p at T=1; -inf marks an empty slot),
-    teacher_tail_logmass[N] (log of the mass outside the valid slots; -inf if none).
+    teacher_tail_logmass[N] (log of the mass outside the valid slots; -inf if none),
+    teacher_tempered_tails[N, M] (optional): for each τ of `teacher_temperatures`, the log of the
+    tail mass of softmax(z/τ), Σ over the ids outside the valid slots, recorded by stage one from the
+    full logits. The cached ids re-tempered are exact from their T=1 log-probs; the tail's shape is
+    not, so a τ ≠ 1 loss needs this (`tempered_tail_logmass`).
     """
 
     teacher_ids: torch.Tensor
     teacher_logprobs: torch.Tensor
     teacher_tail_logmass: torch.Tensor
+    teacher_tempered_tails: torch.Tensor | None = None
+    teacher_temperatures: tuple[float, ...] = ()
+
+    def tempered_tail_logmass(self, temperature: float) -> torch.Tensor | None:
+        """teacher_tempered_tails[:, m] for the recorded τ equal to `temperature`; None if not recorded."""
+        for m, recorded in enumerate(self.teacher_temperatures):
+            if math.isclose(recorded, temperature, rel_tol=1e-9):
+                assert self.teacher_tempered_tails is not None
+                return self.teacher_tempered_tails[:, m]
+        return None
 
 
 @dataclass
@@ -53,19 +68,30 @@ class SampledTeacher:
     num_samples: int
 
 
+class LogitMap(Protocol):
+    """A model's post-head transform (kd.pipeline.heads.LogitTransform): losses only call these two methods.
+
+    apply(logits[n, V]) -> z[n, V] in fp32 (fp64 stays fp64); slope(z) -> dz/dlogits elementwise
+    ([n, V] or a float). Falsy when it is the identity.
+    """
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def slope(self, transformed: torch.Tensor) -> torch.Tensor | float: ...
+
+
 @dataclass
 class DenseTeacher:
-    """Full-vocabulary teacher: either teacher_logits[N, V], or teacher_hidden[N, H] with the head's
-    teacher_head_weight[V, H] (+ bias[V]) so that logits are made one chunk at a time (online KD, or a
-    hidden-state cache), followed by the model's post-head transforms: logits * teacher_logit_scale,
-    then teacher_softcap * tanh(logits / teacher_softcap)."""
+    """Full-vocabulary teacher: either teacher_logits[N, V] (final logits), or teacher_hidden[N, H] with the
+    head's teacher_head_weight[V, H] (+ bias[V]) and its post-head transform (scale, soft-cap), so that
+    logits are made one chunk at a time exactly as the teacher's forward makes them."""
 
     teacher_logits: torch.Tensor | None = None
     teacher_hidden: torch.Tensor | None = None
     teacher_head_weight: torch.Tensor | None = None
     teacher_head_bias: torch.Tensor | None = None
-    teacher_softcap: float | None = None
-    teacher_logit_scale: float | None = None
+    teacher_logit_transform: LogitMap | None = None
+    """Applied to the head's output (teacher_hidden path only); None or a falsy map: none."""
 
     def logits(self, lo: int, hi: int) -> torch.Tensor:
         """fp32 teacher logits of tokens [lo, hi)."""
@@ -75,12 +101,10 @@ class DenseTeacher:
             raise ValueError("DenseTeacher needs teacher_logits or teacher_hidden + teacher_head_weight")
         # The hidden rows take the head's dtype (a cache decodes them to fp32; a bf16 head stays bf16).
         hidden = self.teacher_hidden[lo:hi].to(self.teacher_head_weight.dtype)
-        logits = upcast_logits(F.linear(hidden, self.teacher_head_weight, self.teacher_head_bias))
-        if self.teacher_logit_scale not in (None, 1.0):
-            logits = logits * self.teacher_logit_scale
-        if self.teacher_softcap:
-            logits = torch.tanh(logits / self.teacher_softcap) * self.teacher_softcap
-        return logits
+        logits = F.linear(hidden, self.teacher_head_weight, self.teacher_head_bias)
+        if self.teacher_logit_transform:
+            logits = self.teacher_logit_transform.apply(logits)
+        return upcast_logits(logits)
 
 
 TeacherSignal = SparseTeacher | SampledTeacher | DenseTeacher

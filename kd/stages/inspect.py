@@ -36,6 +36,7 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
         "k": settings["k"],
         "num_samples": settings["num_samples"],
         "value_encoding": settings["value_encoding"],
+        "temperatures": list(reader.temperatures) if settings["mode"] == "topk" else None,
         "hidden_encoding": settings.get("hidden_encoding"),
         "hidden_size": settings.get("hidden_size"),
         "teacher_head": reader.manifest.get("teacher_head"),
@@ -81,6 +82,12 @@ def _mode_line(report: dict[str, Any]) -> str:
     return f"rs samples={report['num_samples']}"
 
 
+def _temperatures_line(report: dict[str, Any]) -> str:
+    if report["mode"] == "hidden":
+        return "any (the full distribution is recomputed)"
+    return ", ".join(f"{t:g}" for t in report["temperatures"] or [1.0])
+
+
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect(
@@ -92,7 +99,7 @@ def register(app: typer.Typer) -> None:
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Show a cache's manifest, bytes per target token and top-k mass coverage; verify checksums."""
-        reader = CacheReader(cache, require_complete=False)
+        reader = CacheReader(cache, require_complete=False, flag="kd inspect")
         report = cache_report(reader, verify)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
@@ -105,6 +112,7 @@ def register(app: typer.Typer) -> None:
                 ("vocab", report["vocab_size"]),
                 ("mode", _mode_line(report)),
                 ("value encoding", report["value_encoding"]),
+                ("temperatures (exact at)", _temperatures_line(report)),
                 ("corpus", f"{report['corpus']['path']} ({report['corpus']['fingerprint']})"),
                 ("ranks", report["world_size"]),
                 ("shards", report["shards"]),
@@ -123,7 +131,7 @@ def register(app: typer.Typer) -> None:
                         "teacher head (once per cache)",
                         f"{head['bytes']:,} bytes, {head['dtype']} {head['shape'][0]} x {head['shape'][1]}"
                         + (" + bias" if head["bias"] else "")
-                        + "".join(f", {k} {v}" for k, v in head["transforms"].items()),
+                        + "".join(f", {k} {v:g}" for k, v in head["transforms"].items() if v not in (None, 1.0)),
                     )
                 )
             if "topk_mass_mean" in report:

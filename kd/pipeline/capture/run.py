@@ -18,10 +18,11 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kd.cache import format as fmt
-from kd.cache.manifest import open_or_create, read_manifest, record_rank_done
+from kd.cache.manifest import claim_rank, open_or_create, read_manifest, record_rank_done
+from kd.cache.reader import shard_problem
 from kd.cache.writer import BackgroundShardWriter
 from kd.errors import KdError
 from kd.pipeline.capture.config import CacheConfig
@@ -42,6 +43,15 @@ from kd.pipeline.progress import log
 
 def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     """Run stage one for this rank. Returns a summary (counts, throughput, memory held)."""
+    held: list[IO[Any]] = []  # this rank's lock on --out, released however the run ends
+    try:
+        return _run(cfg, held)
+    finally:
+        for lock in held:
+            lock.close()
+
+
+def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
     fix_mmap_threshold()  # else peak RSS creeps up with the run's length (see kd.pipeline.capture.heap)
     meter = Meter()
     source = resolve_model(cfg.teacher, "--teacher")
@@ -76,6 +86,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
             cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
         settings = _settings(cfg, source, tokenizer_id, vocab_size, hidden_size)
+        held.append(claim_rank(out, cfg.rank))  # a second writer of this rank is refused, not interleaved
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
         done = {s["index"]: s for s in manifest["shards"] if s["rank"] == cfg.rank}
         if done:
@@ -91,6 +102,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
             cfg.samples,
             hidden_size=hidden_size,
             hidden_encoding=cfg.hidden_encoding,
+            tempered=len(cfg.tempered),
         )
         writer = BackgroundShardWriter(out, schema)
         capture = _Capture(cfg, source, schema, vocab_size, done, writer, residency, meter)
@@ -187,6 +199,8 @@ class _Capture:
         stats["tokens"] += len(seq.input_ids)
         stats["targets"] += n
         ends = self.shard_cut.add(n)
+        if stats["rows"] == 1 and self.index in self.done:
+            self._check_done_file()
         if self.index in self.done:  # written by an earlier run: only check it
             self.residency.release(1, n)
             if ends:
@@ -217,6 +231,17 @@ class _Capture:
         self.written += 1
         self.targets_written += self.shard["targets"]
         self._next_shard()
+
+    def _check_done_file(self) -> None:
+        """A listed shard whose file is missing or damaged is scored again, not counted as reused.
+
+        Checked as the stream reaches the shard (size, then sha256: one read of the file), so the
+        cost is spread over the resume instead of a pre-pass; the re-created file replaces the entry.
+        """
+        problem = shard_problem(Path(self.cfg.out), self.done[self.index])
+        if problem:
+            log(f"{problem}: re-creating it")
+            del self.done[self.index]
 
     def _close_done_shard(self) -> None:
         entry = self.done[self.index]
@@ -283,7 +308,7 @@ class _Capture:
     def _engine(self):
         """The teacher, loaded when the first window needs it (a fully reused cache never loads it)."""
         if self.engine is None:
-            spec = TargetSpec(self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed)
+            spec = TargetSpec(self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed, self.cfg.tempered)
             self.engine = _make_engine(self.cfg, self.source, spec)
             if self.engine.vocab_size != self.vocab_size:
                 raise KdError(
@@ -306,11 +331,11 @@ def _store_teacher_head(engine, out: Path, schema) -> None:
     """--store hidden: the head the engine applies, written once beside the shards (before any shard)."""
     from kd.pipeline.engines.hidden import save_teacher_head
 
-    weight, bias, transforms = engine.head_for_cache()
+    weight, bias, transform = engine.head_for_cache()
     hidden_size = schema.field("teacher_hidden").type.value_type.list_size
     if weight.shape[1] != hidden_size:
         raise KdError(f"--teacher: LM head takes {weight.shape[1]} inputs, the config's hidden size is {hidden_size}")
-    save_teacher_head(out, weight, bias, transforms)
+    save_teacher_head(out, weight, bias, transform)
 
 
 def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int, hidden_size: int = 0) -> dict[str, Any]:
@@ -332,6 +357,8 @@ def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int, hidd
         "seed": cfg.seed if cfg.mode == "rs" else None,
         "value_encoding": cfg.value_encoding if cfg.mode == "topk" else None,
         "mass_epsilon": cfg.mass_epsilon if cfg.mode == "topk" else None,
+        # Only when asked for: a cache without the key is exact at T = 1 alone, and old caches resume.
+        **({"temperatures": [1.0, *cfg.tempered]} if cfg.tempered else {}),
         "engine": cfg.engine,
         **({"vllm_scoring": cfg.vllm_scoring} if cfg.engine == "vllm" else {}),
         "dtype": cfg.dtype,
@@ -399,6 +426,10 @@ def _resolve_vllm_scoring(cfg: CacheConfig, source) -> CacheConfig:
     from kd.pipeline.models import hf_dir_for
 
     scoring, why = resolve_scoring(cfg.vllm_scoring, hf_dir_for(source), cfg.mode)
+    if scoring == "logprobs" and cfg.tempered:
+        raise KdError(
+            f"--temperatures with --engine vllm needs hidden scoring, and --vllm-scoring auto came to logprobs ({why})"
+        )
     if cfg.vllm_scoring == "auto":
         log(f"--vllm-scoring auto: {scoring} ({why})")
     return dataclasses.replace(cfg, vllm_scoring=scoring)

@@ -24,6 +24,7 @@ import torch
 from kd.cache.format import SampledTargets, TopKTargets
 from kd.errors import KdError
 from kd.pipeline.engines.teacher import TargetSpec
+from kd.pipeline.heads import IDENTITY, LogitTransform, logit_transform
 
 HEAD_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 """Bytes of one [rows, vocab] fp32 logits chunk. topk_with_tail holds about two such blocks at once,
@@ -46,13 +47,34 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     the top-k, computed as a masked logsumexp (exact even when the top-k holds almost all mass,
     where log(1 - sum) would cancel catastrophically). `logits` is overwritten.
     """
+    ids, logprobs, tail, _ = topk_with_tails(logits, k, ())
+    return ids, logprobs, tail
+
+
+def topk_with_tails(
+    logits: torch.Tensor, k: int, temperatures: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_with_tail` plus tempered[N, M]: per T of `temperatures`, log Σ_{j outside the top-k} softmax(z/T)_j.
+
+    Exact from the full row (the one place that sees it): a masked logsumexp of z/T over the ids
+    outside the top-k, against the whole row's, which is the logaddexp of that and the top-k's own
+    logsumexp, so each T costs one more [N, V] pass (exp + sum), no extra [N, V] buffer: the masked
+    logits are rescaled in place from one T to the next. `logits` is overwritten.
+    """
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     values, ids = logits.topk(k, dim=-1, sorted=True)
     logprobs = values - lse[:, None]
     logits.scatter_(1, ids, float("-inf"))
     tail = torch.logsumexp(logits, dim=-1) - lse
-    return ids, logprobs, tail
+    tempered = torch.empty((logits.shape[0], len(temperatures)), dtype=torch.float32, device=logits.device)
+    scale = 1.0
+    for m, temperature in enumerate(temperatures):
+        logits.mul_(scale / temperature)  # now z/T outside the top-k (-inf stays -inf)
+        scale = temperature
+        outside = torch.logsumexp(logits, dim=-1)
+        tempered[:, m] = outside - torch.logaddexp(outside, torch.logsumexp(values / temperature, dim=-1))
+    return ids, logprobs, tail, tempered
 
 
 def sample_counts(
@@ -82,11 +104,11 @@ def batch_seed(seed: int, first_row: int) -> int:
 
 @dataclass
 class LmHead:
-    """hidden -> logits: the output projection (and bias), then the final logit soft-cap if any."""
+    """hidden -> logits: the output projection (and bias), then the model's post-head transform (scale, soft-cap)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
-    softcap: float | None = None
+    transform: LogitTransform = IDENTITY
 
     @property
     def vocab_size(self) -> int:
@@ -94,9 +116,7 @@ class LmHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(hidden.to(self.weight.device, self.weight.dtype), self.weight, self.bias)
-        if self.softcap:
-            logits = torch.tanh(logits.float() / self.softcap) * self.softcap
-        return logits
+        return self.transform.apply(logits)
 
 
 @torch.inference_mode()
@@ -110,17 +130,27 @@ def score_hidden(
     """
     bounds = np.cumsum([0] + list(counts))
     if spec.mode == "topk":
-        ids, logprobs, tails = [], [], []
+        ids, logprobs, tails, tempered = [], [], [], []
         for chunk in hidden.split(chunk_rows):
-            i, lp, tail = topk_with_tail(head.logits(chunk), spec.k)
+            i, lp, tail, tt = topk_with_tails(head.logits(chunk), spec.k, spec.temperatures)
             ids.append(i.to(torch.int32).cpu())  # half of int64's bytes while a window waits to be written
             logprobs.append(lp.cpu())
             tails.append(tail.cpu())
+            tempered.append(tt.cpu())
+        m = len(spec.temperatures)
         all_ids = torch.cat(ids).numpy() if ids else np.empty((0, spec.k), np.int32)
         all_lp = torch.cat(logprobs).numpy() if ids else np.empty((0, spec.k), np.float32)
         all_tail = torch.cat(tails).numpy() if ids else np.empty(0, np.float32)
+        all_tt = torch.cat(tempered).numpy() if ids else np.empty((0, m), np.float32)
         return [
-            TopKTargets(all_ids[a:b], all_lp[a:b], all_tail[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            TopKTargets(
+                all_ids[a:b],
+                all_lp[a:b],
+                all_tail[a:b],
+                all_tt[a:b] if m else None,
+                spec.temperatures if m else (),
+            )
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
     generator = None
     sampled_ids: list[np.ndarray] = []
@@ -144,8 +174,8 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def head_parameter_names(model_dir: str) -> tuple[list[str], list[str], float | None]:
-    """Checkpoint names the output projection's weight (and bias) may be stored under, and the soft-cap.
+def head_parameter_names(model_dir: str) -> tuple[list[str], list[str], LogitTransform]:
+    """Checkpoint names the output projection's weight (and bias) may be stored under, and the post-head transform.
 
     Built from the model's own class on the meta device (no weights, no memory): with tied
     embeddings the head's weight is the input embedding, stored under that name only.
@@ -158,12 +188,14 @@ def head_parameter_names(model_dir: str) -> tuple[list[str], list[str], float | 
     head = model.get_output_embeddings()
     if head is None or not isinstance(head, torch.nn.Linear):
         raise KdError(f"{model_dir}: {type(model).__name__} has no plain linear LM head")
-    if getattr(config, "logit_scale", None) not in (None, 1.0):
-        raise KdError(f"{model_dir}: models with a logit_scale are not supported yet")
+    try:
+        transform = logit_transform(config, head.bias is not None)
+    except KdError as e:
+        raise KdError(f"{model_dir}: {e}") from None
     named = list(model.named_parameters(remove_duplicate=False))
     weights = [name for name, p in named if p is head.weight]
     biases = [name for name, p in named if head.bias is not None and p is head.bias]
-    return weights, biases, getattr(config, "final_logit_softcapping", None)
+    return weights, biases, transform
 
 
 def load_lm_head(model_dir: str, device: str, dtype: torch.dtype) -> LmHead:
@@ -174,7 +206,7 @@ def load_lm_head(model_dir: str, device: str, dtype: torch.dtype) -> LmHead:
     """
     from safetensors import safe_open
 
-    weights, biases, softcap = head_parameter_names(model_dir)
+    weights, biases, transform = head_parameter_names(model_dir)
     found: dict[str, torch.Tensor] = {}
     for path in _checkpoint_files(Path(model_dir)):
         with safe_open(str(path), "pt") as f:
@@ -190,5 +222,5 @@ def load_lm_head(model_dir: str, device: str, dtype: torch.dtype) -> LmHead:
     return LmHead(
         weight.to(device=device, dtype=dtype),
         None if bias is None else bias.to(device=device, dtype=dtype),
-        softcap,
+        transform,
     )

@@ -18,6 +18,7 @@ from kd.cache.format import HiddenTargets
 from kd.cache.manifest import _fsync_dir, read_manifest
 from kd.cache.teacher_head import HEAD_FILE, head_entry_ok, record_teacher_head
 from kd.cache.writer import sha256_file
+from kd.pipeline.heads import LogitTransform
 
 
 def hidden_targets(hidden: torch.Tensor, counts: list[int]) -> list[HiddenTargets]:
@@ -30,12 +31,12 @@ def hidden_targets(hidden: torch.Tensor, counts: list[int]) -> list[HiddenTarget
 
 
 def save_teacher_head(
-    cache_dir: Path, weight: torch.Tensor, bias: torch.Tensor | None, transforms: dict[str, Any]
+    cache_dir: Path, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform
 ) -> dict[str, Any]:
     """Write the head once (atomically) and record it in the manifest; a valid one already there is kept.
 
-    `transforms`: what the model does to its logits after the head, e.g. {"softcap": 30.0} (None
-    values are dropped). Returns the manifest entry.
+    `transform`: what the model does to its logits after the head (split_body_and_head's), recorded as
+    its fields, e.g. {"scale": 1.0, "softcap": 30.0}. Returns the manifest entry.
     """
     manifest = read_manifest(cache_dir) or {}
     if head_entry_ok(cache_dir, manifest):
@@ -62,7 +63,7 @@ def save_teacher_head(
         "shape": list(weight.shape),
         "dtype": str(weight.dtype).removeprefix("torch."),
         "bias": bias is not None,
-        "transforms": {k: float(v) for k, v in transforms.items() if v not in (None, 0)},
+        "transforms": {"scale": transform.scale, "softcap": transform.softcap},
     }
     record_teacher_head(cache_dir, entry)
     return entry

@@ -13,7 +13,7 @@ from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.pipeline.engines.head import head_chunk_rows, score_hidden
 from kd.pipeline.engines.hidden import hidden_targets
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.heads import split_body_and_head
+from kd.pipeline.heads import LogitTransform, split_body_and_head
 from kd.pipeline.models import ModelSource, load_causal_lm
 
 
@@ -41,7 +41,7 @@ class TransformersTeacher:
         self.spec = spec
         self.device = device
         self.model = load_causal_lm(source, dtype=dtype, device=device, device_map=device_map).eval()
-        self.body, self.head, self.softcap = split_body_and_head(self.model)
+        self.body, self.head, self.transform = split_body_and_head(self.model)
         self.vocab_size = self.head.weight.shape[0]
         self.chunk_rows = chunk_rows or head_chunk_rows(self.vocab_size, self.head.weight.device.type)
         self.input_device = next(self.body.parameters()).device
@@ -69,10 +69,7 @@ class TransformersTeacher:
         return hidden[index_rows, index_cols], counts
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden.to(self.head.weight.device))
-        if self.softcap:
-            logits = torch.tanh(logits.float() / self.softcap) * self.softcap
-        return logits
+        return self.transform.apply(self.head(hidden.to(self.head.weight.device)))
 
     @torch.inference_mode()
     def score(self, batch: list[SequenceToScore]) -> list[TopKTargets | SampledTargets]:
@@ -81,9 +78,9 @@ class TransformersTeacher:
             return hidden_targets(hidden, counts)
         return score_hidden(self, hidden, counts, self.spec, self.chunk_rows, seed_row=batch[0].row)
 
-    def head_for_cache(self) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """The LM head (weight, bias) and the post-head transforms split_body_and_head reports, for a hidden cache."""
-        return self.head.weight, self.head.bias, {"softcap": self.softcap}
+    def head_for_cache(self) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransform]:
+        """The LM head (weight, bias) and the post-head transform split_body_and_head reports, for a hidden cache."""
+        return self.head.weight, self.head.bias, self.transform
 
     def close(self) -> None:
         del self.model

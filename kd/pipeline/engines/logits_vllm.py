@@ -49,6 +49,7 @@ from kd.pipeline.engines.vllm_setup import (
     supports_flat_logprobs,
     supports_token_pooling,
 )
+from kd.pipeline.heads import LogitTransform
 from kd.pipeline.models import ModelSource, hf_dir_for
 
 
@@ -289,9 +290,9 @@ class VllmTeacher:
             return hidden_targets(before, [len(positions)])[0]
         return score_hidden(self.head, before, [len(positions)], self.spec, self.chunk_rows, seed_row=seq.row)[0]
 
-    def head_for_cache(self) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """The LM head kd applies (weight, bias) and its post-head transforms, for a hidden cache."""
-        return self.head.weight, self.head.bias, {"softcap": self.head.softcap}
+    def head_for_cache(self) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransform]:
+        """The LM head kd applies (weight, bias) and its post-head transform, for a hidden cache."""
+        return self.head.weight, self.head.bias, self.head.transform
 
     def close(self) -> None:
         del self.llm

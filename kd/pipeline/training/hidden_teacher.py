@@ -1,7 +1,7 @@
 """The teacher head of a hidden-state cache, loaded once per run and attached to each batch's hidden rows.
 
 A hidden cache's batches carry DenseTeacher(teacher_hidden=...) only; `CachedTeacherHead.attach`
-adds the head (weight, bias, post-head transforms) so the fused loss (kd.losses) computes the exact
+adds the head (weight, bias, post-head transform) so the fused loss (kd.losses) computes the exact
 full-vocabulary teacher logits chunk by chunk, as online KD does. Memory: the head's weights on the
 device (one copy per process: replicated under DDP and FSDP2, not sharded) plus one logits chunk.
 """
@@ -16,16 +16,16 @@ from kd.cache.reader import CacheReader
 from kd.cache.teacher_head import checked_head_file
 from kd.errors import KdError
 from kd.losses import DenseTeacher
+from kd.pipeline.heads import IDENTITY, LogitTransform
 
 
 @dataclass
 class CachedTeacherHead:
-    """weight[V, d], bias[V] | None and the post-head transforms of the teacher that wrote a hidden cache."""
+    """weight[V, d], bias[V] | None and the post-head transform of the teacher that wrote a hidden cache."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    softcap: float | None = None
-    logit_scale: float | None = None
+    transform: LogitTransform = IDENTITY
 
     def attach(self, teacher, device: torch.device | str | None = None):
         """A DenseTeacher of hidden rows gets this head; any other signal is returned as it is."""
@@ -45,8 +45,7 @@ class CachedTeacherHead:
             teacher_hidden=teacher.teacher_hidden.to(device),
             teacher_head_weight=self.weight,
             teacher_head_bias=self.bias,
-            teacher_softcap=self.softcap,
-            teacher_logit_scale=self.logit_scale,
+            teacher_logit_transform=self.transform,
         )
 
 
@@ -69,10 +68,8 @@ def load_cached_teacher_head(
         raise KdError(f"{path}: unreadable teacher head ({exc})") from exc
     if "weight" not in tensors or list(tensors["weight"].shape) != entry["shape"]:
         raise KdError(f"{path}: the teacher head does not hold a weight of shape {entry['shape']}")
-    transforms = entry.get("transforms") or {}
+    # checked_head_file refused any key LogitTransform does not have; it checks the values (one line).
+    transform = LogitTransform(**(entry.get("transforms") or {}))
     return CachedTeacherHead(
-        tensors["weight"].to(device),
-        None if "bias" not in tensors else tensors["bias"].to(device),
-        transforms.get("softcap"),
-        transforms.get("logit_scale"),
+        tensors["weight"].to(device), None if "bias" not in tensors else tensors["bias"].to(device), transform
     )
