@@ -41,6 +41,24 @@ The teacher lists hold one entry per *target*: each position t >= 1 with ``loss_
 order. Entry j describes the teacher's distribution over token t given tokens [0, t), i.e. the
 logits at position t - 1. Position 0 is never a target. Stage two therefore never re-tokenizes.
 
+Hidden-state caches (``mode = "hidden"``, ``kd cache-logits --store hidden``) store, instead of any
+teacher distribution, the teacher's final hidden state at every target (the LM head's input, after
+the final norm; entry j again belongs to the j-th target and is the state at position t - 1):
+
+========================  ======================================  ====================================
+column                    type                                    meaning
+========================  ======================================  ====================================
+``teacher_hidden``        list<fixed_size_list<uint16|int8|       hidden mode: one row of d numbers per
+                          float32, d>>                            target (bf16 bits, int8 codes, fp32)
+``teacher_hidden_scale``  list<float32>                           hidden mode, int8: each row's scale
+                                                                  (row = codes x scale)
+========================  ======================================  ====================================
+
+and, once per cache, the teacher's LM head (weight, bias) in ``teacher_head.safetensors`` beside the
+shards, its sha256 and the post-head logit transform (``{"scale": s, "softcap": c}``, the fields of
+kd.pipeline.heads.LogitTransform) in the manifest (kd/cache/teacher_head.py). Stage two recomputes
+the exact full-vocabulary logits from the two.
+
 Id coding (``kd.id_coding`` in each shard file's schema metadata): ``sorted`` (default since format
 2) stores each row's ids ordered by a per-shard frequency rank and delta-coded, values permuted
 with them; ``raw`` (older caches) stores them as the teacher ranked them. See kd/cache/coding.py.
@@ -124,7 +142,7 @@ def parse_temperatures(text: str | list | tuple, flag: str = "--temperatures") -
     return tuple(sorted(values | {1.0}))
 
 
-MODES = ("topk", "rs")
+MODES = ("topk", "rs", "hidden")
 IPC_COMPRESSION = ("zstd", 9)
 
 
@@ -146,6 +164,8 @@ def schema(
     value_encoding: str,
     num_samples: int = 0,
     id_coding: str = "sorted",
+    hidden_size: int = 0,
+    hidden_encoding: str = "bf16",
     tempered: int = 0,
 ) -> pa.Schema:
     """The Arrow schema of a shard for these settings (the id coding travels as schema metadata).
@@ -158,6 +178,8 @@ def schema(
         pa.field("input_ids", pa.list_(ids)),
         pa.field("loss_mask", pa.list_(pa.bool_())),
     ]
+    if mode == "hidden":
+        return pa.schema(fields + hidden_fields(hidden_size, hidden_encoding))
     if mode == "topk":
         value = {"q64": pa.uint16(), "sqrt8": pa.uint8(), "float32": pa.float32()}[value_encoding]
         tail = pa.float32() if value_encoding == "float32" else pa.uint16()
@@ -407,6 +429,8 @@ def build_batch(
         list_of([np.asarray(m, dtype=bool) for m in loss_masks], pa.bool_()),
     ]
     sorted_coding = (schema_.metadata or {}).get(b"kd.id_coding") == b"sorted"
+    if isinstance(targets[0], HiddenTargets):
+        return pa.RecordBatch.from_arrays(columns + hidden_columns(schema_, targets), schema=schema_)
     if isinstance(targets[0], TopKTargets):
         k = schema_.field("teacher_ids").type.value_type.list_size
         value_type = schema_.field("teacher_values").type.value_type.value_type
@@ -464,3 +488,93 @@ def build_batch(
             list_of_lists([t.counts for t in targets], counts_type),
         ]
     return pa.RecordBatch.from_arrays(columns, schema=schema_)
+
+
+# ----------------------------------------------------------------------------- hidden-state rows
+# (kept in a block of their own: the columns of `kd cache-logits --store hidden`)
+
+HIDDEN_ENCODINGS = ("bf16", "int8", "float32")
+"""How hidden rows are stored: bf16 (2 B/number; relative error <= 2^-8 per number, round to nearest
+even), int8 (1 B/number + a float32 scale per row: symmetric, scale = max|h| / 127, absolute error
+<= scale / 2 per number) or float32 (exact)."""
+INT8_LEVELS = 127
+_HIDDEN_TYPES = {"bf16": pa.uint16(), "int8": pa.int8(), "float32": pa.float32()}
+
+
+@dataclass
+class HiddenTargets:
+    """Hidden-state teacher data for the targets of one sequence: hidden[T, d] float32 (decoded)."""
+
+    hidden: np.ndarray
+
+
+def hidden_fields(hidden_size: int, encoding: str) -> list[pa.Field]:
+    """The teacher columns of a hidden-state shard."""
+    if encoding not in HIDDEN_ENCODINGS:
+        raise ValueError(f"hidden encoding {encoding!r}: expected one of {HIDDEN_ENCODINGS}")
+    if hidden_size < 1:
+        raise ValueError(f"hidden size must be >= 1, got {hidden_size}")
+    fields = [pa.field("teacher_hidden", pa.list_(pa.list_(_HIDDEN_TYPES[encoding], hidden_size)))]
+    if encoding == "int8":
+        fields.append(pa.field("teacher_hidden_scale", pa.list_(pa.float32())))
+    return fields
+
+
+def hidden_encoding_of(value_type: pa.DataType) -> str:
+    """The encoding a stored teacher_hidden value type stands for."""
+    for name, stored in _HIDDEN_TYPES.items():
+        if value_type == stored:
+            return name
+    raise ValueError(f"teacher_hidden values of type {value_type} are not a hidden encoding kd knows")
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> the upper 16 bits of the nearest bfloat16 (round to nearest, ties to even), as uint16.
+
+    numpy has no bfloat16; this is torch's rounding (NaN is not expected in hidden states)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def encode_hidden(hidden: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """hidden[T, d] float -> (stored[T, d], scale[T] for int8 else None)."""
+    hidden = np.asarray(hidden, dtype=np.float32)
+    if encoding == "float32":
+        return hidden, None
+    if encoding == "bf16":
+        return float32_to_bf16_bits(hidden), None
+    peak = np.abs(hidden).max(axis=1) if hidden.size else np.zeros(len(hidden), np.float32)
+    scale = np.where(peak > 0, peak / INT8_LEVELS, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(hidden / scale[:, None]), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    return codes, scale
+
+
+def decode_hidden(stored: np.ndarray, encoding: str, scale: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of encode_hidden: [T, d] float32."""
+    if encoding == "float32":
+        return np.asarray(stored, dtype=np.float32)
+    if encoding == "bf16":
+        return bf16_bits_to_float32(stored)
+    assert scale is not None, "int8 hidden rows need their scales"
+    return np.asarray(stored, dtype=np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
+
+
+def hidden_columns(schema_: pa.Schema, targets: list[HiddenTargets]) -> list[pa.Array]:
+    """The teacher_hidden (and teacher_hidden_scale) columns of one record batch."""
+    row_type = schema_.field("teacher_hidden").type.value_type
+    d = row_type.list_size
+    encoding = hidden_encoding_of(row_type.value_type)
+    offsets = np.zeros(len(targets) + 1, dtype=np.int32)
+    np.cumsum([len(t.hidden) for t in targets], out=offsets[1:])
+    rows = np.concatenate([np.asarray(t.hidden, dtype=np.float32).reshape(-1, d) for t in targets])
+    stored, scale = encode_hidden(rows, encoding)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), type=row_type.value_type), d)
+    columns = [pa.ListArray.from_arrays(pa.array(offsets), inner)]
+    if scale is not None:
+        columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(scale, type=pa.float32())))
+    return columns

@@ -21,10 +21,13 @@ from kd.cache import coding
 from kd.cache.format import (
     READABLE_VERSIONS,
     TEMPERED_TAIL_COLUMN,
+    HiddenTargets,
     SampledTargets,
     TopKTargets,
+    decode_hidden,
     decode_tail,
     decode_topk_values,
+    hidden_encoding_of,
     probability_order,
 )
 from kd.cache.manifest import read_manifest
@@ -45,7 +48,7 @@ class CachedSequence:
     row: int
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    teacher: TopKTargets | SampledTargets | None
+    teacher: TopKTargets | SampledTargets | HiddenTargets | None
     token_weights: np.ndarray | None = None
     """Per-position CE weights (prepared corpora with --tag-weight); None means 1."""
 
@@ -117,7 +120,7 @@ class CacheReader:
 
     @property
     def mode(self) -> str:
-        """topk, rs, or prepared (a tokenized corpus without teacher data)."""
+        """topk, rs, hidden, or prepared (a tokenized corpus without teacher data)."""
         return self.settings["mode"]
 
     @property
@@ -299,6 +302,18 @@ def decode_table(
             weights = _split(w_val.to_numpy(zero_copy_only=False), w_off)
         for i in range(len(rows)):
             yield CachedSequence(int(rows[i]), input_ids[i], masks[i], None, weights[i])
+    elif mode == "hidden":
+        h_off, h_val = _list_parts(table.column("teacher_hidden"))
+        d = h_val.type.list_size
+        encoding = hidden_encoding_of(h_val.type.value_type)
+        stored = h_val.flatten().to_numpy().reshape(-1, d)
+        scale = None
+        if "teacher_hidden_scale" in table.schema.names:
+            scale = _list_parts(table.column("teacher_hidden_scale"))[1].to_numpy()
+        hidden = decode_hidden(stored, encoding, scale)
+        for i in range(len(rows)):
+            a, b = h_off[i], h_off[i + 1]
+            yield CachedSequence(int(rows[i]), input_ids[i], masks[i], HiddenTargets(hidden[a:b]))
     elif mode == "topk":
         t_off, t_val = _list_parts(table.column("teacher_ids"))
         k = t_val.type.list_size

@@ -25,8 +25,8 @@ def replicate_cache(
 ) -> dict[str, Any]:
     """Write `copies` copies of cache `src` into the new cache `dst`; returns dst's manifest settings."""
     reader = CacheReader(src)
-    if reader.mode not in fmt.MODES:
-        raise KdError(f"{src}: only teacher caches can be replicated")
+    if reader.mode not in ("topk", "rs"):
+        raise KdError(f"{src}: only top-k and rs teacher caches can be replicated")
     settings = dict(reader.settings)
     settings["format_version"] = fmt.FORMAT_VERSION
     settings["world_size"] = 1

@@ -21,6 +21,7 @@ GROUPS = {
     "tail": ("teacher_tail",),
     "tempered tails": ("teacher_tempered_tail",),
     "tokens": ("row", "input_ids", "loss_mask", "token_weights"),
+    "hidden": ("teacher_hidden", "teacher_hidden_scale"),
 }
 
 

@@ -47,6 +47,8 @@ def _flat_teacher_ids(batch: pa.RecordBatch) -> np.ndarray:
 
 def batch_targets(batch: pa.RecordBatch) -> int:
     """Target tokens in a record batch: the length of its flattened teacher lists (or of the masks)."""
+    if "teacher_hidden" in batch.schema.names:
+        return len(batch.column("teacher_hidden").values)
     if "teacher_sizes" in batch.schema.names:
         return int(pa.compute.list_value_length(batch.column("teacher_sizes")).to_numpy().sum())
     if "teacher_ids" in batch.schema.names:

@@ -99,7 +99,9 @@ class DenseTeacher:
             return upcast_logits(self.teacher_logits[lo:hi])
         if self.teacher_hidden is None or self.teacher_head_weight is None:
             raise ValueError("DenseTeacher needs teacher_logits or teacher_hidden + teacher_head_weight")
-        logits = F.linear(self.teacher_hidden[lo:hi], self.teacher_head_weight, self.teacher_head_bias)
+        # The hidden rows take the head's dtype (a cache decodes them to fp32; a bf16 head stays bf16).
+        hidden = self.teacher_hidden[lo:hi].to(self.teacher_head_weight.dtype)
+        logits = F.linear(hidden, self.teacher_head_weight, self.teacher_head_bias)
         if self.teacher_logit_transform:
             logits = self.teacher_logit_transform.apply(logits)
         return upcast_logits(logits)

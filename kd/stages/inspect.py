@@ -14,6 +14,7 @@ from rich.table import Table
 
 from kd.cache.reader import CacheReader, decode_table
 from kd.cache.sizes import bytes_breakdown
+from kd.cache.teacher_head import checked_head_file
 from kd.errors import KdError
 from kd.pipeline.progress import console
 
@@ -36,6 +37,9 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
         "num_samples": settings["num_samples"],
         "value_encoding": settings["value_encoding"],
         "temperatures": list(reader.temperatures) if settings["mode"] == "topk" else None,
+        "hidden_encoding": settings.get("hidden_encoding"),
+        "hidden_size": settings.get("hidden_size"),
+        "teacher_head": reader.manifest.get("teacher_head"),
         "corpus": settings["corpus"],
         "world_size": settings["world_size"],
         "shards": len(shards),
@@ -48,7 +52,7 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
     }
     # Teacher mass covered by the stored ids (top-k mode) / unique ids per token (rs mode).
     coverage, unique = [], []
-    for shard in shards[: sample_shards or len(shards)]:
+    for shard in shards[: sample_shards or len(shards)] if reader.mode != "hidden" else []:
         for seq in decode_table(reader.read_table(shard, verify=False), reader.mode, reader.value_encoding):
             if reader.mode == "topk":
                 coverage.append(np.exp(seq.teacher.logprobs.astype(np.float64)).sum(axis=1))
@@ -60,9 +64,28 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
         report["unique_ids_per_token"] = float(np.mean(unique))
     if verify:
         problems = reader.verify()
+        if reader.mode == "hidden":
+            try:
+                checked_head_file(reader.dir, reader.manifest, "inspect")
+            except KdError as exc:
+                problems.append(str(exc))
         report["verified"] = not problems
         report["problems"] = problems
     return report
+
+
+def _mode_line(report: dict[str, Any]) -> str:
+    if report["mode"] == "topk":
+        return f"topk k={report['k']}"
+    if report["mode"] == "hidden":
+        return f"hidden d={report['hidden_size']} ({report['hidden_encoding']}; exact full-vocabulary teacher)"
+    return f"rs samples={report['num_samples']}"
+
+
+def _temperatures_line(report: dict[str, Any]) -> str:
+    if report["mode"] == "hidden":
+        return "any (the full distribution is recomputed)"
+    return ", ".join(f"{t:g}" for t in report["temperatures"] or [1.0])
 
 
 def register(app: typer.Typer) -> None:
@@ -87,14 +110,9 @@ def register(app: typer.Typer) -> None:
                 ("teacher", f"{report['teacher']['name']} ({report['teacher']['weights_fingerprint']})"),
                 ("tokenizer", report["tokenizer_fingerprint"]),
                 ("vocab", report["vocab_size"]),
-                (
-                    "mode",
-                    f"{report['mode']} k={report['k']}"
-                    if report["mode"] == "topk"
-                    else f"rs samples={report['num_samples']}",
-                ),
+                ("mode", _mode_line(report)),
                 ("value encoding", report["value_encoding"]),
-                ("temperatures (exact at)", ", ".join(f"{t:g}" for t in report["temperatures"] or [1.0])),
+                ("temperatures (exact at)", _temperatures_line(report)),
                 ("corpus", f"{report['corpus']['path']} ({report['corpus']['fingerprint']})"),
                 ("ranks", report["world_size"]),
                 ("shards", report["shards"]),
@@ -106,6 +124,16 @@ def register(app: typer.Typer) -> None:
                     " / ".join(f"{v:.1f}" for v in (report["bytes_per_target_token_by_part"] or {}).values() if v),
                 ),
             ]
+            if report["teacher_head"]:
+                head = report["teacher_head"]
+                rows.append(
+                    (
+                        "teacher head (once per cache)",
+                        f"{head['bytes']:,} bytes, {head['dtype']} {head['shape'][0]} x {head['shape'][1]}"
+                        + (" + bias" if head["bias"] else "")
+                        + "".join(f", {k} {v:g}" for k, v in head["transforms"].items() if v not in (None, 1.0)),
+                    )
+                )
             if "topk_mass_mean" in report:
                 rows.append(("teacher mass in top-k", f"{report['topk_mass_mean']:.4f}"))
             if "unique_ids_per_token" in report:

@@ -32,6 +32,13 @@ class CacheConfig:
     """Top-k ids and log-probs stored per target token. With the default sqrt8 values the stored
     teacher is within 2k/360² nats/token KL of the exact one (worst case; 9.9e-4 at k=64, 2.0e-3 at
     128, 4.0e-3 at 256; real rows stay well below): for k > 64 and a tight budget use --value-encoding q64."""
+    store: str = "topk"
+    """What is stored per target token: topk (the teacher's top-k log-probs, or rs draws with --sampling rs;
+    ~40-100 B/token) or hidden (the teacher's final hidden state, d numbers, plus its LM head once: stage
+    two recomputes the exact full-vocabulary distribution; bf16 2d B/token, int8 d+4)."""
+    hidden_encoding: str = "bf16"
+    """With --store hidden: bf16 (relative error <= 2^-8 per number), int8 (per-row scale max|h|/127;
+    half the bytes) or float32 (exact)."""
     sampling: str | None = None
     """``rs`` for random-sampling KD instead of top-k."""
     samples: int = 64
@@ -101,6 +108,14 @@ class CacheConfig:
             raise KdError(f"--vllm-scoring {self.vllm_scoring}: expected one of {', '.join(VLLM_SCORINGS)}")
         if self.engine == "vllm" and self.vllm_scoring == "logprobs" and self.sampling == "rs":
             raise KdError("--sampling rs with --engine vllm needs --vllm-scoring hidden (prompt log-probs: top-k only)")
+        if self.store not in ("topk", "hidden"):
+            raise KdError(f"--store {self.store}: expected topk or hidden")
+        if self.store == "hidden" and self.sampling is not None:
+            raise KdError("--store hidden keeps the whole distribution; drop --sampling")
+        if self.hidden_encoding not in fmt.HIDDEN_ENCODINGS:
+            raise KdError(
+                f"--hidden-encoding {self.hidden_encoding}: expected one of {', '.join(fmt.HIDDEN_ENCODINGS)}"
+            )
         if self.sampling not in (None, "rs"):
             raise KdError(f"--sampling {self.sampling}: the only sampling mode is 'rs'")
         if self.top_k < 1:
@@ -111,9 +126,15 @@ class CacheConfig:
             raise KdError(f"--mass-epsilon must be in [0, 1), got {self.mass_epsilon}")
         if self.mass_epsilon and self.sampling == "rs":
             raise KdError("--mass-epsilon applies to top-k caches, not --sampling rs")
+        if self.mass_epsilon and self.store == "hidden":
+            raise KdError("--mass-epsilon applies to top-k caches, not --store hidden")
+        if self.engine == "vllm" and self.vllm_scoring == "logprobs" and self.store == "hidden":
+            raise KdError("--store hidden with --engine vllm needs --vllm-scoring hidden (prompt log-probs: no states)")
         tempered = fmt.parse_temperatures(self.temperatures)
         if len(tempered) > 1 and self.sampling == "rs":
             raise KdError("--temperatures applies to top-k caches; an rs cache's samples are drawn at T=1")
+        if len(tempered) > 1 and self.store == "hidden":
+            raise KdError("--temperatures applies to top-k caches; a --store hidden cache is exact at any temperature")
         if len(tempered) > 1 and self.engine == "vllm" and self.vllm_scoring == "logprobs":
             raise KdError(
                 "--temperatures with --vllm-scoring logprobs: vLLM's prompt log-probs hold only the top-k, "
@@ -150,6 +171,8 @@ class CacheConfig:
 
     @property
     def mode(self) -> str:
+        if self.store == "hidden":
+            return "hidden"
         return "rs" if self.sampling == "rs" else "topk"
 
     @property

@@ -57,6 +57,7 @@ def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
     source = resolve_model(cfg.teacher, "--teacher")
     tokenizer = load_tokenizer(source)
     vocab_size = _teacher_vocab_size(source)
+    hidden_size = _teacher_hidden_size(source) if cfg.mode == "hidden" else 0
     if cfg.mode == "topk" and cfg.top_k > vocab_size:
         raise KdError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary size ({vocab_size})")
     tokenizer_id = tokenizer_fingerprint(tokenizer)  # before the reader thread owns the tokenizer
@@ -84,7 +85,7 @@ def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
         if cfg.engine == "vllm":
             cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
-        settings = _settings(cfg, source, tokenizer_id, vocab_size)
+        settings = _settings(cfg, source, tokenizer_id, vocab_size, hidden_size)
         held.append(claim_rank(out, cfg.rank))  # a second writer of this rank is refused, not interleaved
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
         done = {s["index"]: s for s in manifest["shards"] if s["rank"] == cfg.rank}
@@ -94,7 +95,14 @@ def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
         counter = RecordCounter(cfg.data, cfg.limit)
         meter.total_records = lambda: counter.total
         schema = fmt.schema(
-            cfg.mode, vocab_size, cfg.top_k, cfg.value_encoding, cfg.samples, tempered=len(cfg.tempered)
+            cfg.mode,
+            vocab_size,
+            cfg.top_k,
+            cfg.value_encoding,
+            cfg.samples,
+            hidden_size=hidden_size,
+            hidden_encoding=cfg.hidden_encoding,
+            tempered=len(cfg.tempered),
         )
         writer = BackgroundShardWriter(out, schema)
         capture = _Capture(cfg, source, schema, vocab_size, done, writer, residency, meter)
@@ -306,6 +314,8 @@ class _Capture:
                 raise KdError(
                     f"--teacher: model head has {self.engine.vocab_size} outputs but its config says {self.vocab_size}"
                 )
+            if self.cfg.mode == "hidden":
+                _store_teacher_head(self.engine, Path(self.cfg.out), self.schema)
         return self.engine
 
     def close(self) -> None:
@@ -317,8 +327,21 @@ def _empty_stats() -> dict[str, Any]:
     return {"rows": 0, "first_row": None, "last_row": None, "tokens": 0, "targets": 0}
 
 
-def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int) -> dict[str, Any]:
+def _store_teacher_head(engine, out: Path, schema) -> None:
+    """--store hidden: the head the engine applies, written once beside the shards (before any shard)."""
+    from kd.pipeline.engines.hidden import save_teacher_head
+
+    weight, bias, transform = engine.head_for_cache()
+    hidden_size = schema.field("teacher_hidden").type.value_type.list_size
+    if weight.shape[1] != hidden_size:
+        raise KdError(f"--teacher: LM head takes {weight.shape[1]} inputs, the config's hidden size is {hidden_size}")
+    save_teacher_head(out, weight, bias, transform)
+
+
+def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int, hidden_size: int = 0) -> dict[str, Any]:
+    hidden = {"hidden_encoding": cfg.hidden_encoding, "hidden_size": hidden_size} if cfg.mode == "hidden" else {}
     return {
+        **hidden,
         "format_version": fmt.FORMAT_VERSION,
         "teacher": {
             "name": source.display_name,
@@ -384,6 +407,17 @@ def _teacher_vocab_size(source) -> int:
     config = AutoConfig.from_pretrained(hf_dir_for(source))
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.vocab_size)
+
+
+def _teacher_hidden_size(source) -> int:
+    """The width of the teacher's final hidden state (the LM head's input)."""
+    from transformers import AutoConfig
+
+    from kd.pipeline.models import hf_dir_for
+
+    config = AutoConfig.from_pretrained(hf_dir_for(source))
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.hidden_size)
 
 
 def _resolve_vllm_scoring(cfg: CacheConfig, source) -> CacheConfig:

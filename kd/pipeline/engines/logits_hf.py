@@ -11,8 +11,9 @@ import torch
 
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.pipeline.engines.head import head_chunk_rows, score_hidden
+from kd.pipeline.engines.hidden import hidden_targets
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
-from kd.pipeline.heads import split_body_and_head
+from kd.pipeline.heads import LogitTransform, split_body_and_head
 from kd.pipeline.models import ModelSource, load_causal_lm
 
 
@@ -73,7 +74,13 @@ class TransformersTeacher:
     @torch.inference_mode()
     def score(self, batch: list[SequenceToScore]) -> list[TopKTargets | SampledTargets]:
         hidden, counts = self.hidden_at_targets(batch)
+        if self.spec.mode == "hidden":  # --store hidden: the head's input is the cache's teacher data
+            return hidden_targets(hidden, counts)
         return score_hidden(self, hidden, counts, self.spec, self.chunk_rows, seed_row=batch[0].row)
+
+    def head_for_cache(self) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransform]:
+        """The LM head (weight, bias) and the post-head transform split_body_and_head reports, for a hidden cache."""
+        return self.head.weight, self.head.bias, self.transform
 
     def close(self) -> None:
         del self.model

@@ -41,6 +41,7 @@ import torch
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.errors import KdError
 from kd.pipeline.engines.head import head_chunk_rows, head_parameter_names, load_lm_head, score_hidden
+from kd.pipeline.engines.hidden import hidden_targets
 from kd.pipeline.engines.teacher import VLLM_SCORINGS, SequenceToScore, TargetSpec
 from kd.pipeline.engines.vllm_setup import (
     engine_args,
@@ -48,6 +49,7 @@ from kd.pipeline.engines.vllm_setup import (
     supports_flat_logprobs,
     supports_token_pooling,
 )
+from kd.pipeline.heads import LogitTransform
 from kd.pipeline.models import ModelSource, hf_dir_for
 
 
@@ -62,6 +64,8 @@ def resolve_scoring(requested: str, model_dir: str, mode: str) -> tuple[str, str
     if requested == "logprobs":
         if mode == "rs":
             raise KdError("--sampling rs with --engine vllm needs --vllm-scoring hidden (prompt log-probs: top-k only)")
+        if mode == "hidden":
+            raise KdError("--store hidden with --engine vllm needs --vllm-scoring hidden (prompt log-probs: no states)")
         return "logprobs", "as requested"
     problem = None
     if not supports_token_pooling():
@@ -75,8 +79,10 @@ def resolve_scoring(requested: str, model_dir: str, mode: str) -> tuple[str, str
             problem = str(exc)
     if problem is None:
         return "hidden", "vLLM returns hidden states; kd applies the LM head at target positions"
-    if requested == "hidden" or mode == "rs":
-        flag = "--vllm-scoring hidden" if requested == "hidden" else "--sampling rs with --engine vllm"
+    if requested == "hidden" or mode in ("rs", "hidden"):
+        flag = {"rs": "--sampling rs with --engine vllm", "hidden": "--store hidden with --engine vllm"}.get(
+            mode, "--vllm-scoring hidden"
+        )
         raise KdError(f"{flag}: {problem}")
     return "logprobs", f"{problem}; using vLLM's prompt log-probs"
 
@@ -280,7 +286,13 @@ class VllmTeacher:
         if hidden.shape[0] != len(seq.input_ids):
             raise KdError(f"vLLM returned {hidden.shape[0]} hidden states for a {len(seq.input_ids)}-token sequence")
         before = hidden[torch.from_numpy(positions - 1)]
+        if self.spec.mode == "hidden":  # --store hidden: the states themselves are the cache's teacher data
+            return hidden_targets(before, [len(positions)])[0]
         return score_hidden(self.head, before, [len(positions)], self.spec, self.chunk_rows, seed_row=seq.row)[0]
+
+    def head_for_cache(self) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransform]:
+        """The LM head kd applies (weight, bias) and its post-head transform, for a hidden cache."""
+        return self.head.weight, self.head.bias, self.head.transform
 
     def close(self) -> None:
         del self.llm

@@ -23,7 +23,8 @@ class TargetSpec:
     """What to record per target token."""
 
     mode: str
-    """``topk`` (K most likely ids + tail mass) or ``rs`` (random-sampling KD: N draws, counted)."""
+    """``topk`` (K most likely ids + tail mass), ``rs`` (random-sampling KD: N draws, counted) or ``hidden``
+    (the final hidden states themselves, for the cache's own head file)."""
     k: int = 64
     """Top-k size in topk mode."""
     num_samples: int = 64

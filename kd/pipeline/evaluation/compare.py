@@ -196,6 +196,16 @@ def _sequences(cfg: CompareConfig, tokenizer, device: str) -> Iterable[TrainSequ
     return seqs
 
 
+def _cached_teacher_head(cfg: CompareConfig, device: str):
+    """A hidden-state cache's teacher head (loaded once for every model), else None."""
+    if not cfg.cache:
+        return None
+    from kd.cache.reader import CacheReader
+    from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
+
+    return load_cached_teacher_head(CacheReader(cfg.cache, flag="--cache"), device)
+
+
 def _check_tokenizers(cfg: CompareConfig, models: list[ComparedModel]) -> Any:
     """Every model must read the held-out token ids as the same tokens: the cache's tokenizer, or the baseline's."""
     tokenizers = [load_tokenizer(m.source) for m in models]
@@ -295,12 +305,13 @@ def score_models(cfg: CompareConfig) -> Scores:
     wanted = max(cfg.generate, cfg.sample_prompts if cfg.samples_at else 0)
     prompts = reference_prompts(cfg.data, wanted) if wanted else []
     fixed = _sequences(cfg, tokenizers[0], device) if not cfg.cache else None
+    teacher_head = _cached_teacher_head(cfg, device)
     scores = Scores([m.spec for m in models], [], [], [], [], prompts)
     for model, tokenizer in zip(models, tokenizers, strict=True):
         log(f"[bold]scoring {model.spec}[/bold]")
         lm = load_compared_model(model, device)
         seqs = fixed if fixed is not None else _sequences(cfg, tokenizer, device)
-        metrics, seq = score_sequences(lm, seqs, cfg.batch_size, device=device)
+        metrics, seq = score_sequences(lm, seqs, cfg.batch_size, device=device, teacher_head=teacher_head)
         if not metrics["tokens"]:
             raise KdError(f"{cfg.cache or cfg.data}: no target tokens to score")
         row: dict[str, Any] = {

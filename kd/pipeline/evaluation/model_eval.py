@@ -26,6 +26,7 @@ from kd.pipeline.evaluation.sequences import evaluate_sequences
 from kd.pipeline.models import check_device, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import make_progress
 from kd.pipeline.training.batches import TrainSequence
+from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
 
 
 @dataclass
@@ -118,11 +119,13 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         metrics.update(measure_on_policy(source, settings, device))
         if not cfg.cache and not cfg.data:
             return metrics
+    teacher_head = None
     if cfg.cache:
         reader = CacheReader(cfg.cache, flag="--cache")
         if reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise KdError(f"--cache {cfg.cache}: made with another tokenizer than --model's")
         seqs = itertools.islice(reader.iter_sequences(), cfg.limit)  # streamed: one record batch at a time
+        teacher_head = load_cached_teacher_head(reader, device)  # a hidden cache: the exact teacher
     else:
         seqs = []
         for example in iter_examples(cfg.data, cfg.data_format, cfg.limit):
@@ -133,7 +136,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
             raise KdError(f"--data {cfg.data}: no usable records")
         if cfg.teacher:
             attach_live_teacher(seqs, cfg.teacher, cfg.top_k, cfg.batch_size, device, tokenizer, "--model")
-    metrics.update(evaluate_sequences(model, seqs, cfg.batch_size, device=device))
+    metrics.update(evaluate_sequences(model, seqs, cfg.batch_size, device=device, teacher_head=teacher_head))
     if cfg.generate:
         if not cfg.data:
             raise KdError("--generate needs --data (prompts with reference answers)")

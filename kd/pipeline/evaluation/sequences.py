@@ -1,7 +1,8 @@
 """Held-out metrics of a student against the labels and (if cached) the teacher.
 
 * ``ce``: mean cross-entropy of the labels (nats/token); ``ppl`` = exp(ce)
-* ``kl``: mean forward KL(teacher || student) over the cached top-k + tail buckets, T = 1
+* ``kl``: mean forward KL(teacher || student) over the cached top-k + tail buckets, T = 1 (over the
+  whole vocabulary, exactly, for a hidden-state cache)
 * ``top1_agreement``: share of tokens where the student's argmax is the teacher's most likely id
 * ``accuracy``: share of tokens where the student's argmax is the label
 * ``ece``: expected calibration error of the student's top-1 confidence against the label (15 bins)
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from kd.losses import (
+    DenseTeacher,
     SampledTeacher,
     SparseTeacher,
     bucket_divergence,
@@ -28,6 +30,7 @@ from kd.losses import (
     retemper_sparse,
     student_buckets,
 )
+from kd.losses.fused import checked_teacher_logits
 from kd.pipeline.heads import head_logits, split_body_and_head
 from kd.pipeline.training.batches import TrainSequence, collate
 
@@ -117,13 +120,15 @@ def evaluate_sequences(
     chunk_size: int = 1024,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    teacher_head=None,
 ) -> dict[str, float]:
     """Compute the metrics above over `seqs` (teacher metrics only where sequences carry teacher data).
 
     `seqs` may be a stream (a cache read record batch by record batch): only `batch_size` sequences
-    are held at a time.
+    are held at a time. `teacher_head`: the CachedTeacherHead of a hidden-state cache
+    (kd.pipeline.training.hidden_teacher), which turns its hidden rows into the teacher's exact logits.
     """
-    return score_sequences(model, seqs, batch_size, chunk_size, device, autocast_dtype)[0]
+    return score_sequences(model, seqs, batch_size, chunk_size, device, autocast_dtype, teacher_head)[0]
 
 
 @torch.no_grad()
@@ -134,9 +139,11 @@ def score_sequences(
     chunk_size: int = 1024,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    teacher_head=None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """evaluate_sequences' metrics, and the per-sequence sums behind them (PER_SEQUENCE -> array[S],
-    in the order of `seqs`): what a paired comparison of two models on the same sequences needs."""
+    in the order of `seqs`): what a paired comparison of two models on the same sequences needs.
+    `teacher_head`: as in evaluate_sequences (a hidden-state cache's head)."""
     lm = unwrap_causal_lm(model)
     was_training = lm.training
     lm.eval()
@@ -162,6 +169,8 @@ def score_sequences(
         teacher = batch.teacher
         if isinstance(teacher, SparseTeacher):
             teacher = fold_out_of_vocab(teacher, vocab)
+        if isinstance(teacher, DenseTeacher) and teacher_head is not None:
+            teacher = teacher_head.attach(teacher, hidden.device)
         for lo in range(0, hidden.shape[0], chunk_size):
             hi = min(lo + chunk_size, hidden.shape[0])
             logits = head_logits(head, transform, hidden[lo:hi])
@@ -191,6 +200,20 @@ def score_sequences(
                 sums["kl"] += float(kl.sum())
                 sums["kl_tokens"] += hi - lo
                 teacher_top1 = ids.gather(1, teacher.teacher_logprobs[lo:hi].argmax(dim=1, keepdim=True)).squeeze(1)
+                sums["agree"] += float((top1 == teacher_top1).sum())
+                sums["teacher_tokens"] += hi - lo
+                np.add.at(seq_sums["kl"], rows, kl.double().cpu().numpy())
+                np.add.at(seq_sums["kl_tokens"], rows, 1.0)
+                np.add.at(seq_sums["agree"], rows, (top1 == teacher_top1).double().cpu().numpy())
+                np.add.at(seq_sums["teacher_tokens"], rows, 1.0)
+            elif isinstance(teacher, DenseTeacher) and teacher.teacher_head_weight is not None:
+                teacher_logprobs = torch.log_softmax(checked_teacher_logits(teacher, lo, hi, vocab), dim=-1)
+                student_logprobs = logits - lse[:, None]
+                p = teacher_logprobs.exp()
+                kl = (p * (teacher_logprobs - student_logprobs)).sum(dim=-1)
+                teacher_top1 = teacher_logprobs.argmax(dim=-1)
+                sums["kl"] += float(kl.sum())
+                sums["kl_tokens"] += hi - lo
                 sums["agree"] += float((top1 == teacher_top1).sum())
                 sums["teacher_tokens"] += hi - lo
                 np.add.at(seq_sums["kl"], rows, kl.double().cpu().numpy())

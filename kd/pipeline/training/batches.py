@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kd.cache.format import SampledTargets, TopKTargets, target_positions
-from kd.losses import SampledTeacher, SparseTeacher
+from kd.cache.format import HiddenTargets, SampledTargets, TopKTargets, target_positions
+from kd.losses import DenseTeacher, SampledTeacher, SparseTeacher
 
 
 @dataclass
@@ -22,7 +22,7 @@ class TrainSequence:
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    teacher: TopKTargets | SampledTargets | None = None
+    teacher: TopKTargets | SampledTargets | HiddenTargets | None = None
     token_weights: np.ndarray | None = None
     """Per-position CE weight (reasoning SFT weights the <think> tags); None means 1."""
 
@@ -40,7 +40,9 @@ class Batch:
     hidden_rows: torch.Tensor
     hidden_cols: torch.Tensor
     labels: torch.Tensor
-    teacher: SparseTeacher | SampledTeacher | None
+    teacher: SparseTeacher | SampledTeacher | DenseTeacher | None
+    """A hidden-state cache gives a DenseTeacher of hidden rows only: the head is attached where the
+    loss runs (kd.pipeline.training.hidden_teacher), loaded once per run, never per batch."""
     token_weights: torch.Tensor | None
 
     @property
@@ -97,9 +99,11 @@ def collate(seqs: list[TrainSequence], pad_id: int = 0) -> Batch:
     )
 
 
-def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | None:
+def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | DenseTeacher | None:
     if teachers[0] is None:
         return None
+    if isinstance(teachers[0], HiddenTargets):
+        return DenseTeacher(teacher_hidden=torch.from_numpy(np.concatenate([t.hidden for t in teachers])))
     if isinstance(teachers[0], TopKTargets):
         # Tempered tails only when every sequence has them (one cache: all or none).
         temperatures = teachers[0].temperatures if all(t.tempered_tails is not None for t in teachers) else ()

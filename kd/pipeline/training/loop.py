@@ -185,6 +185,7 @@ def evaluate(run: Run, learner: Learner, logger: MetricsLogger, step: int) -> di
             run.cfg.chunk_size,
             run.device,
             run.amp,
+            teacher_head=run.eval_head,
         )
     prefixed = {f"eval_{k}": v for k, v in metrics.items()}
     logger.log({"step": step, **prefixed}, console=False)

@@ -18,6 +18,7 @@ from kd.pipeline.evaluation.sequences import unwrap_causal_lm
 from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.training.config import TrainConfig
 from kd.pipeline.training.distributed import DistEnv, autocast_dtype, init_distributed, resolve_device
+from kd.pipeline.training.hidden_teacher import CachedTeacherHead, load_cached_teacher_head
 from kd.pipeline.training.inputs import limited_units, open_data
 from kd.pipeline.training.optimizer import build_optimizer
 from kd.pipeline.training.sharding import shard_with_fsdp2
@@ -42,6 +43,10 @@ class Run:
     train_units: list[CacheUnit]
     train_flag: str
     eval_reader: CacheReader | None
+    cached_head: CachedTeacherHead | None
+    """The teacher head of a hidden-state --from-cache (None for any other data)."""
+    eval_head: CachedTeacherHead | None
+    """The teacher head of a hidden-state --eval-cache."""
     teacher_model: torch.nn.Module | None
     teacher_device: torch.device | None
     trainable: int
@@ -89,6 +94,8 @@ def set_up(cfg: TrainConfig) -> Run:
     train_units = limited_units(train_reader, cfg.limit)
     teacher_model, teacher_device = load_online_teacher(cfg, teacher_source, fingerprint, device)
     eval_reader = open_eval_set(cfg, out, tokenizer, fingerprint, env)
+    cached_head = load_cached_teacher_head(train_reader, device, train_flag)  # None unless a hidden cache
+    eval_head = load_cached_teacher_head(eval_reader, device) if eval_reader is not None else None
 
     if cfg.lora:
         student = apply_lora(student, cfg.lora)
@@ -107,6 +114,8 @@ def set_up(cfg: TrainConfig) -> Run:
         train_units=train_units,
         train_flag=train_flag,
         eval_reader=eval_reader,
+        cached_head=cached_head,
+        eval_head=eval_head,
         teacher_model=teacher_model,
         teacher_device=teacher_device,
         trainable=trainable,
@@ -175,7 +184,7 @@ def open_eval_set(cfg: TrainConfig, out: Path, tokenizer, fingerprint: str, env:
 def build_learner(run: Run) -> Learner:
     """The loss module over the student, replicated (DDP) or sharded (FSDP2) under torchrun, and AdamW."""
     cfg, env, device = run.cfg, run.env, run.device
-    module = DistillStep(run.student, cfg.loss_config(), run.teacher_model, run.teacher_device)
+    module = DistillStep(run.student, cfg.loss_config(), run.teacher_model, run.teacher_device, run.cached_head)
     wrapped: torch.nn.Module = module
     fsdp = cfg.fsdp and env.world_size > 1
     if fsdp:

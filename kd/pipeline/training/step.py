@@ -20,6 +20,7 @@ from kd.pipeline.evaluation.sequences import unwrap_causal_lm
 from kd.pipeline.heads import split_body_and_head
 from kd.pipeline.training.batches import Batch
 from kd.pipeline.training.distributed import DistEnv, sum_over_ranks
+from kd.pipeline.training.hidden_teacher import CachedTeacherHead
 from kd.pipeline.training.stream import StepData
 
 
@@ -27,7 +28,8 @@ class DistillStep(torch.nn.Module):
     """Student forward + loss in one module, so DDP sees (and synchronises) the whole computation.
 
     forward(batch) -> LossParts with SUMS over the batch's targets. The teacher (online KD) is held
-    outside the module's parameters: it is frozen, in eval mode and run under no_grad.
+    outside the module's parameters: it is frozen, in eval mode and run under no_grad; so is a
+    hidden-state cache's teacher head (`cached_head`), attached to each batch's hidden rows.
     """
 
     def __init__(
@@ -36,11 +38,13 @@ class DistillStep(torch.nn.Module):
         loss_config: LossConfig,
         teacher=None,
         teacher_device: torch.device | None = None,
+        cached_head: CachedTeacherHead | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.loss_config = loss_config
         self._teacher = [teacher] if teacher is not None else []  # a list hides it from Module/DDP
+        self._cached_head = [cached_head] if cached_head is not None else []  # a hidden cache's head, frozen
         self.teacher_device = teacher_device
         if teacher is not None:
             self._teacher_parts = split_body_and_head(teacher)  # body, head, post-head transform
@@ -51,6 +55,8 @@ class DistillStep(torch.nn.Module):
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = hidden[batch.hidden_rows, batch.hidden_cols]
         teacher_signal = batch.teacher
+        if self._cached_head:
+            teacher_signal = self._cached_head[0].attach(teacher_signal, hidden.device)
         if self._teacher:
             teacher_body, teacher_head, teacher_transform = self._teacher_parts
             device = self.teacher_device or batch.input_ids.device
