@@ -42,6 +42,8 @@ class Batch:
     labels: torch.Tensor
     teacher: SparseTeacher | SampledTeacher | None
     token_weights: torch.Tensor | None
+    teacher_rows: torch.Tensor | None = None
+    """bool[N]: targets that have a teacher row (cross-tokenizer); None means all of them."""
 
     @property
     def num_targets(self) -> int:
@@ -61,6 +63,7 @@ class Batch:
             self.labels.to(device),
             teacher,
             None if self.token_weights is None else self.token_weights.to(device),
+            None if self.teacher_rows is None else self.teacher_rows.to(device),
         )
 
 

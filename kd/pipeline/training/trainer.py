@@ -35,6 +35,7 @@ from kd.pipeline.heads import split_body_and_head
 from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import log, make_progress
 from kd.pipeline.tracking import MetricsLogger
+from kd.pipeline.training import crosstok
 from kd.pipeline.training.batches import Batch
 from kd.pipeline.training.checkpoint import (
     latest_checkpoint,
@@ -118,6 +119,8 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
+    cross_tokenizer: bool = False
+    """Train a student whose tokenizer differs from the cache's teacher, aligned by text (training/crosstok.py)."""
     eval_cache: str | None = None
     """Held-out cache: CE, KL to teacher, top-1 agreement, ECE."""
     eval_data: str | None = None
@@ -368,6 +371,11 @@ class DistillStep(torch.nn.Module):
                 teacher_head_bias=None if teacher_head.bias is None else teacher_head.bias.to(hidden.device),
                 teacher_logit_transform=teacher_transform,
             )
+        if batch.teacher_rows is not None:  # cross-tokenizer: the divergence only where aligned
+            return crosstok.loss_sum(
+                distill_loss_sum, hidden, head.weight, head.bias, batch.labels, teacher_signal,
+                self.loss_config, batch.token_weights, transform, batch.teacher_rows,
+            )  # fmt: skip
         return distill_loss_sum(
             hidden,
             head.weight,
@@ -487,12 +495,15 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         tokenizer_source = teacher_source
     tokenizer = load_tokenizer(tokenizer_source)
     fingerprint = tokenizer_fingerprint(tokenizer)
+    aligner = None
     if reader is not None and reader.settings["tokenizer_fingerprint"] != fingerprint:
-        raise KdError(
-            f"--from-cache {cfg.from_cache}: the cache was made with another tokenizer "
-            f"({reader.settings['tokenizer_fingerprint']}) than the student's ({fingerprint}); "
-            "the student must share the teacher's tokenizer"
-        )
+        if not cfg.cross_tokenizer:
+            raise KdError(
+                f"--from-cache {cfg.from_cache}: the cache was made with another tokenizer "
+                f"({reader.settings['tokenizer_fingerprint']}) than the student's ({fingerprint}); "
+                "pass --cross-tokenizer to align the two by text"
+            )
+        aligner = crosstok.aligner_for(reader, tokenizer, load_tokenizer)
     if reader is not None:
         if reader.mode == "rs" and cfg.divergence != "forward_kl":
             raise KdError(
@@ -538,7 +549,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         )
     run_steps = cfg.max_steps or max(1, plan.total_steps(cfg.epochs))
     loader = StepLoader(
-        train_reader, plan, train_units, env.rank, env.world_size, cfg.accumulation_steps, prefetch=cfg.prefetch
+        train_reader, plan, train_units, env.rank, env.world_size, cfg.accumulation_steps, cfg.prefetch, aligner
     )
 
     module = DistillStep(student, cfg.loss_config(), teacher_model, teacher_device)
@@ -674,6 +685,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                     "tokens_per_second": tokens_seen / elapsed,
                     "padding": 1.0 - float(counts[2]) / float(counts[3]),
                     "data_wait_share": loader.stats.wait_seconds / elapsed,
+                    **(aligner.stats.metrics() if aligner is not None else {}),
                 }
                 logger.log(last_metrics, console=False)
             if eval_reader is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
