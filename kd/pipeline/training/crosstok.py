@@ -13,7 +13,9 @@ is served by three pure steps (numpy + tokenizers; no model), run on the loader'
    that text, as text: the student sees exactly what the teacher saw. A student token is a target
    when its first character lies in a teacher target's span; it gets the teacher distribution of
    the teacher target that starts at the same character, and CE only when none does (or that
-   teacher token has no text in the student's vocabulary).
+   teacher token has no text in the student's vocabulary). Known limit: offsets are in characters,
+   so the later byte pieces of a character that byte-level BPE splits (many Chinese characters,
+   emoji) have no start of their own and get CE only, even with the same tokenizer on both sides.
 3. **Vocabulary map.** Teacher id t counts towards the student token its text starts with: the first
    student id of the student's tokenization of t's text; ids with no text (special tokens, partial
    UTF-8 bytes) map to -1 and their mass joins the tail. Computed once per tokenizer pair and kept
@@ -189,6 +191,8 @@ class Aligner:
         self.teacher_prefix = leading_special_ids(teacher_tokenizer)
         self.student_prefix = leading_special_ids(student_tokenizer)
         self.vocab_map = cached_vocab_map(teacher_tokenizer, student_tokenizer) if vocab_map is None else vocab_map
+        self.identity = np.array_equal(self.vocab_map, np.arange(len(self.vocab_map)))
+        """Same tokenizer on both sides: teacher rows pass through untouched (bit-identical loss)."""
         self.stats = AlignStats()
 
     def teacher_spans(self, input_ids: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, int] | None:
@@ -231,19 +235,29 @@ class Aligner:
         prefix = len(self.student_prefix)
         s_ids = np.array(self.student_prefix + list(enc.ids), dtype=np.int64)
         s_mask = np.zeros(len(s_ids), dtype=np.uint8)
-        s_mask[prefix:] = (s_ends > s_starts) & masked[s_starts]
+        # A token of zero width is a later byte of the character the token before it started
+        # (byte-level BPE splits a Chinese character or an emoji into 2-4 ids): it is a target
+        # with that token, and never aligned (its "start" is the next character's).
+        width = s_ends > s_starts
+        owner = np.maximum.accumulate(np.where(width, np.arange(len(s_ends)), 0)) if len(s_ends) else s_ends
+        s_mask[prefix:] = masked[s_starts[owner]] if len(s_ends) else 0
         s_mask[0] = 0  # position 0 predicts nothing
         s_targets = target_positions(s_mask)
         rows = np.full(len(s_targets), -1, dtype=np.int64)
         if len(t_starts):
             teacher_target_ids = np.asarray(input_ids, dtype=np.int64)[t_targets]
             for n, pos in enumerate(s_targets):
+                if not width[pos - prefix]:
+                    continue
                 j = t_of_start.get(int(s_starts[pos - prefix]), -1)
                 if j >= 0 and self.vocab_map[teacher_target_ids[j]] >= 0:
                     rows[n] = j
         aligned = rows >= 0
         picked = rows[aligned]
-        if isinstance(teacher, TopKTargets):
+        if isinstance(teacher, TopKTargets) and self.identity:
+            student_teacher = TopKTargets(teacher.ids[picked], teacher.logprobs[picked], teacher.tail[picked])
+            mapped_mass = listed_mass = float(np.exp(teacher.logprobs[picked].astype(np.float64)).sum())
+        elif isinstance(teacher, TopKTargets):
             ids, lp, tail, mapped, listed = map_topk(
                 teacher.ids[picked], teacher.logprobs[picked], teacher.tail[picked], self.vocab_map
             )
