@@ -283,3 +283,17 @@ def test_cross_tokenizer_training_run(smol_cache, gemma_student, maps, tmp_path)
     rows = [m for m in logged if "loss" in m]
     assert len(rows) == 3 and all("crosstok_target_coverage" in m for m in rows)
     assert all(np.isfinite(m["loss"]) and m["divergence"] > 0 for m in rows)
+
+
+def test_a_cache_whose_teacher_is_gone_is_refused_in_one_line(smollm2_tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from kd.errors import KdError
+    from kd.pipeline.models import load_tokenizer
+    from kd.pipeline.training.crosstok import aligner_for
+
+    gone = tmp_path / "teacher-gone"
+    reader = SimpleNamespace(settings={"teacher": {"kind": "hf_dir", "path": str(gone)}, "tokenizer_fingerprint": "x"})
+    with pytest.raises(KdError, match="--cross-tokenizer needs the teacher's tokenizer") as info:
+        aligner_for(reader, smollm2_tokenizer, load_tokenizer)
+    assert "\n" not in str(info.value)
