@@ -50,7 +50,7 @@ def main() -> None:
     started = time.perf_counter()
     aligner: Aligner = aligner_for(reader, student, load_tokenizer)
     setup_seconds = time.perf_counter() - started
-    batches = [reader.read_unit(u) for u in reader.units]
+    batches = [reader.read_unit(u) for u in reader.units()]
 
     def run(align: bool) -> tuple[float, int]:
         targets, t0 = 0, time.perf_counter()
