@@ -214,21 +214,19 @@ class Aligner:
         t_targets = target_positions(loss_mask)
         if spans is None:
             text = self.teacher.decode([int(i) for i in input_ids], skip_special_tokens=False)
-            t_starts = np.zeros(0, dtype=np.int64)
             masked = np.zeros(len(text) + 1, dtype=bool)
-            t_of_start: dict[int, int] = {}
+            start_of, target_of = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         else:
             text, starts, ends, skip = spans
-            masked = np.zeros(len(text) + 1, dtype=bool)
-            t_of_start = {}
-            for j, pos in enumerate(t_targets):
-                b = pos - skip
-                if b < 0:
-                    continue
-                masked[starts[b] : ends[b]] = True
-                if ends[b] > starts[b]:
-                    t_of_start[int(starts[b])] = j
-            t_starts = starts
+            ordinal = np.flatnonzero(t_targets - skip >= 0)  # index among the teacher's targets
+            b = t_targets[ordinal] - skip
+            # characters covered by a teacher target: +1 at each start, -1 at each end, cumulated
+            edges = np.zeros(len(text) + 2, dtype=np.int64)
+            np.add.at(edges, starts[b], 1)
+            np.add.at(edges, ends[b], -1)
+            masked = np.cumsum(edges)[: len(text) + 1] > 0
+            wide = ends[b] > starts[b]  # starts are increasing over tokens of non-zero width
+            start_of, target_of = starts[b][wide], ordinal[wide]
         enc = self.student.encode(text, add_special_tokens=False)
         s_ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
         s_starts = np.r_[0, s_ends[:-1]] if len(s_ends) else s_ends
@@ -244,14 +242,13 @@ class Aligner:
         s_mask[0] = 0  # position 0 predicts nothing
         s_targets = target_positions(s_mask)
         rows = np.full(len(s_targets), -1, dtype=np.int64)
-        if len(t_starts):
+        if len(start_of):
+            at = s_targets - prefix
+            k = np.minimum(np.searchsorted(start_of, s_starts[at]), len(start_of) - 1)
+            j = target_of[k]
             teacher_target_ids = np.asarray(input_ids, dtype=np.int64)[t_targets]
-            for n, pos in enumerate(s_targets):
-                if not width[pos - prefix]:
-                    continue
-                j = t_of_start.get(int(s_starts[pos - prefix]), -1)
-                if j >= 0 and self.vocab_map[teacher_target_ids[j]] >= 0:
-                    rows[n] = j
+            hit = width[at] & (start_of[k] == s_starts[at]) & (self.vocab_map[teacher_target_ids[j]] >= 0)
+            rows = np.where(hit, j, -1)
         aligned = rows >= 0
         picked = rows[aligned]
         if isinstance(teacher, TopKTargets) and self.identity:
