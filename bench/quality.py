@@ -1,145 +1,171 @@
-"""Quality of offline KD against online KD: the table of issue 3.
+"""The quality ladder: every distillation mode from the same student start, data and order, with paired intervals.
 
-    .venv/bin/python bench/quality.py [--train-rows 160] [--test-rows 60]
+    PYTHONPATH=$PWD .venv/bin/python bench/quality.py --smoke          # minutes: the ladder on a few problems
+    PYTHONPATH=$PWD .venv/bin/python bench/quality.py [--seeds 0,1]    # the full ladder (GSM8K; see BENCHMARKS.md)
 
-Teacher: the embedded SmolLM2-135M-Instruct. Student: 8 of its 30 layers (even:8), embeddings, norm
-and head copied. Data: GSM8K train (first --train-rows) for training, GSM8K test (first --test-rows)
-held out; each student trains on the first --train-limit sequences. Every run sees the same
-sequences in the same order for the same number of steps (the
-same token budget): CE-only, cached top-16 + tail, cached top-64 + tail, RS-KD, online full-vocab KD.
-Held-out metrics come from `kd eval` against a top-64 cache of the test rows (KL over 64 ids +
-tail; the RS and top-16 runs are measured on the same yardstick).
+Teacher: the embedded SmolLM2-135M-Instruct. Student: --layers of its layers (embeddings, norm and head
+copied), the same start for every row. Rows: CE-only (alpha 1), cached top-1 / top-4 / top-16 / top-64
+(+ tail), RS-16 / RS-64 (random-sampling caches), online KD (teacher live, full vocabulary). Each row
+trains on the same sequences in the same order (one --seed per pass over the ladder) for the same number
+of steps; --alpha is the KD rows' CE weight (0: pure distillation).
 
-The "gap closed" column is (KL_ce − KL_run) / (KL_ce − KL_online): 1.0 means the run reaches
-online KD's held-out KL. Steps are reused from bench/out/quality/ when rerun.
+Every student of a seed is scored by `kd compare`'s library on the same held-out sequences (a top-64 q64
+cache of the test rows: KL over 64 ids + tail for every row, RS included), and each row gets, against
+CE-only and against online KD, the paired difference of held-out CE, KL and top-1 agreement with a 95%
+bootstrap interval over sequences, plus "gap closed" = (KL_ce − KL_row) / (KL_ce − KL_online) with a
+joint bootstrap interval (1.0: the row reaches online KD's held-out KL). --generate N adds GSM8K-style
+answer accuracy on N test problems (paired over problems). Steps are reused from bench/out/quality*/.
+
+Caveat: cached rows read their cache's record order, the online row its prepared --data; with
+--shuffle-window larger than the data both are permutations of the same sequences by the same seed,
+but not the same permutation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 from common import WORK, require_gsm8k, run_step, write_results
 
+from kd.pipeline.evaluation.compare import CompareConfig, gap_closed_ci, score_models
+
+LADDER = {
+    "ce_only": ("top64", 1.0),
+    "top1": ("top1", None),
+    "top4": ("top4", None),
+    "top16": ("top16", None),
+    "top64": ("top64", None),
+    "rs16": ("rs16", None),
+    "rs64": ("rs64", None),
+    "online": (None, None),
+}
+"""Row -> (cache it trains from, alpha override); online KD trains with the teacher live."""
+CACHES = {
+    "top1": ["--top-k", "1"],
+    "top4": ["--top-k", "4"],
+    "top16": ["--top-k", "16"],
+    "top64": ["--top-k", "64"],
+    "rs16": ["--sampling", "rs", "--samples", "16"],
+    "rs64": ["--sampling", "rs", "--samples", "64"],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a few generated problems, 2 steps per row")
+    parser.add_argument("--seeds", default="0,1", help="one pass over the ladder per seed (data order)")
+    parser.add_argument("--rows", default=",".join(LADDER), help="ladder rows to run")
+    parser.add_argument("--train-rows", type=int, default=320)
+    parser.add_argument("--test-rows", type=int, default=100)
+    parser.add_argument("--max-seq-len", type=int, default=256, help="short sequences: more steps per CPU hour")
+    parser.add_argument("--layers", default="even:6", help="teacher layers the student is cut from")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=0.0, help="CE weight of the KD rows")
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--generate", type=int, default=0, help="answer accuracy on N test problems")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    args = parser.parse_args()
+    if args.smoke:
+        args.train_rows, args.test_rows, args.max_seq_len, args.layers = 8, 4, 128, "0,29"
+        args.max_steps, args.batch_size, args.bootstrap = 2, 4, 200
+    return args
+
+
+def data(args: argparse.Namespace, work) -> tuple[str, str]:
+    if args.smoke:  # the demo's own problems: no GSM8K needed
+        train, test = work / "train.jsonl", work / "test.jsonl"
+        for path, count, seed in ((train, args.train_rows, 0), (test, args.test_rows, 1000)):
+            run_step(["make-problems", "--count", str(count), "--seed", str(seed), "--out", str(path)], path)
+        return str(train), str(test)
+    gsm8k = require_gsm8k()
+    return str(gsm8k / "train.jsonl"), str(gsm8k / "test.jsonl")
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-rows", type=int, default=160)
-    parser.add_argument("--test-rows", type=int, default=60)
-    parser.add_argument("--train-limit", type=int, default=96, help="sequences each student trains on")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--samples", type=int, default=64)
-    args = parser.parse_args()
-    gsm8k = require_gsm8k()
-    work = WORK / "quality"
+    args = parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    if unknown := set(rows) - set(LADDER):
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {','.join(LADDER)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = WORK / ("quality-smoke" if args.smoke else "quality")
     work.mkdir(parents=True, exist_ok=True)
-    train, test = str(gsm8k / "train.jsonl"), str(gsm8k / "test.jsonl")
-
-    caches = {
-        "top16": ["--top-k", "16", "--value-encoding", "sqrt8"],
-        "top64": ["--top-k", "64", "--value-encoding", "sqrt8"],
-        "rs": ["--sampling", "rs", "--samples", str(args.samples)],
-    }
-    for name, flags in caches.items():
-        run_step(
-            [
-                "cache-logits",
-                "--data",
-                train,
-                "--limit",
-                str(args.train_rows),
-                "--out",
-                str(work / f"cache-{name}"),
-                *flags,
-            ],
-            work / f"cache-{name}" / "manifest.json",
-            work / f"cache-{name}.log",
-        )
+    train, test = data(args, work)
+    limit = ["--limit", str(args.train_rows), "--max-seq-len", str(args.max_seq_len)]
+    for name in {LADDER[r][0] for r in rows} - {None}:
+        out = work / f"cache-{name}"
+        run_step(["cache-logits", "--data", train, "--out", str(out), *limit, *CACHES[name]], out / "manifest.json")
     heldout = work / "cache-heldout"
     run_step(
-        # The yardstick stays q64 (1/128-nat log-probs), as in earlier runs of this table.
-        [
-            "cache-logits",
-            "--data",
-            test,
-            "--limit",
-            str(args.test_rows),
-            "--out",
-            str(heldout),
-            "--top-k",
-            "64",
-            "--value-encoding",
-            "q64",
-        ],
+        ["cache-logits", "--data", test, "--limit", str(args.test_rows), "--max-seq-len", str(args.max_seq_len),
+         "--out", str(heldout), "--top-k", "64", "--value-encoding", "q64"],
         heldout / "manifest.json",
-        work / "cache-heldout.log",
-    )
+    )  # fmt: skip
 
-    common = [
-        "--student-from-teacher",
-        "--layers",
-        "even:8",
-        "--epochs",
-        str(args.epochs),
-        "--batch-size",
-        str(args.batch_size),
-        "--learning-rate",
-        str(args.learning_rate),
-        "--warmup-steps",
-        "3",
-        "--seed",
-        "0",
-        "--dtype",
-        "auto",
-        "--log-every",
-        "1",
-        "--limit",
-        str(args.train_limit),
-    ]
-    runs = {
-        "ce_only": ["--from-cache", str(work / "cache-top64"), "--alpha", "1.0"],
-        "cached_top16": ["--from-cache", str(work / "cache-top16"), "--alpha", str(args.alpha)],
-        "cached_top64": ["--from-cache", str(work / "cache-top64"), "--alpha", str(args.alpha)],
-        "cached_rs": ["--from-cache", str(work / "cache-rs"), "--alpha", str(args.alpha)],
-        "online": [
-            "--teacher",
-            "smollm2-135m-instruct",
-            "--data",
-            train,
-            "--alpha",
-            str(args.alpha),
-        ],
-    }
-    results = {}
-    for name, flags in runs.items():
-        out = work / f"student-{name}"
-        seconds = run_step(
-            ["train", *flags, *common, "--out", str(out)], out / "kd_training.json", work / f"train-{name}.log"
+    common = ["--student-from-teacher", "--layers", args.layers, "--epochs", str(args.epochs), "--batch-size",
+              str(args.batch_size), "--learning-rate", str(args.learning_rate), "--warmup-steps", "3",
+              "--max-seq-len", str(args.max_seq_len), "--dtype", "auto", "--log-every", "1",
+              "--shuffle-window", "100000"]  # fmt: skip
+    if args.max_steps:
+        common += ["--max-steps", str(args.max_steps)]
+    per_seed = {}
+    for seed in seeds:
+        students = {}
+        for row in rows:
+            cache, alpha = LADDER[row]
+            online = ["--teacher", "smollm2-135m-instruct", "--data", train, *limit]
+            source = ["--from-cache", str(work / f"cache-{cache}")] if cache else online
+            out = work / f"seed{seed}" / f"student-{row}"
+            run_step(
+                ["train", *source, *common, "--seed", str(seed), "--alpha", str(args.alpha if alpha is None else alpha),
+                 "--out", str(out)],
+                out / "kd_training.json",
+            )  # fmt: skip
+            students[row] = str(out)
+        cfg = CompareConfig(
+            models=list(students.values()),
+            cache=str(heldout),
+            data=test if args.generate else None,
+            generate=args.generate,
+            bootstrap=args.bootstrap,
+            seed=seed,
         )
-        report = work / f"eval-{name}.json"
-        run_step(["eval", "--model", str(out), "--cache", str(heldout), "--json"], report, work / f"eval-{name}.log")
-        metrics = json.loads(report.read_text())
-        training = json.loads((out / "kd_training.json").read_text())
-        results[name] = {
-            "heldout_ce": metrics.get("ce"),
-            "heldout_kl": metrics.get("kl"),
-            "heldout_top1_agreement": metrics.get("top1_agreement"),
-            "train_seconds": seconds or None,
-            "steps": training.get("final_metrics", {}).get("step"),
-        }
-    base, ref = results["ce_only"]["heldout_kl"], results["online"]["heldout_kl"]
-    for row in results.values():
-        row["gap_closed"] = (base - row["heldout_kl"]) / (base - ref) if base != ref else None
-    write_results("quality", {"settings": vars(args), "runs": results})
-    print(f"{'run':14} {'CE':>7} {'KL':>7} {'top1':>7} {'gap closed':>10}")
-    for name, row in results.items():
-        print(
-            f"{name:14} {row['heldout_ce']:7.4f} {row['heldout_kl']:7.4f} {row['heldout_top1_agreement']:7.4f} "
-            f"{row['gap_closed']:10.3f}"
-        )
+        scores = score_models(cfg)
+        index = {row: i for i, row in enumerate(students)}
+        results = {}
+        for row, i in index.items():
+            entry = {key: scores.rows[i].get(key) for key in ("ce", "kl", "top1_agreement", "answer_accuracy")}
+            for base in ("ce_only", "online"):
+                if base in index and base != row:
+                    vs = scores.against(i, index[base], args.bootstrap, seed)["metrics"]
+                    entry[f"vs_{base}"] = {k: {f: v[f] for f in ("difference", "difference_ci", "verdict")}
+                                           for k, v in vs.items()}  # fmt: skip
+            if "ce_only" in index and "online" in index:
+                kl = [(scores.per_sequence[j]["kl"], scores.per_sequence[j]["kl_tokens"])
+                      for j in (index["ce_only"], i, index["online"])]  # fmt: skip
+                entry["gap_closed"], entry["gap_closed_ci"] = gap_closed_ci(*kl, samples=args.bootstrap, seed=seed)
+            results[row] = entry
+        per_seed[seed] = results
+
+    write_results("quality-smoke" if args.smoke else "quality", {"settings": vars(args), "seeds": per_seed})
+    print(f"{'row':9} {'seed':>4} {'CE':>7} {'KL':>7} {'top1':>6}  {'KL − CE-only [95% paired]':>28}  gap closed")
+    for seed, results in per_seed.items():
+        for row, e in results.items():
+            vs = e.get("vs_ce_only", {}).get("kl")
+            lo, hi = vs["difference_ci"] if vs else (0.0, 0.0)
+            diff = f"{vs['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if vs else ""
+            gap = e.get("gap_closed")
+            ci = e.get("gap_closed_ci")
+            gap_text = f"{gap:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if gap is not None and ci else "–"
+            print(f"{row:9} {seed:>4} {e['ce']:7.3f} {e['kl']:7.3f} {e['top1_agreement']:6.3f}  {diff:>28}  {gap_text}")
+    if len(per_seed) > 1:
+        order = [sorted(res, key=lambda r: res[r]["kl"]) for res in per_seed.values()]
+        print("ranking by held-out KL per seed:", " | ".join(" < ".join(o) for o in order))
+        spread = {r: statistics.pstdev(per_seed[s][r]["kl"] for s in per_seed) for r in rows}
+        print("KL spread across seeds:", json.dumps({r: round(v, 4) for r, v in spread.items()}))
 
 
 if __name__ == "__main__":

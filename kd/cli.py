@@ -39,6 +39,7 @@ STAGE_MODULES = (
     "kd.stages.gen_traces",
     "kd.stages.on_policy",
     "kd.stages.evaluate",
+    "kd.stages.compare",
     "kd.stages.demo",
 )
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="kd", standalone_mode=False)
+        code = app(args=args, prog_name="kd", standalone_mode=False)
     except KdError as exc:
         if debug:
             raise
@@ -94,10 +95,18 @@ def main(argv: list[str] | None = None) -> None:
             command = f"{ctx.command_path}: " if ctx is not None else "kd: "
             print(f"{command}error: {exc.format_message()}", file=sys.stderr)
             sys.exit(exc.exit_code)
+        if isinstance(exc, OSError) and exc.filename is not None:  # a path kd cannot create, read or write
+            print(f"kd: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            sys.exit(1)
         print(
             f"kd: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr
         )
         sys.exit(1)
+    # Without standalone mode typer turns Ctrl-C into a *returned* 130 (and typer.Exit(n) into n).
+    if code == 130:
+        print("kd: interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _click_kind(exc: BaseException) -> str | None:

@@ -14,12 +14,14 @@ CLI = "kd_cli"
 """Dataclass field-metadata key holding a field's command-line adjustments."""
 
 
-def cli(*flags: str, skip: bool = False, show_default: bool = True) -> dict[str, Any]:
+def cli(*flags: str, skip: bool = False, show_default: bool = True, argument: bool = False) -> dict[str, Any]:
     """Field metadata for the command line: ``field(default=..., metadata=cli("--learning-rate", "--lr"))``.
 
     Args:
         flags: the option's names, replacing ``--field-name`` (e.g. ``"--verify/--no-verify"``).
         skip: no command-line option (settings only a library caller sets).
         show_default: False for defaults too long for --help (a whole prompt template).
+        argument: a positional argument instead of an option (a ``list[str]`` field takes any number:
+            ``kd compare A/ B/ C/``).
     """
-    return {CLI: {"flags": flags, "skip": skip, "show_default": show_default}}
+    return {CLI: {"flags": flags, "skip": skip, "show_default": show_default, "argument": argument}}

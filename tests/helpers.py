@@ -1,10 +1,12 @@
-"""Helpers for tests that run the real `kd` CLI in a subprocess."""
+"""Helpers for tests that run the real `kd` CLI, in a subprocess or (where a process is not the point) in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +34,64 @@ def kd_cmd(*args: str) -> list[str]:
 def run_kd(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `kd ARGS` to completion and return the completed process (text output)."""
     return subprocess.run(kd_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env or kd_env(), cwd=REPO)
+
+
+def run_kd_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `kd ARGS` through `kd.cli.main` in this process and return what a subprocess would have.
+
+    The same argument parsing, error lines and exit codes as `run_kd`, without a fresh interpreter
+    importing torch and transformers (5-10 s a call on a busy 2-core CI machine). Use it where a real
+    process is not what the test checks: input refused before any work, `--print-config`, fixtures
+    that only need a command's output, runs compared with each other. Keep `run_kd` for the one real
+    end-to-end run of each command, kill -9, torchrun, vLLM, `--debug` tracebacks, `--help` rendering
+    and anything read from the environment at import time.
+
+    Like a process, the command writes to file descriptors 1 and 2 (captured here, C-level output
+    and `kd cache-logits --json`'s dup2 included), sees `env` and the repository as its working
+    directory, and torch runs at the subprocess's thread count (OMP_NUM_THREADS), so results match
+    a subprocess's bit for bit. An exception main() does not turn into an error line propagates: the
+    test fails, as a traceback would fail it.
+    """
+    import torch
+
+    from kd.cli import main
+
+    saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    os.environ.update(kd_env() if env is None else env)
+    code = 0
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
+        os.dup2(out_file.fileno(), 1)
+        os.dup2(err_file.fileno(), 2)
+        py_out = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
+        py_err = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
+        try:
+            os.chdir(REPO)
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # what the subprocess would get
+            with contextlib.redirect_stdout(py_out), contextlib.redirect_stderr(py_err):
+                try:
+                    main(list(args))
+                except SystemExit as exc:  # main() exits 1 (or click's code) on a user error
+                    if isinstance(exc.code, str):  # sys.exit("message") prints the message, exits 1
+                        print(exc.code, file=sys.stderr)
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            py_out.flush()
+            py_err.flush()
+            for fd, saved in saved_fds.items():
+                os.dup2(saved, fd)
+                os.close(saved)
+            torch.set_num_threads(saved_threads)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+        out_file.seek(0)
+        err_file.seek(0)
+        stdout = out_file.read().decode("utf-8", errors="replace")
+        stderr = err_file.read().decode("utf-8", errors="replace")
+    return subprocess.CompletedProcess(["kd", *args], code, stdout, stderr)
 
 
 def start_kd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -157,11 +157,11 @@ def test_sqrt8_kl_to_the_exact_teacher_is_under_1e3_nats(smollm2_dir, smollm2_to
 def test_inspect_splits_the_bytes_per_target_token(tmp_path):
     import json
 
-    from tests.helpers import run_kd
+    from tests.helpers import run_kd_in_process
 
     rng = np.random.default_rng(3)
     write_cache(tmp_path / "c", "topk", random_topk(rng, 12, 16, 3000), "sqrt8", 16, vocab=3000)
-    report = json.loads(run_kd("inspect", str(tmp_path / "c"), "--json").stdout)
+    report = json.loads(run_kd_in_process("inspect", str(tmp_path / "c"), "--json").stdout)
     parts = report["bytes_per_target_token_by_part"]
     assert set(parts) == {"ids", "values", "tail", "tokens"}
     assert all(v > 0 for v in parts.values())

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from kd.cache.reader import CacheReader
-from tests.helpers import assert_one_line_error, run_kd, start_kd
+from tests.helpers import assert_one_line_error, kd_env, run_kd, run_kd_in_process, start_kd
 
 
 def make_corpus(path: Path, rows: int = 24) -> Path:
@@ -73,7 +73,7 @@ def test_cache_then_inspect_verify(tmp_path, corpus, tiny_model_dir):
     assert summary["complete"] and summary["shards_written"] >= 3
     assert summary["tokens"] > summary["targets"] > 0 and 0 < summary["teacher_share"] <= 1
     assert summary["tokens_per_second"] > 0 and summary["targets_per_second"] > 0
-    report = json.loads(run_kd("inspect", str(out), "--verify", "--json").stdout)
+    report = json.loads(run_kd_in_process("inspect", str(out), "--verify", "--json").stdout)
     assert report["verified"] and report["complete"]
     assert report["rows"] == 24 and report["targets"] == summary["targets"]
     assert 0 < report["bytes_per_target_token"] < 16 * 8
@@ -88,7 +88,7 @@ def test_cache_then_inspect_verify(tmp_path, corpus, tiny_model_dir):
         np.testing.assert_allclose(total, 1.0, atol=0.02)
     # Rerunning the finished command writes nothing new.
     again = json.loads(
-        run_kd(
+        run_kd_in_process(
             "cache-logits",
             "--teacher",
             str(tiny_model_dir),
@@ -108,7 +108,7 @@ def test_cache_then_inspect_verify(tmp_path, corpus, tiny_model_dir):
 
 def test_rs_mode_cache(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache-rs"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits",
         "--teacher",
         str(tiny_model_dir),
@@ -132,7 +132,7 @@ def test_rs_mode_cache(tmp_path, corpus, tiny_model_dir):
 def test_adaptive_topk_cache(tmp_path, corpus, tiny_model_dir):
     """--mass-epsilon stores only the leading ids holding 1 - eps of the mass; the rest is tail."""
     out = tmp_path / "cache-adaptive"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits",
         "--teacher",
         str(tiny_model_dir),
@@ -178,7 +178,7 @@ def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
         "150",
     ]
     reference = tmp_path / "reference"
-    assert run_kd("cache-logits", *args, "--out", str(reference)).returncode == 0
+    assert run_kd_in_process("cache-logits", *args, "--out", str(reference)).returncode == 0
     expected = cache_files(reference)
     assert len(expected) >= 8
 
@@ -230,7 +230,8 @@ def test_two_ranks_write_one_cache(tmp_path, corpus, tiny_model_dir):
         "--batch-tokens",
         "2048",
     ]
-    procs = [start_kd("cache-logits", *args, "--rank", str(r)) for r in (0, 1)]
+    # One OpenMP thread each: two processes of two threads on CI's two cores spin in OpenMP barriers.
+    procs = [start_kd("cache-logits", *args, "--rank", str(r), env=kd_env(OMP_NUM_THREADS="1")) for r in (0, 1)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
@@ -245,12 +246,12 @@ def test_two_ranks_write_one_cache(tmp_path, corpus, tiny_model_dir):
 def test_different_settings_are_refused(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache"
     assert (
-        run_kd(
+        run_kd_in_process(
             "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8"
         ).returncode
         == 0
     )
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "16"
     )
     assert_one_line_error(proc, "different settings", "k: 8 -> 16")
@@ -259,7 +260,7 @@ def test_different_settings_are_refused(tmp_path, corpus, tiny_model_dir):
 def test_corrupted_shard_fails_verify(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache"
     assert (
-        run_kd(
+        run_kd_in_process(
             "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8"
         ).returncode
         == 0
@@ -268,7 +269,7 @@ def test_corrupted_shard_fails_verify(tmp_path, corpus, tiny_model_dir):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert_one_line_error(run_kd("inspect", str(out), "--verify"), shard.name, "sha256 mismatch")
+    assert_one_line_error(run_kd_in_process("inspect", str(out), "--verify"), shard.name, "sha256 mismatch")
 
 
 @pytest.mark.parametrize(
@@ -298,7 +299,7 @@ def test_bad_input_is_one_line_and_leaves_no_cache(tmp_path, tiny_model_dir, rec
     corpus.write_text("".join(r + "\n" for r in records))
     out = tmp_path / "cache"
     teacher = [] if "--teacher" in flags else ["--teacher", str(tiny_model_dir)]
-    proc = run_kd("cache-logits", *teacher, "--data", str(corpus), "--out", str(out), *flags)
+    proc = run_kd_in_process("cache-logits", *teacher, "--data", str(corpus), "--out", str(out), *flags)
     assert_one_line_error(proc, *fragments)
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("shard-*")) if out.exists() else True
@@ -321,7 +322,7 @@ def test_truncation_is_counted(tmp_path, tiny_model_dir):
         + json.dumps({"question": "short", "answer": "ok"})
         + "\n"
     )
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits",
         "--teacher",
         str(tiny_model_dir),
@@ -373,7 +374,7 @@ def test_stage_one_memory_is_bounded_by_settings(tmp_path, tiny_model_dir):
     out = tmp_path / "cache"
     block = 4
     summary = _summary(
-        run_kd(
+        run_kd_in_process(
             "cache-logits",
             "--teacher",
             str(tiny_model_dir),
@@ -417,22 +418,26 @@ def test_bad_record_mid_stream_keeps_earlier_shards(tmp_path, tiny_model_dir):
     bad.write_text("\n".join(lines[:20] + ["{oops"] + lines[21:]) + "\n")
     args = ["--teacher", str(tiny_model_dir), "--top-k", "4", "--shard-tokens", "100", "--block-records", "4"]
     out = tmp_path / "cache"
-    assert_one_line_error(run_kd("cache-logits", *args, "--data", str(bad), "--out", str(out)), "corpus.jsonl:21")
+    assert_one_line_error(
+        run_kd_in_process("cache-logits", *args, "--data", str(bad), "--out", str(out)), "corpus.jsonl:21"
+    )
     kept = cache_files(out)
     assert kept, "shards finished before the bad record stay written"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
     bad.write_text(good.read_text())  # the user fixes the record
-    summary = _summary(run_kd("cache-logits", *args, "--data", str(bad), "--out", str(out), "--json"))
+    summary = _summary(run_kd_in_process("cache-logits", *args, "--data", str(bad), "--out", str(out), "--json"))
     assert summary["shards_reused"] == len(kept) and summary["complete"]
     reference = tmp_path / "reference"
-    _summary(run_kd("cache-logits", *args, "--data", str(good), "--out", str(reference), "--json"))
+    _summary(run_kd_in_process("cache-logits", *args, "--data", str(good), "--out", str(reference), "--json"))
     assert cache_files(out) == cache_files(reference)
 
     # Changing a record that a written shard holds is refused, naming the shard.
     bad.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
     assert_one_line_error(
-        run_kd("cache-logits", *args, "--data", str(bad), "--out", str(out)), "changed since", "shard-r000-00000"
+        run_kd_in_process("cache-logits", *args, "--data", str(bad), "--out", str(out)),
+        "changed since",
+        "shard-r000-00000",
     )
 
 

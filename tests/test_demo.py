@@ -44,20 +44,23 @@ def test_demo_runs_and_reruns_from_its_finished_steps(tmp_path):
     for row in ("| teacher |", "| KD student |", "| CE-only student |"):
         assert row in report
     assert (out / "curves.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
-    for name in ("teacher", "student-kd", "student-ce"):
-        metrics = json.loads((out / f"eval-{name}.json").read_text())
+    comparison = json.loads((out / "compare" / "compare.json").read_text())
+    students = {row["model"]: row for row in comparison["models"]}
+    for metrics in (json.loads((out / "eval-teacher.json").read_text()), *students.values()):
         assert metrics["tokens"] > 0 and "answer_accuracy" in metrics
     assert json.loads((out / "eval-teacher.json").read_text())["kl"] == pytest.approx(0.0, abs=0.02)
+    assert comparison["baseline"] == "student-ce" and comparison["comparisons"][0]["model"] == "student-kd"
+    assert (out / "compare" / "compare.md").is_file()
     assert (out / "student-kd" / "model.safetensors").is_file()
     assert "kd gen-traces" in report and "kd cache-logits" in report and "kd train" in report
-    # Held-out figures carry 95% intervals, and each verdict is read from them.
-    for name in ("student-kd", "student-ce"):
-        metrics = json.loads((out / f"eval-{name}.json").read_text())
+    # Held-out figures carry 95% intervals; each verdict is read from the paired interval of KD − CE-only.
+    for metrics in students.values():
         lo, hi = metrics["ce_ci"]
         assert lo <= metrics["ce"] <= hi
     verdicts = [line for line in report.splitlines() if line.startswith("- ") and "→" in line]
-    assert len(verdicts) >= 3
+    assert len(verdicts) == len(comparison["comparisons"][0]["metrics"]) >= 3
     assert all(("KD better" in v) or ("CE-only better" in v) or ("within noise" in v) for v in verdicts)
+    assert all("difference" in v for v in verdicts)
     assert (out / "config.yaml").is_file()
 
     artefacts = [
@@ -70,5 +73,5 @@ def test_demo_runs_and_reruns_from_its_finished_steps(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in artefacts]
     second = run_kd(*args, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stderr.count("reused") == 10  # every step
+    assert second.stderr.count("reused") == 9  # every step
     assert [p.stat().st_mtime_ns for p in artefacts] == stamps  # and nothing was rewritten

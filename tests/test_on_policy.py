@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_one_line_error, run_kd, start_kd
+from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, start_kd
 
 ROUNDS, PROMPTS_PER_ROUND, SAMPLES, STEPS = 2, 4, 2, 3
 
@@ -80,7 +80,9 @@ def on_policy_args(teacher: Path, student: Path, prompts: Path, out: Path, *extr
 def reference(tmp_path_factory, tiny_model_dir, student_config, prompts) -> Path:
     """An uninterrupted two-round run."""
     out = tmp_path_factory.mktemp("on-policy") / "reference"
-    proc = run_kd(*on_policy_args(tiny_model_dir, student_config, prompts, out), "--json", "--report-to", "tensorboard")
+    proc = run_kd_in_process(
+        *on_policy_args(tiny_model_dir, student_config, prompts, out), "--json", "--report-to", "tensorboard"
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
@@ -210,10 +212,10 @@ def test_kill_anywhere_and_rerun_gives_the_uninterrupted_student(
 
 def test_other_settings_into_an_existing_run_are_refused(reference, tiny_model_dir, student_config, prompts):
     args = on_policy_args(tiny_model_dir, student_config, prompts, reference)
-    changed = run_kd(*[a if a != "3e-3" else "1e-3" for a in args])
+    changed = run_kd_in_process(*[a if a != "3e-3" else "1e-3" for a in args])
     assert_one_line_error(changed, "--learning-rate", "0.003", "0.001")
     before = weights(reference / "student")
-    again = run_kd(*args)  # the same command: every round is done, nothing changes
+    again = run_kd_in_process(*args)  # the same command: every round is done, nothing changes
     assert again.returncode == 0, again.stderr
     after = weights(reference / "student")
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -254,7 +256,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(
         fragments = ("--engine transformers cannot load the student", str(student))
     args = on_policy_args(tiny_model_dir, student, bad_prompts, out)
     args[args.index("--rounds") + 1 : args.index("--rounds") + 2] = ["1"]
-    proc = run_kd(*args, *extra)
+    proc = run_kd_in_process(*args, *extra)
     assert_one_line_error(proc, *fragments)
     if case != "engine-cannot-load":
         assert not out.exists()  # refused before anything was written
@@ -264,7 +266,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(
     assert not (out / "round-000" / "cache").exists()
     fixed = args.copy()
     fixed[fixed.index("--student") + 1] = str(student_config)
-    rerun = run_kd(*fixed)
+    rerun = run_kd_in_process(*fixed)
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "round-000" / "round.json").is_file()
 
@@ -272,7 +274,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(
 @pytest.mark.slow
 def test_eval_on_policy_prompts_judges_any_model(tmp_path, reference, tiny_model_dir, prompts):
     def measure(model: Path) -> dict:
-        proc = run_kd(
+        proc = run_kd_in_process(
             "eval", "--model", str(model), "--teacher", str(tiny_model_dir), "--on-policy-prompts", str(prompts),
             "--max-new-tokens", "8", "--engine", "transformers", "--top-k", "8", "--json",
             "--on-policy-out", str(tmp_path / model.name),
@@ -320,7 +322,7 @@ def test_mix_adds_off_policy_records_that_are_trained_on_not_judged(tmp_path, ti
     out = tmp_path / "mixed"
     args = on_policy_args(tiny_model_dir, student_config, prompts, out, "--mix", "0.5", "--mix-data", str(corpus))
     args[args.index("--rounds") + 1] = "1"
-    proc = run_kd(*args)
+    proc = run_kd_in_process(*args)
     assert proc.returncode == 0, proc.stderr
     records = lines(out / "round-000" / "samples.jsonl")
     on_policy = PROMPTS_PER_ROUND * SAMPLES

@@ -17,7 +17,7 @@ import torch
 
 from kd.pipeline.data import Example, TokenizedExample, iter_examples, tokenize_example
 from kd.pipeline.training.trainer import tag_token_weights
-from tests.helpers import run_kd
+from tests.helpers import run_kd_in_process
 
 TRACE = "<think>\nIs 3 < 4? I think so, and 5 > 2, so 3 + 4 = 7.\n</think>\n\nThe answer is \\boxed{7}."
 RECORDS = [
@@ -71,7 +71,7 @@ def test_sft_loss_is_the_tag_weighted_ce_over_the_weighted_count(tmp_path: Path,
     data = tmp_path / "traces.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     out = tmp_path / "student"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train",
         "--data",
         str(data),

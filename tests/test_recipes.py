@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, run_kd
+from tests.helpers import REPO, run_kd_in_process
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
 
@@ -27,7 +27,7 @@ def test_recipe_validates(recipe: Path):
     assert any(f"--config recipes/{recipe.parent.name}/{recipe.name}" in line for line in header), (
         "the header must show the exact command line"
     )
-    proc = run_kd(command, "--config", str(recipe), "--print-config")
+    proc = run_kd_in_process(command, "--config", str(recipe), "--print-config")
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     for key, value in yaml.safe_load(recipe.read_text()).items():

@@ -22,7 +22,7 @@ from kd.cache.reader import CacheReader
 from kd.cache.replicate import replicate_cache
 from kd.pipeline.training.order import EpochPlan, OrderSettings
 from kd.pipeline.training.stream import StepLoader
-from tests.helpers import assert_one_line_error, run_kd, run_torchrun, start_kd
+from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
 from tests.test_cache_logits import make_corpus
 from tests.test_train import assert_same_weights, metrics
 
@@ -31,7 +31,7 @@ from tests.test_train import assert_same_weights, metrics
 def base_cache(tmp_path_factory, tiny_model_dir) -> Path:
     corpus = make_corpus(tmp_path_factory.mktemp("data") / "corpus.jsonl", rows=24)
     out = tmp_path_factory.mktemp("caches") / "base"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8"
     )
     assert proc.returncode == 0, proc.stderr
@@ -172,15 +172,17 @@ def _train_args(cache: Path, student: Path, out: Path, *extra: str) -> list[str]
 
 def test_batch_tokens_reports_padding_and_rejects_a_too_small_budget(tmp_path, small_units, student_config):
     out = tmp_path / "tokens"
-    proc = run_kd(*_train_args(small_units, student_config, out, "--batch-tokens", "600", "--max-steps", "3"))
+    proc = run_kd_in_process(
+        *_train_args(small_units, student_config, out, "--batch-tokens", "600", "--max-steps", "3")
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [m for m in metrics(out) if "loss" in m]
     assert len(rows) == 3
     assert all(0.0 <= m["padding"] < 1.0 for m in rows)
     assert all("data_wait_share" in m for m in rows)
-    proc = run_kd(*_train_args(small_units, student_config, tmp_path / "small", "--batch-tokens", "10"))
+    proc = run_kd_in_process(*_train_args(small_units, student_config, tmp_path / "small", "--batch-tokens", "10"))
     assert_one_line_error(proc, "--batch-tokens 10", "raise --batch-tokens to at least")
-    proc = run_kd(*_train_args(small_units, student_config, tmp_path / "w0", "--shuffle-window", "0"))
+    proc = run_kd_in_process(*_train_args(small_units, student_config, tmp_path / "w0", "--shuffle-window", "0"))
     assert_one_line_error(proc, "--shuffle-window must be >= 1")
 
 
@@ -193,11 +195,11 @@ def test_old_and_future_cache_versions(tmp_path, base_cache, student_config):
     for shard in manifest["shards"]:
         assert len(shard.pop("batches")) == 1  # the base cache is small: one record batch per shard
     (v1 / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_kd(*_train_args(v1, student_config, tmp_path / "o1", "--max-steps", "2"))
+    proc = run_kd_in_process(*_train_args(v1, student_config, tmp_path / "o1", "--max-steps", "2"))
     assert proc.returncode == 0, proc.stderr
     manifest["settings"]["format_version"] = 99
     (v1 / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_kd(*_train_args(v1, student_config, tmp_path / "o2", "--max-steps", "2"))
+    proc = run_kd_in_process(*_train_args(v1, student_config, tmp_path / "o2", "--max-steps", "2"))
     assert_one_line_error(proc, "format version 99", "re-create it")
 
 
@@ -228,17 +230,17 @@ def test_a_shard_corrupted_mid_run_stops_with_one_line_and_resume_works(tmp_path
     out = tmp_path / "student"
     extra = ["--shuffle-window", "6", "--batch-size", "2", "--save-every", "1", "--prefetch", "1"]
     args = _train_args(cache, student_config, out, *extra)
-    proc = run_kd(*args)
+    proc = run_kd_in_process(*args)
     assert_one_line_error(proc, shard.name, "corrupted")
     logged = [m["step"] for m in metrics(out) if "loss" in m]
     assert logged and max(logged) >= step - 2, logged  # training ran until the data was needed
     assert not (out / "model.safetensors").exists()
     shard.write_bytes(pristine)  # the shard re-created
-    resumed = run_kd(*args, "--resume")
+    resumed = run_kd_in_process(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     reference = tmp_path / "reference"
-    assert run_kd(*_train_args(cache, student_config, reference, *extra)).returncode == 0
+    assert run_kd_in_process(*_train_args(cache, student_config, reference, *extra)).returncode == 0
     assert_same_weights(reference, out)
 
 
@@ -246,7 +248,7 @@ def test_a_shard_corrupted_mid_run_stops_with_one_line_and_resume_works(tmp_path
 def test_kill_and_resume_with_a_shuffle_window_and_token_batches(tmp_path, small_units, student_config):
     extra = ["--shuffle-window", "5", "--batch-tokens", "500", "--max-steps", "16", "--save-every", "3"]
     reference = tmp_path / "reference"
-    assert run_kd(*_train_args(small_units, student_config, reference, *extra)).returncode == 0
+    assert run_kd_in_process(*_train_args(small_units, student_config, reference, *extra)).returncode == 0
     out = tmp_path / "killed"
     proc = start_kd(*_train_args(small_units, student_config, out, *extra))
     deadline = time.time() + 300
@@ -272,7 +274,10 @@ def test_two_processes_with_token_batches_match_one(tmp_path, small_units, stude
     extra = ["--shuffle-window", "7", "--batch-tokens", "400", "--max-steps", "3", "--seed", "2"]
     single = tmp_path / "single"
     assert (
-        run_kd(*_train_args(small_units, student_config, single, *extra, "--accumulation-steps", "2")).returncode == 0
+        run_kd_in_process(
+            *_train_args(small_units, student_config, single, *extra, "--accumulation-steps", "2")
+        ).returncode
+        == 0
     )
     double = tmp_path / "double"
     proc = run_torchrun(*_train_args(small_units, student_config, double, *extra), port="29537")
@@ -310,7 +315,7 @@ def test_data_corpus_streams_the_same_way(tmp_path, tiny_model_dir, student_conf
         "1e-3",
     ]
     single = tmp_path / "single"
-    proc = run_kd(*common, "--out", str(single), "--accumulation-steps", "2")
+    proc = run_kd_in_process(*common, "--out", str(single), "--accumulation-steps", "2")
     assert proc.returncode == 0, proc.stderr
     prepared = single / "prepared" / "train"
     assert CacheReader(prepared, flag="--data").num_rows == 20
@@ -321,14 +326,16 @@ def test_data_corpus_streams_the_same_way(tmp_path, tiny_model_dir, student_conf
     want = [m["loss"] for m in metrics(single) if "loss" in m]
     assert [m["loss"] for m in metrics(double) if "loss" in m] == pytest.approx(want, rel=1e-6)
     assert_same_weights(single, double, atol=2e-5)
-    rerun = run_kd(*common, "--out", str(single), "--accumulation-steps", "2")
+    rerun = run_kd_in_process(*common, "--out", str(single), "--accumulation-steps", "2")
     assert rerun.returncode == 0, rerun.stderr
     assert (prepared / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-tokenized
     assert_same_weights(single, double, atol=2e-5)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(corpus.read_text() + "{not json\n")
-    proc = run_kd(*[bad if a == str(corpus) else a for a in map(str, common)], "--out", str(tmp_path / "bad"))
+    proc = run_kd_in_process(
+        *[bad if a == str(corpus) else a for a in map(str, common)], "--out", str(tmp_path / "bad")
+    )
     assert_one_line_error(proc, "bad.jsonl:21", "malformed JSON")
 
 
@@ -336,14 +343,20 @@ def test_init_from_continues_weights_optimizer_and_schedule(tmp_path, base_cache
     """Run B starts where run A ended: global step count, learning-rate schedule and weights carry over."""
     schedule = ["--schedule-steps", "6", "--learning-rate", "1e-3", "--warmup-steps", "2"]
     first = tmp_path / "first"
-    assert run_kd(*_train_args(base_cache, student_config, first, "--max-steps", "3", *schedule)).returncode == 0
+    assert (
+        run_kd_in_process(*_train_args(base_cache, student_config, first, "--max-steps", "3", *schedule)).returncode
+        == 0
+    )
     second = tmp_path / "second"
-    proc = run_kd(
+    proc = run_kd_in_process(
         *_train_args(base_cache, student_config, second, "--max-steps", "3", "--init-from", str(first), *schedule)
     )
     assert proc.returncode == 0, proc.stderr
     whole = tmp_path / "whole"
-    assert run_kd(*_train_args(base_cache, student_config, whole, "--max-steps", "6", *schedule)).returncode == 0
+    assert (
+        run_kd_in_process(*_train_args(base_cache, student_config, whole, "--max-steps", "6", *schedule)).returncode
+        == 0
+    )
     rows = [m for m in metrics(second) if "loss" in m]
     assert [m["step"] for m in rows] == [4, 5, 6]
     assert [m["lr"] for m in rows] == pytest.approx([m["lr"] for m in metrics(whole) if "loss" in m][3:])
@@ -355,11 +368,11 @@ def test_init_from_continues_weights_optimizer_and_schedule(tmp_path, base_cache
 
 def test_config_yaml_in_out_reruns_the_training(tmp_path, base_cache, student_config):
     first = tmp_path / "first"
-    proc = run_kd(*_train_args(base_cache, student_config, first, "--max-steps", "2", "--seed", "4"))
+    proc = run_kd_in_process(*_train_args(base_cache, student_config, first, "--max-steps", "2", "--seed", "4"))
     assert proc.returncode == 0, proc.stderr
     assert (first / "config.yaml").is_file()
     second = tmp_path / "second"
-    proc = run_kd("train", "--config", str(first / "config.yaml"), "--out", str(second))
+    proc = run_kd_in_process("train", "--config", str(first / "config.yaml"), "--out", str(second))
     assert proc.returncode == 0, proc.stderr
     assert_same_weights(first, second)
 
@@ -368,6 +381,6 @@ def test_limit_cuts_inside_a_record_batch(tmp_path, small_units, student_config)
     """--limit N ends in the middle of a record batch: training reads only the first N sequences."""
     units = CacheReader(small_units).units()
     limit = units[0].rows + units[1].rows + 1
-    proc = run_kd(*_train_args(small_units, student_config, tmp_path / "o", "--limit", str(limit), "--json"))
+    proc = run_kd_in_process(*_train_args(small_units, student_config, tmp_path / "o", "--limit", str(limit), "--json"))
     assert proc.returncode == 0, proc.stderr
     assert f"{limit} sequences" in proc.stderr.replace("\n", " ")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, start_kd
+from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, run_kd_in_process, start_kd
 from tests.test_cache_logits import make_corpus
 
 
@@ -37,7 +37,7 @@ def heldout(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, corpus, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("caches") / "train"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "16"
     )
     assert proc.returncode == 0, proc.stderr
@@ -47,7 +47,7 @@ def cache(tmp_path_factory, corpus, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def eval_cache(tmp_path_factory, heldout, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("caches") / "eval"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(heldout), "--out", str(out), "--top-k", "16"
     )
     assert proc.returncode == 0, proc.stderr
@@ -133,16 +133,13 @@ def test_accumulation_is_invariant(tmp_path, cache, student_config):
         "3",
     ]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run_kd(*common, "--out", str(a), "--batch-size", "4").returncode == 0
-    assert run_kd(*common, "--out", str(b), "--batch-size", "2", "--accumulation-steps", "2").returncode == 0
+    assert run_kd_in_process(*common, "--out", str(a), "--batch-size", "4").returncode == 0
+    assert run_kd_in_process(*common, "--out", str(b), "--batch-size", "2", "--accumulation-steps", "2").returncode == 0
     assert_same_weights(a, b, atol=2e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("sharding", "port"), [("ddp", "29517"), ("fsdp", "29527")])
-def test_two_processes_match_one(tmp_path, cache, eval_cache, student_config, sharding, port):
-    """torchrun with 2 gloo processes x 2 sequences == 1 process x 4 sequences, with DDP and with FSDP2."""
-    common = [
+def sharded_common(cache: Path, student_config: Path) -> list[str]:
+    return [
         "train",
         "--from-cache",
         str(cache),
@@ -157,8 +154,25 @@ def test_two_processes_match_one(tmp_path, cache, eval_cache, student_config, sh
         "--log-every",
         "1",
     ]
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    assert run_kd(*common, "--out", str(single), "--batch-size", "4").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache, student_config) -> Path:
+    """1 process x 4 sequences: the run both torchrun tests (DDP, FSDP2) compare with, trained once."""
+    out = tmp_path_factory.mktemp("single") / "single"
+    assert (
+        run_kd_in_process(*sharded_common(cache, student_config), "--out", str(out), "--batch-size", "4").returncode
+        == 0
+    )
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sharding", "port"), [("ddp", "29517"), ("fsdp", "29527")])
+def test_two_processes_match_one(tmp_path, cache, eval_cache, student_config, single, sharding, port):
+    """torchrun with 2 gloo processes x 2 sequences == 1 process x 4 sequences, with DDP and with FSDP2."""
+    common = sharded_common(cache, student_config)
+    double = tmp_path / "ddp"
     proc = subprocess.run(
         [
             sys.executable,
@@ -216,7 +230,7 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tmp_path, cache, s
         "1",
     ]
     reference = tmp_path / "reference"
-    assert run_kd(*common, "--out", str(reference)).returncode == 0
+    assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
 
     out = tmp_path / "killed"
     proc = start_kd(*common, "--out", str(out))
@@ -240,7 +254,7 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tmp_path, cache, s
 
 def test_student_from_teacher_copies_the_chosen_layers(tmp_path, cache, tiny_model_dir):
     out = tmp_path / "cut"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train",
         "--from-cache",
         str(cache),
@@ -264,7 +278,7 @@ def test_student_from_teacher_copies_the_chosen_layers(tmp_path, cache, tiny_mod
 
 def test_online_kd_and_sft_run(tmp_path, corpus, tiny_model_dir, student_config):
     online = tmp_path / "online"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train",
         "--teacher",
         str(tiny_model_dir),
@@ -283,7 +297,7 @@ def test_online_kd_and_sft_run(tmp_path, corpus, tiny_model_dir, student_config)
     assert proc.returncode == 0, proc.stderr
     assert all(m["divergence"] > 0 for m in metrics(online) if "loss" in m)
     sft = tmp_path / "sft"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train",
         "--data",
         str(corpus),
@@ -306,7 +320,7 @@ def test_online_kd_and_sft_run(tmp_path, corpus, tiny_model_dir, student_config)
 def test_rs_cache_trains(tmp_path, corpus, tiny_model_dir, student_config):
     rs = tmp_path / "rs-cache"
     assert (
-        run_kd(
+        run_kd_in_process(
             "cache-logits",
             "--teacher",
             str(tiny_model_dir),
@@ -322,7 +336,7 @@ def test_rs_cache_trains(tmp_path, corpus, tiny_model_dir, student_config):
         == 0
     )
     out = tmp_path / "student"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train",
         "--from-cache",
         str(rs),
@@ -336,7 +350,7 @@ def test_rs_cache_trains(tmp_path, corpus, tiny_model_dir, student_config):
         "1",
     )
     assert proc.returncode == 0, proc.stderr
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train",
         "--from-cache",
         str(rs),
@@ -352,7 +366,7 @@ def test_rs_cache_trains(tmp_path, corpus, tiny_model_dir, student_config):
 
 def test_lora_student_is_saved_merged(tmp_path, cache, tiny_model_dir):
     out = tmp_path / "lora"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train",
         "--from-cache",
         str(cache),
@@ -387,7 +401,7 @@ def test_lora_student_is_saved_merged(tmp_path, cache, tiny_model_dir):
     ],
 )
 def test_bad_flags(tmp_path, cache, student_config, flags, fragments):
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(tmp_path / "o"), *flags
     )
     assert_one_line_error(proc, *fragments)
@@ -405,7 +419,7 @@ def test_bad_caches_are_refused(tmp_path, cache, student_config, smollm2_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(other))).save_pretrained(str(other))
-    proc = run_kd("train", "--from-cache", str(cache), "--student", str(other), "--out", str(tmp_path / "o"))
+    proc = run_kd_in_process("train", "--from-cache", str(cache), "--student", str(other), "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, "another tokenizer")
 
     # A corrupted shard.
@@ -413,11 +427,13 @@ def test_bad_caches_are_refused(tmp_path, cache, student_config, smollm2_dir):
     shutil.copytree(cache, broken)
     shard = sorted(broken.glob("shard-*.arrow"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    proc = run_kd("train", "--from-cache", str(broken), "--student", str(student_config), "--out", str(tmp_path / "o"))
+    proc = run_kd_in_process(
+        "train", "--from-cache", str(broken), "--student", str(student_config), "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(proc, shard.name, "corrupted or truncated")
 
     # Not a cache at all, and an incomplete one.
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train", "--from-cache", str(tmp_path), "--student", str(student_config), "--out", str(tmp_path / "o")
     )
     assert_one_line_error(proc, "not a kd cache")
@@ -427,7 +443,7 @@ def test_bad_caches_are_refused(tmp_path, cache, student_config, smollm2_dir):
     manifest["complete"] = False
     manifest["ranks"] = {}
     (incomplete / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train", "--from-cache", str(incomplete), "--student", str(student_config), "--out", str(tmp_path / "o")
     )
     assert_one_line_error(proc, "incomplete")

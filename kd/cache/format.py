@@ -33,6 +33,10 @@ column              type                                          meaning
                                                                   nest ids/counts per target instead)
 ==================  ============================================  =====================================
 
+With ``kd cache-logits --temperatures`` a top-k shard has one more column, ``teacher_tempered_tail``:
+list<fixed_size_list<float16|float32, M>>, per target the log of the tail mass of softmax(z / T) for
+each of the M recorded temperatures T != 1 (see "Tempered tails" below).
+
 The teacher lists hold one entry per *target*: each position t >= 1 with ``loss_mask[t]`` set, in
 order. Entry j describes the teacher's distribution over token t given tokens [0, t), i.e. the
 logits at position t - 1. Position 0 is never a target. Stage two therefore never re-tokenizes.
@@ -42,14 +46,28 @@ Id coding (``kd.id_coding`` in each shard file's schema metadata): ``sorted`` (d
 with them; ``raw`` (older caches) stores them as the teacher ranked them. See kd/cache/coding.py.
 Readers get top-k rows in probability order either way.
 
+Tempered tails (``manifest.settings.temperatures``, e.g. ``[1.0, 2.0, 4.0]``; absent = ``[1.0]``):
+the top-k log-probs at T = 1 give the cached ids' tempered ratios exactly (p_T(i) ∝ p(i)^(1/T)), but
+not the tail's tempered mass, which depends on how the tail's mass is spread over its ids. Stage one
+computes it from the full logits row, log Σ_{j outside the top-k} softmax(z/T)_j, for each requested
+T != 1, one fixed-size list entry per T in the manifest's order (T = 1 excluded). Stored as float16
+in sqrt8 and q64 caches (2 bytes per target and temperature before compression; relative error of the
+log at most 2^-11, which moves KL(exact || target) by < 1e-5 nats) and float32 in float32 caches.
+
 Value encodings (``manifest.value_encoding``):
 
 * ``sqrt8`` (default): the square root of each probability on 180 levels, one byte
   (``round(180 sqrt p)``; 255 marks an empty slot), then the row (with the tail) renormalised on
-  reading. Equal steps in sqrt(p) cost equal KL (its Fisher metric is flat), so precision follows the
-  probability: the KL between stored and exact teacher buckets is at most about 64 / (2 x 360^2)
-  = 2.5e-4 nats per token for k = 64 (measured on the embedded teacher: mean 2.8e-4, max 5.3e-4
-  including the tail's q64 rounding; tested <= 1e-3). The tail stays q64.
+  reading. Equal steps in sqrt(p) cost equal KL, so precision follows the probability. The bound, to
+  second order: with u_i = sqrt(p_i), KL(p || q) ≈ 2 Σ_i (u_i − û_i)² (4 x the squared Hellinger
+  distance; the Fisher metric in sqrt coordinates is flat), and rounding to a 1/180 grid moves each
+  u_i by at most 1/360, so KL ≤ 2k / 360² = ``sqrt8_kl_bound(k)``: **9.9e-4 nats per token at k = 64,
+  1.98e-3 at k = 128, 3.95e-3 at k = 256** (renormalising can only lower it). An adversarial row
+  (every sqrt p half a step off, signs alternating so that renormalising undoes nothing) reaches it;
+  real teacher rows stay below (embedded teacher on GSM8K, bench/tempered_tail.py: mean 2.8e-4 /
+  max 5.0e-4 at k = 64, mean 5.0e-4 / max 9.7e-4 at k = 128, mean 8.8e-4 / max 1.8e-3 at k = 256).
+  Where the bound matters (k > 64 with a tight KL budget), ``q64`` costs a second byte per value and
+  is bounded by ~3e-5 whatever k (½ (1/128)²). The tail stays q64.
 
 * ``q64``: a log-prob ``v <= 0`` is stored as ``q = round(-64 v)`` in uint16 (so values down to
   -1023.98 nats), and along each top-k row as the difference to the previous entry (top-k rows are
@@ -76,6 +94,36 @@ Q_MAX_FINITE = 65534
 VALUE_ENCODINGS = ("sqrt8", "q64", "float32")
 SQRT_LEVELS = 180
 SQRT_EMPTY = 255
+TEMPERED_TAIL_COLUMN = "teacher_tempered_tail"
+
+
+def sqrt8_kl_bound(k: int) -> float:
+    """Second-order worst case of KL(exact || sqrt8-decoded) over k stored values, nats per token: 2k / 360²."""
+    return 2.0 * k / (2.0 * SQRT_LEVELS) ** 2
+
+
+def tempered_tail_type(value_encoding: str) -> pa.DataType:
+    """float32 in float32 caches (exact), float16 otherwise (a quantised cache gains nothing from more)."""
+    return pa.float32() if value_encoding == "float32" else pa.float16()
+
+
+def parse_temperatures(text: str | list | tuple, flag: str = "--temperatures") -> tuple[float, ...]:
+    """'1,2,4' -> (1.0, 2.0, 4.0): sorted, unique, each > 0 and finite, always including 1."""
+    from kd.errors import KdError
+
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    values = set()
+    for part in parts:
+        try:
+            value = float(part)
+        except (TypeError, ValueError):
+            raise KdError(f"{flag} {text}: expected comma-separated numbers such as 1,2,4") from None
+        if not (value > 0 and np.isfinite(value)):
+            raise KdError(f"{flag} {text}: every temperature must be > 0 and finite, got {part}")
+        values.add(value)
+    return tuple(sorted(values | {1.0}))
+
+
 MODES = ("topk", "rs")
 IPC_COMPRESSION = ("zstd", 9)
 
@@ -92,9 +140,18 @@ def count_type(num_samples: int) -> pa.DataType:
 
 
 def schema(
-    mode: str, vocab_size: int, k: int, value_encoding: str, num_samples: int = 0, id_coding: str = "sorted"
+    mode: str,
+    vocab_size: int,
+    k: int,
+    value_encoding: str,
+    num_samples: int = 0,
+    id_coding: str = "sorted",
+    tempered: int = 0,
 ) -> pa.Schema:
-    """The Arrow schema of a shard for these settings (the id coding travels as schema metadata)."""
+    """The Arrow schema of a shard for these settings (the id coding travels as schema metadata).
+
+    `tempered`: how many temperatures T != 1 get a tempered-tail column entry (top-k mode).
+    """
     ids = id_type(vocab_size)
     fields = [
         pa.field("row", pa.uint64()),
@@ -109,6 +166,10 @@ def schema(
             pa.field("teacher_values", pa.list_(pa.list_(value, k))),
             pa.field("teacher_tail", pa.list_(tail)),
         ]
+        if tempered:
+            fields.append(
+                pa.field(TEMPERED_TAIL_COLUMN, pa.list_(pa.list_(tempered_tail_type(value_encoding), tempered)))
+            )
     elif id_coding == "sorted":
         # RS, flat: each sequence's unique ids and counts as one list, and per target how many of
         # them it has. Nested lists would store two int32 offset arrays per target (~5 B/token).
@@ -239,11 +300,17 @@ def decode_tail(stored: np.ndarray, encoding: str) -> np.ndarray:
 
 @dataclass
 class TopKTargets:
-    """Teacher data for the targets of one sequence: ids[T, K], logprobs[T, K] (desc), tail[T]."""
+    """Teacher data for the targets of one sequence: ids[T, K], logprobs[T, K] (desc), tail[T].
+
+    tempered_tails[T, M] (optional): for each of `temperatures` (all != 1), log of the mass of
+    softmax(z / temperature) outside the stored ids.
+    """
 
     ids: np.ndarray
     logprobs: np.ndarray
     tail: np.ndarray
+    tempered_tails: np.ndarray | None = None
+    temperatures: tuple[float, ...] = ()
 
 
 @dataclass
@@ -270,10 +337,26 @@ def truncate_to_mass(targets: TopKTargets, epsilon: float) -> TopKTargets:
     dropped = np.where(keep, 0.0, probs).sum(axis=1)
     with np.errstate(divide="ignore"):
         tail = np.logaddexp(np.asarray(targets.tail, dtype=np.float64), np.log(dropped))
+    tempered = targets.tempered_tails
+    if tempered is not None:
+        # The dropped ids' tempered mass joins each tempered tail: the stored ids share 1 − tail_T in
+        # proportion to p^(1/T), so an id's tempered mass is (1 − tail_T) · p^(1/T) / Σ_stored p^(1/T).
+        columns = []
+        for m, temperature in enumerate(targets.temperatures):
+            tail_t = np.asarray(tempered[:, m], dtype=np.float64)
+            scaled = logprobs / temperature
+            with np.errstate(divide="ignore", invalid="ignore"):
+                head_t = np.log(-np.expm1(np.minimum(tail_t, 0.0)))  # log(1 − tail_T)
+                lse = np.logaddexp.reduce(scaled, axis=1)
+                dropped_t = np.logaddexp.reduce(np.where(keep, -np.inf, scaled), axis=1) - lse + head_t
+            columns.append(np.logaddexp(tail_t, dropped_t))
+        tempered = np.stack(columns, axis=1).astype(np.float32)
     return TopKTargets(
         np.where(keep, targets.ids, 0).astype(targets.ids.dtype),
         np.where(keep, logprobs, -np.inf).astype(np.float32),
         tail.astype(np.float32),
+        tempered,
+        targets.temperatures,
     )
 
 
@@ -344,6 +427,21 @@ def build_batch(
             ),
             list_of([encode_tail(t.tail, value_encoding) for t in targets], tail_type),
         ]
+        if TEMPERED_TAIL_COLUMN in schema_.names:
+            m = schema_.field(TEMPERED_TAIL_COLUMN).type.value_type.list_size
+            tempered_type = schema_.field(TEMPERED_TAIL_COLUMN).type.value_type.value_type
+            for t in targets:
+                if t.tempered_tails is None or t.tempered_tails.shape[1:] != (m,):
+                    raise ValueError(
+                        f"the schema stores {m} tempered tails per target; the teacher gave none or others"
+                    )
+            offsets = np.zeros(len(targets) + 1, dtype=np.int32)
+            np.cumsum([len(t.tempered_tails) for t in targets], out=offsets[1:])
+            flat = np.concatenate([t.tempered_tails.reshape(-1) for t in targets]).astype(
+                tempered_type.to_pandas_dtype()
+            )
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=tempered_type), m)
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets), inner))
     elif "teacher_sizes" in schema_.names:
         counts_type = schema_.field("teacher_counts").type.value_type
         empty = np.zeros(0, dtype=np.int64)

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kd import __version__
 from kd.errors import KdError
@@ -64,9 +64,56 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise KdError(f"{path}: corrupt manifest ({exc.msg}); this is not a cache kd wrote") from exc
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KdError(f"{path}: corrupt manifest ({exc}); this is not a cache kd wrote") from exc
+    if not isinstance(manifest, dict):
+        kind = type(manifest).__name__
+        raise KdError(f"{path}: corrupt manifest (a JSON {kind}, not an object); this is not a cache kd wrote")
+    for key, kind in (("settings", dict), ("shards", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise KdError(f"{path}: corrupt manifest (no '{key}' {kind.__name__}); this is not a cache kd wrote")
+    return manifest
+
+
+def hold_exclusive(path: Path, refusal: str, mode: str = "a") -> IO[Any]:
+    """Open `path` and hold an exclusive lock on it while the returned file stays open.
+
+    The one lock kd's long runs take on their output (cache-logits per rank, gen-traces' ledger,
+    on-policy's run directory): a second run into the same place is refused with `refusal` at once
+    instead of writing through the same temp names. The kernel drops the lock if the process dies.
+    """
+    lock = open(path, mode)  # noqa: SIM115 - held for the caller's run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        lock.close()
+        raise KdError(refusal) from exc
+    return lock
+
+
+def _refuse_foreign(cache_dir: Path) -> None:
+    """Refuse an --out that is a file, or a non-empty directory that is not a cache, before creating anything in it."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise KdError(f"--out {cache_dir}: exists and is not a directory")
+    if not cache_dir.is_dir() or (cache_dir / MANIFEST).is_file():
+        return
+    leftovers = [p.name for p in cache_dir.iterdir() if p.name != "config.yaml" and not p.name.startswith(".")]
+    if leftovers:
+        raise KdError(f"--out {cache_dir}: directory is not empty and has no manifest.json; choose another")
+
+
+def claim_rank(cache_dir: Path, rank: int) -> IO[Any]:
+    """Create the cache directory and hold its rank `rank` for this run; refuse a second writer of that rank."""
+    _refuse_foreign(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return hold_exclusive(
+            cache_dir / f".rank-{rank:03d}.lock",
+            f"--out {cache_dir}: another kd cache-logits writes rank {rank} there; wait for it or use another --out",
+        )
+    except PermissionError as exc:
+        raise KdError(f"--out {cache_dir}: not writable ({exc.strerror})") from exc
 
 
 def _write(cache_dir: Path, manifest: dict[str, Any]) -> None:
@@ -88,16 +135,11 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = 
 
 def open_or_create(cache_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Start a cache, or join/resume one made with exactly the same settings; refuse any other."""
+    _refuse_foreign(cache_dir)  # before `locked` creates its lock file there
     with locked(cache_dir):
         manifest = read_manifest(cache_dir)
         if manifest is None:
-            leftovers = [
-                p.name
-                for p in cache_dir.iterdir()
-                if p.name not in (LOCK, "config.yaml") and not p.name.startswith(".")
-            ]
-            if leftovers:
-                raise KdError(f"--out {cache_dir}: directory is not empty and has no manifest.json; choose another")
+            _refuse_foreign(cache_dir)
             manifest = {
                 "kd_version": __version__,
                 "settings": settings,
@@ -105,6 +147,12 @@ def open_or_create(cache_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
                 "ranks": {},
                 "complete": False,
             }
+            _write(cache_dir, manifest)
+            return manifest
+        if manifest.get("settings") != settings and not manifest.get("shards"):
+            # No shard was finished under the old settings (a run refused or killed before its first
+            # one): nothing depends on them, so the corrected command starts the cache afresh.
+            manifest = {**manifest, "settings": settings, "ranks": {}, "complete": False}
             _write(cache_dir, manifest)
             return manifest
         if manifest.get("settings") != settings:

@@ -20,6 +20,7 @@ import pyarrow as pa
 from kd.cache import coding
 from kd.cache.format import (
     READABLE_VERSIONS,
+    TEMPERED_TAIL_COLUMN,
     SampledTargets,
     TopKTargets,
     decode_tail,
@@ -61,6 +62,18 @@ class CacheUnit:
     targets: int
     stored_rows: int | None = None
     """Rows the record batch holds when `rows` uses only its first ones (kd train --limit)."""
+
+
+def shard_problem(cache_dir: Path, shard: dict[str, Any], full: bool = True) -> str | None:
+    """What is wrong with a listed shard's file (missing, other size, other sha256 if `full`), or None."""
+    path = cache_dir / shard["file"]
+    if not path.is_file():
+        return f"{path}: shard listed in the manifest is missing"
+    if path.stat().st_size != shard["bytes"]:
+        return f"{path}: shard is corrupted or truncated ({path.stat().st_size} bytes, manifest says {shard['bytes']})"
+    if full and sha256_file(path) != shard["sha256"]:
+        return f"{path}: shard is corrupted or truncated (sha256 mismatch)"
+    return None
 
 
 class CacheReader:
@@ -116,6 +129,28 @@ class CacheReader:
         return self.settings["value_encoding"]
 
     @property
+    def temperatures(self) -> tuple[float, ...]:
+        """Temperatures the cache is exact at: 1, and each T whose tempered tails stage one recorded."""
+        return tuple(float(t) for t in self.settings.get("temperatures") or [1.0])
+
+    @property
+    def tempered(self) -> tuple[float, ...]:
+        """The recorded T != 1, in the order of the shards' tempered-tail column."""
+        return tuple(t for t in self.temperatures if t != 1.0)
+
+    def require_temperature(self, temperature: float, flag: str = "--temperature") -> None:
+        """Refuse a loss temperature the cache cannot serve exactly (top-k caches; RS has its own check)."""
+        if self.mode != "topk" or temperature == 1.0:
+            return
+        if not any(abs(t - temperature) <= 1e-9 * t for t in self.tempered):
+            held = ",".join(f"{t:g}" for t in self.temperatures)
+            raise KdError(
+                f"{flag} {temperature:g} vs the cache's temperatures {held} ({self.flag} {self.dir}): a top-k "
+                f"cache is exact only at the temperatures it recorded; re-create it with "
+                f"`kd cache-logits --temperatures {held},{temperature:g}` or train at one of {held}"
+            )
+
+    @property
     def shards(self) -> list[dict[str, Any]]:
         return self.manifest["shards"]
 
@@ -136,16 +171,7 @@ class CacheReader:
         return [problem for shard in self.shards if (problem := self._check(shard, full=True))]
 
     def _check(self, shard: dict[str, Any], full: bool) -> str | None:
-        path = self.dir / shard["file"]
-        if not path.is_file():
-            return f"{path}: shard listed in the manifest is missing"
-        if path.stat().st_size != shard["bytes"]:
-            return (
-                f"{path}: shard is corrupted or truncated ({path.stat().st_size} bytes, manifest says {shard['bytes']})"
-            )
-        if full and sha256_file(path) != shard["sha256"]:
-            return f"{path}: shard is corrupted or truncated (sha256 mismatch)"
-        return None
+        return shard_problem(self.dir, shard, full)
 
     def _file(self, position: int) -> pa.ipc.RecordBatchFileReader:
         """The shard's IPC reader, memory-mapped; checked (size + sha256) the first time it is opened."""
@@ -155,7 +181,7 @@ class CacheReader:
         shard = self.shards[position]
         problem = self._check(shard, full=self.verify_on_open and position not in self.verified)
         if problem:
-            raise KdError(f"{problem}; re-create the cache (rerun `kd cache-logits` after deleting that shard)")
+            raise KdError(f"{problem}; rerun the same `kd cache-logits` command: it re-creates that shard")
         self.verified.add(position)
         path = self.dir / shard["file"]
         try:
@@ -218,7 +244,7 @@ class CacheReader:
         if rows is not None:
             batch = batch.take(pa.array(np.asarray(rows, dtype=np.int64)))
         mode = None if self.mode == "prepared" else self.mode
-        return list(decode_table(batch, mode, self.value_encoding))
+        return list(decode_table(batch, mode, self.value_encoding, self.tempered))
 
     def iter_sequences(self, verify: bool = True) -> Iterator[CachedSequence]:
         """Decode every sequence, unit by unit in manifest order (memory: one record batch)."""
@@ -247,11 +273,15 @@ def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Arra
 
 
 def decode_table(
-    table: pa.Table | pa.RecordBatch, mode: str | None, value_encoding: str | None
+    table: pa.Table | pa.RecordBatch,
+    mode: str | None,
+    value_encoding: str | None,
+    temperatures: tuple[float, ...] = (),
 ) -> Iterator[CachedSequence]:
     """Turn shard rows into CachedSequence objects (vectorised per column; ids keep their stored width).
 
     mode None: a prepared corpus without teacher columns (kd.pipeline.training.prepared).
+    temperatures: the T != 1 whose tempered tails the shards hold, in column order (the manifest's).
     """
     # Sorted coding: values are stored absolute (rows were permuted); ids are rank deltas once the
     # writer has fixed the shard's rank (ID_ORDER_KEY), raw ids in a batch that never went through it.
@@ -286,10 +316,27 @@ def decode_table(
             stored = np.take_along_axis(stored, order, axis=1)
         values = decode_topk_values(stored, value_encoding, delta=not sorted_coding, tail_logprobs=tails)
         teacher_ids = teacher_ids.astype(_narrowest(table.column("input_ids").type.value_type))
+        tempered = None
+        if temperatures and TEMPERED_TAIL_COLUMN in table.schema.names:
+            _, tt_val = _list_parts(table.column(TEMPERED_TAIL_COLUMN))
+            tempered = tt_val.flatten().to_numpy().astype(np.float32).reshape(-1, tt_val.type.list_size)
+            if tempered.shape[1] != len(temperatures):
+                raise KdError(
+                    f"shard stores {tempered.shape[1]} tempered tails per target, the manifest {len(temperatures)}"
+                )
         for i in range(len(rows)):
             a, b = t_off[i], t_off[i + 1]
             yield CachedSequence(
-                int(rows[i]), input_ids[i], masks[i], TopKTargets(teacher_ids[a:b], values[a:b], tails[a:b])
+                int(rows[i]),
+                input_ids[i],
+                masks[i],
+                TopKTargets(
+                    teacher_ids[a:b],
+                    values[a:b],
+                    tails[a:b],
+                    None if tempered is None else tempered[a:b],
+                    temperatures if tempered is not None else (),
+                ),
             )
     elif "teacher_sizes" in table.schema.names:
         seq_off, flat_ids = _list_parts(table.column("teacher_ids"))

@@ -19,6 +19,7 @@ GROUPS = {
     "ids": ("teacher_ids", "teacher_sizes"),
     "values": ("teacher_values", "teacher_counts"),
     "tail": ("teacher_tail",),
+    "tempered tails": ("teacher_tempered_tail",),
     "tokens": ("row", "input_ids", "loss_mask", "token_weights"),
 }
 
@@ -53,4 +54,6 @@ def bytes_breakdown(reader: CacheReader, sample_shards: int | None = 4) -> dict[
         for group, size in sizes.items():
             totals[group] += size * scale
         targets += shard["targets"]
+    if not totals["tempered tails"]:  # only caches made with --temperatures have them
+        del totals["tempered tails"]
     return {group: total / max(targets, 1) for group, total in totals.items()}

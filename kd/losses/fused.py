@@ -205,8 +205,12 @@ def fused_chunk_loss(
             exact = _exact_tail_rows(relogits(fallback), ids[fallback], valid[fallback], temperature)
             student_tail[fallback] = exact.tail_lse - exact.lse
         teacher_tail = teacher.teacher_tail_logmass[lo:hi].to(logits.dtype)
-        if temperature != 1.0:
-            teacher_logprobs, teacher_tail = retemper_sparse(teacher_logprobs, teacher_tail, temperature, vocab)
+        if temperature != 1.0:  # exact: the tempered tail stage one recorded (refused if it did not)
+            tempered = teacher.tempered_tail_logmass(temperature)
+            teacher_logprobs, teacher_tail = retemper_sparse(
+                teacher_logprobs, teacher_tail, temperature, None if tempered is None else tempered[lo:hi]
+            )
+            teacher_logprobs, teacher_tail = teacher_logprobs.to(logits.dtype), teacher_tail.to(logits.dtype)
         if config.divergence == "forward_kl":
             bucket = _forward_kl_buckets(teacher_logprobs, teacher_tail, shifted, log_sum, student_tail, w)
         else:

@@ -61,8 +61,12 @@ def _autograd_sums(
     if isinstance(teacher, SparseTeacher):
         teacher_logprobs = teacher.teacher_logprobs[lo:hi]
         valid = torch.isfinite(teacher_logprobs)
+        tempered = teacher.tempered_tail_logmass(temperature) if temperature != 1.0 else None
         teacher_logprobs, teacher_tail = retemper_sparse(
-            teacher_logprobs, teacher.teacher_tail_logmass[lo:hi], temperature, vocab
+            teacher_logprobs,
+            teacher.teacher_tail_logmass[lo:hi],
+            temperature,
+            None if tempered is None else tempered[lo:hi],
         )
         student_logprobs, student_tail = student_buckets(student_logits, student_lse, teacher.teacher_ids[lo:hi], valid)
         div = bucket_divergence(

@@ -37,12 +37,26 @@ class SparseTeacher:
     """Top-k teacher data for N target tokens.
 
     teacher_ids[N, K] (long), teacher_logprobs[N, K] (log p at T=1; -inf marks an empty slot),
-    teacher_tail_logmass[N] (log of the mass outside the valid slots; -inf if none).
+    teacher_tail_logmass[N] (log of the mass outside the valid slots; -inf if none),
+    teacher_tempered_tails[N, M] (optional): for each τ of `teacher_temperatures`, the log of the
+    tail mass of softmax(z/τ), Σ over the ids outside the valid slots, recorded by stage one from the
+    full logits. The cached ids re-tempered are exact from their T=1 log-probs; the tail's shape is
+    not, so a τ ≠ 1 loss needs this (`tempered_tail_logmass`).
     """
 
     teacher_ids: torch.Tensor
     teacher_logprobs: torch.Tensor
     teacher_tail_logmass: torch.Tensor
+    teacher_tempered_tails: torch.Tensor | None = None
+    teacher_temperatures: tuple[float, ...] = ()
+
+    def tempered_tail_logmass(self, temperature: float) -> torch.Tensor | None:
+        """teacher_tempered_tails[:, m] for the recorded τ equal to `temperature`; None if not recorded."""
+        for m, recorded in enumerate(self.teacher_temperatures):
+            if math.isclose(recorded, temperature, rel_tol=1e-9):
+                assert self.teacher_tempered_tails is not None
+                return self.teacher_tempered_tails[:, m]
+        return None
 
 
 @dataclass

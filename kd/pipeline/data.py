@@ -26,8 +26,8 @@ sampled: decoding a sample and re-tokenizing its text can give different tokens.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,25 +80,54 @@ class TokenizedExample:
 def iter_raw_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_or_row_number, record) from a .jsonl, .jsonl.zst or .parquet file (1-based)."""
     path = Path(path)
+    if path.is_dir():
+        raise KdError(f"--data {path}: is a directory; expected a .jsonl, .jsonl.zst or .parquet file")
     if not path.is_file():
         raise KdError(f"--data {path}: no such file")
     name = path.name.lower()
     if name.endswith(".parquet"):
         yield from _iter_parquet(path)
     elif name.endswith((".jsonl.zst", ".jsonl.zstd", ".json.zst")):
-        import zstandard
-
-        with open(path, "rb") as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw)
-            try:
-                yield from _iter_jsonl(path, io.TextIOWrapper(reader, encoding="utf-8"))
-            except zstandard.ZstdError as exc:
-                raise KdError(f"{path}: corrupt zstd stream ({exc})") from exc
+        yield from _iter_jsonl(path, _zstd_lines(path))
     elif name.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of line 1's JSON
             yield from _iter_jsonl(path, f)
     else:
         raise KdError(f"--data {path}: unknown file type; expected .jsonl, .jsonl.zst or .parquet")
+
+
+def _zstd_lines(path: Path) -> Iterator[str]:
+    """The text lines of a .zst file, frame after frame.
+
+    zstandard's stream reader ends quietly on a file cut short (the partial block's records vanish, or
+    a whole small file reads as empty), so frames are decoded here and a missing frame end is an error
+    naming the line where the text stops.
+    """
+    import zstandard
+
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    tail, lines_read, fed = "", 0, False
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        with open(path, "rb") as raw:
+            while chunk := raw.read(1 << 20):
+                while chunk:
+                    fed = True
+                    text = tail + decoder.decode(decompressor.decompress(chunk))
+                    *lines, tail = text.split("\n")
+                    lines_read += len(lines)
+                    yield from (line + "\n" for line in lines)
+                    chunk = b""
+                    if decompressor.eof:  # a frame ended: the rest of the chunk starts the next one
+                        chunk, fed = decompressor.unused_data, False
+                        decompressor = zstandard.ZstdDecompressor().decompressobj()
+    except zstandard.ZstdError as exc:
+        raise KdError(f"{path}: corrupt zstd stream after line {lines_read} ({exc})") from exc
+    if fed and not decompressor.eof:
+        raise KdError(f"{path}: truncated zstd stream (the file ends inside a frame, after line {lines_read})")
+    tail += decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 def _iter_jsonl(path: Path, lines) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -261,15 +290,35 @@ def iter_examples(path: str | Path, data_format: str | None = None, limit: int |
     if data_format is not None and data_format not in FORMATS:
         raise KdError(f"--data-format {data_format}: unknown format; expected one of {', '.join(FORMATS)}")
     fmt = data_format
+    detected_at = None
     count = 0
     for line_no, record in iter_raw_records(path):
         if limit is not None and count >= limit:
             break
         source = where(path, line_no)
         if fmt is None:
-            fmt = detect_format(record, source)
-        yield normalize_record(record, fmt, source)
+            fmt, detected_at = detect_format(record, source), source
+        try:
+            example = normalize_record(record, fmt, source)
+        except KdError as exc:
+            if detected_at is not None:  # a record of another format than the first one: say that, not a field
+                _refuse_other_format(record, fmt, source, detected_at, exc)
+            raise
+        yield example
         count += 1
+
+
+def _refuse_other_format(record: dict[str, Any], fmt: str, source: str, detected_at: str, exc: KdError) -> None:
+    """Raise a clearer error when a record that failed as `fmt` has the keys of another format."""
+    try:
+        other = detect_format(record, source)
+    except KdError:
+        return
+    if other != fmt:
+        raise KdError(
+            f"{source}: a {other} record, but this file's format is {fmt} (detected from {detected_at}); "
+            "one record format per file, or force one with --data-format"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------- tokenization

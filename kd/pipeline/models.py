@@ -74,9 +74,30 @@ def resolve_model(spec: str | None, flag: str = "--teacher") -> ModelSource:
             return ModelSource("config", str(path.resolve()), path.stem)
         raise KdError(f"{flag} {spec}: expected a model directory, a .gguf file or a config .json")
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if looks_like_hub_id:
+    if looks_like_hub_id and _may_be_on_hub(spec):
         return ModelSource("hub", spec, spec)
     raise KdError(f"{flag} {spec}: no such file or directory")
+
+
+def _may_be_on_hub(repo_id: str) -> bool:
+    """Whether a missing local path with one slash should go to the hub as a repo id.
+
+    Yes if the hub cache holds it. Otherwise no when the hub is off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE:
+    asking would only fail) or when its first part is a local directory (``students/nope`` is a typo
+    for a local student, not an organisation on the hub; asking costs a minute of retries offline).
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return True
+    except Exception:  # not a valid repo id (HFValidationError) or no huggingface_hub: not a hub id
+        return False
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
+    return not offline and not Path(repo_id).parent.is_dir()
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def file_fingerprint(path: Path, edge_bytes: int = 1 << 20) -> str:
@@ -292,6 +313,33 @@ def load_causal_lm(
     return model
 
 
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+"""Spellings of --dtype that resolve_dtype (and vLLM's mapping) accept."""
+
+
+def check_dtype(dtype: str, flag: str = "--dtype") -> None:
+    """Refuse an unknown dtype while the settings are read, before anything is written."""
+    if dtype not in DTYPES:
+        raise KdError(f"{flag} {dtype}: expected one of auto, bfloat16, float16, float32")
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a device torch cannot parse, or CUDA where torch sees none, before anything is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise KdError(f"{flag} {device}: not a device (expected cpu, cuda or cuda:N)") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KdError(f"{flag} {device}: CUDA is not available here (torch sees no GPU); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise KdError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def resolve_dtype(dtype: str, device: str = "cpu"):
     """Map a dtype flag to a torch dtype; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
     import torch
@@ -306,6 +354,5 @@ def resolve_dtype(dtype: str, device: str = "cpu"):
     }
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in table:
-        raise KdError(f"--dtype {dtype}: expected one of auto, bfloat16, float16, float32")
+    check_dtype(dtype)
     return table[dtype]

@@ -4,6 +4,7 @@ kd gen-traces --prompts problems.jsonl --out traces.jsonl                       
 kd gen-traces --teacher Qwen2.5-7B-Instruct/ --prompts gsm8k.jsonl --out t.jsonl --engine vllm --n 8
 kd gen-traces --engine openai --base-url http://127.0.0.1:8000/v1 --prompts p.jsonl --out t.jsonl
 kd gen-traces ... --filter pass-rate:0.25-0.75    # keep correct traces of problems neither too easy nor too hard
+kd gen-traces ... --decontaminate heldout.jsonl   # drop prompts sharing 8 words in a row with a held-out set
 
 Rerunning the same command resumes a killed run; --filter/--verify may change between runs.
 Every flag is a field of kd.pipeline.traces.TracesConfig (see kd/stages/options.py).
@@ -54,8 +55,9 @@ def run(cfg: TracesConfig, switches: CommonSwitches) -> None:
     correct = summary["correct_share"]
     rate = summary["tokens_per_second"]
     log(
-        f"[green]{summary['accepted']} of {summary['samples']} samples kept ({summary['prompts']} prompts; "
-        f"{summary['truncated']} truncated, {summary['duplicates']} duplicates"
+        f"[green]{summary['accepted']} of {summary['samples']} samples kept ({summary['prompts']} prompts"
+        + (f", {summary['decontaminated']} dropped by --decontaminate" if summary["decontaminated"] else "")
+        + f"; {summary['truncated']} truncated, {summary['duplicates']} duplicates"
         + (f", {correct:.1%} correct" if correct is not None else "")
         + (f"; {summary['generated_tokens']:,} tokens at {rate:,.1f} tok/s" if rate else "")
         + f"): {summary['out']}[/green]"

@@ -35,6 +35,7 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
         "k": settings["k"],
         "num_samples": settings["num_samples"],
         "value_encoding": settings["value_encoding"],
+        "temperatures": list(reader.temperatures) if settings["mode"] == "topk" else None,
         "corpus": settings["corpus"],
         "world_size": settings["world_size"],
         "shards": len(shards),
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Show a cache's manifest, bytes per target token and top-k mass coverage; verify checksums."""
-        reader = CacheReader(cache, require_complete=False)
+        reader = CacheReader(cache, require_complete=False, flag="kd inspect")
         report = cache_report(reader, verify)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
@@ -93,6 +94,7 @@ def register(app: typer.Typer) -> None:
                     else f"rs samples={report['num_samples']}",
                 ),
                 ("value encoding", report["value_encoding"]),
+                ("temperatures (exact at)", ", ".join(f"{t:g}" for t in report["temperatures"] or [1.0])),
                 ("corpus", f"{report['corpus']['path']} ({report['corpus']['fingerprint']})"),
                 ("ranks", report["world_size"]),
                 ("shards", report["shards"]),
@@ -100,8 +102,8 @@ def register(app: typer.Typer) -> None:
                 ("bytes", f"{report['bytes']:,}"),
                 ("bytes per target token", f"{report['bytes_per_target_token']:.1f}"),
                 (
-                    "  ids / values / tail / tokens",
-                    " / ".join(f"{v:.1f}" for v in (report["bytes_per_target_token_by_part"] or {}).values()),
+                    "  " + " / ".join(k for k, v in (report["bytes_per_target_token_by_part"] or {}).items() if v),
+                    " / ".join(f"{v:.1f}" for v in (report["bytes_per_target_token_by_part"] or {}).values() if v),
                 ),
             ]
             if "topk_mass_mean" in report:

@@ -65,6 +65,8 @@ def field_docs(cls: type) -> dict[str, str]:
 def _option_type(annotation: Any) -> tuple[type | None, bool]:
     """(scalar type, may be None) of a field annotation such as ``int | None``; None type if not a CLI scalar."""
     origin = typing.get_origin(annotation)
+    if origin is list and typing.get_args(annotation) == (str,):  # a repeatable flag: --x A --x B
+        return list, False
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1 and args[0] in (str, int, float, bool):
@@ -72,6 +74,8 @@ def _option_type(annotation: Any) -> tuple[type | None, bool]:
         return None, True
     if annotation in (str, int, float, bool):
         return annotation, False
+    if origin is list and typing.get_args(annotation) == (str,):
+        return list, False
     return None, False
 
 
@@ -87,6 +91,8 @@ class Setting:
     flags: tuple[str, ...]
     help: str
     show_default: bool
+    argument: bool = False
+    """A positional argument (``kd compare A/ B/``) rather than an option."""
 
     @property
     def flag(self) -> str:
@@ -110,10 +116,22 @@ def settings_of(cls: type) -> list[Setting]:
         else:
             default, required = None, True
         flags = tuple(meta.get("flags") or ()) or ("--" + f.name.replace("_", "-"),)
+        if meta.get("argument"):
+            flags = (f.name,)  # what click calls the argument (its opts) and --help shows
         if f.name not in docs:
             raise TypeError(f"{cls.__name__}.{f.name} has no docstring: it is the flag's --help text")
         out.append(
-            Setting(f.name, typ, optional, default, required, flags, docs[f.name], meta.get("show_default", True))
+            Setting(
+                f.name,
+                typ,
+                optional,
+                default,
+                required,
+                flags,
+                docs[f.name],
+                meta.get("show_default", True),
+                bool(meta.get("argument")),
+            )
         )
     return out
 
@@ -133,7 +151,11 @@ def _load_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # yaml.YAMLError or json.JSONDecodeError: say where, in one line
-        raise KdError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from exc
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        why = " ".join(str(exc).split())  # yaml's message spans lines (it quotes the source)
+        if mark is not None and problem:
+            why = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        raise KdError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({why})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -142,6 +164,11 @@ def _load_file(path: Path) -> dict[str, Any]:
 
 
 def _check_type(setting: Setting, value: Any, where: str) -> Any:
+    if setting.type is list:  # a file may give one string or a list of strings
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise KdError(f"{where}: '{setting.flag.lstrip('-')}' must be a string or a list of strings, got {value!r}")
+        return value
     if value is None and (setting.optional or setting.default is None):
         return None
     ok = isinstance(value, setting.type) and not (setting.type in (int, float) and isinstance(value, bool))
@@ -226,9 +253,25 @@ def config_command(
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
     for s in settings:
         default = None if s.required else s.default
+        if s.argument:
+            # Positional: typer wants None (not []) as the default of a variadic argument.
+            argument = typer.Argument(None, help=escape(s.help), show_default=False)
+            annotation = typing.Optional[list[str]] if s.type is list else typing.Optional[s.type]  # noqa: UP045
+            kind = inspect.Parameter.KEYWORD_ONLY
+            params.append(inspect.Parameter(s.name, kind, default=argument, annotation=annotation))
+            continue
         # escape: typer renders --help with rich markup, where "[default: x]" would vanish as a tag.
-        option = typer.Option(default, *s.flags, help=escape(s.help), show_default=s.show_default and not s.required)
-        annotation = s.type if not (s.optional or default is None) else typing.Optional[s.type]  # noqa: UP045 - typer
+        option = typer.Option(
+            default,
+            *s.flags,
+            help=escape(s.help),
+            show_default=s.show_default and not s.required,
+            metavar="FILE" if s.type is list else None,  # the list settings so far are all files
+        )
+        if s.type is list:
+            annotation = typing.Optional[typing.List[str]]  # noqa: UP006, UP045 - typer
+        else:
+            annotation = s.type if not (s.optional or default is None) else typing.Optional[s.type]  # noqa: UP045 - typer
         params.append(inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     params += [
         inspect.Parameter(
@@ -265,6 +308,11 @@ def config_command(
             if getattr(ctx.get_parameter_source(s.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
         }
         values = {s.name: kwargs[s.name] for s in settings}
+        for s in settings:
+            if s.type is list:  # typer gives None (or ()) for a repeatable flag or a variadic argument not used
+                values[s.name] = list(values[s.name] or s.default or [])
+                if s.argument and not values[s.name]:
+                    given.discard(s.name)
         if kwargs["config_file"]:
             from_file = config_file_values(Path(kwargs["config_file"]), settings)
             values.update({k: v for k, v in from_file.items() if k not in given})

@@ -6,13 +6,12 @@ kd train --data traces.jsonl --student S/ --out student/ --tag-weight 10       #
 kd train --config student/config.yaml                                          # rerun a training exactly
 torchrun --nproc-per-node 8 -m kd.cli train --from-cache cache/ --student S/ --out student/
 
-Every flag is a field of kd.pipeline.trainer.TrainConfig (see kd/stages/options.py).
+Every flag is a field of kd.pipeline.training.config.TrainConfig (see kd/stages/options.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import typer
 
@@ -23,9 +22,9 @@ from kd.stages.options import CommonSwitches, config_command, write_config
 
 def run(cfg: TrainConfig, switches: CommonSwitches) -> None:
     cfg.loss_config()  # validate --alpha/--temperature/--divergence before loading anything
-    if int(os.environ.get("RANK", 0)) == 0:
-        write_config(cfg.out, cfg)
-    summary = train(cfg)
+    # config.yaml is written (by rank 0) only once every check has passed and training starts,
+    # so a refused run leaves no settings behind in --out.
+    summary = train(cfg, on_start=lambda: write_config(cfg.out, cfg))
     if switches.as_json:
         typer.echo(json.dumps(summary))
     else:

@@ -9,6 +9,7 @@ from typing import Any
 from kd.cache import format as fmt
 from kd.errors import KdError
 from kd.pipeline.engines.teacher import VLLM_SCORINGS
+from kd.pipeline.models import check_device, check_dtype
 
 ENGINES = ("transformers", "vllm")
 
@@ -28,14 +29,23 @@ class CacheConfig:
     engine: str = "transformers"
     """transformers or vllm."""
     top_k: int = 64
-    """Top-k ids and log-probs stored per target token."""
+    """Top-k ids and log-probs stored per target token. With the default sqrt8 values the stored
+    teacher is within 2k/360² nats/token KL of the exact one (worst case; 9.9e-4 at k=64, 2.0e-3 at
+    128, 4.0e-3 at 256; real rows stay well below): for k > 64 and a tight budget use --value-encoding q64."""
     sampling: str | None = None
     """``rs`` for random-sampling KD instead of top-k."""
     samples: int = 64
     """Draws per target token in rs mode."""
-    value_encoding: str = "sqrt8"
-    """sqrt8 (sqrt p in one byte; KL to the exact teacher < 1e-3 nats/token), q64 (uint16 log-probs, max
-    error 0.0078 nats) or float32 (exact)."""
+    value_encoding: str = "auto"
+    """sqrt8 (sqrt p in one byte; KL to the exact teacher at most 2k/360² nats/token: 9.9e-4 at k=64,
+    2.0e-3 at k=128), q64 (uint16 log-probs, max error 0.0078 nats per value, KL ~3e-5 at any k),
+    float32 (exact), or auto: sqrt8, but q64 when --temperatures asks for a T != 1 (sqrt8's coarse
+    small probabilities, raised to 1/T, cost 3e-3 nats/token at T=2 on SmolLM2; q64 8e-7)."""
+    temperatures: str = "1"
+    """Temperatures the cache will be exact at, e.g. 1,2,4: for each T != 1 stage one also records the
+    log of the tail mass of softmax(z/T) per target (float16; float32 with float32 values), so that
+    `kd train --temperature T` trains on the exact tempered teacher (a T the cache lacks is refused).
+    Top-k mode; not with --vllm-scoring logprobs (vLLM's prompt log-probs hold no tail shape)."""
     mass_epsilon: float = 0.0
     """Adaptive top-k: keep only the leading ids until they hold 1 - epsilon of the mass (0: always k)."""
     max_seq_len: int = 2048
@@ -101,8 +111,19 @@ class CacheConfig:
             raise KdError(f"--mass-epsilon must be in [0, 1), got {self.mass_epsilon}")
         if self.mass_epsilon and self.sampling == "rs":
             raise KdError("--mass-epsilon applies to top-k caches, not --sampling rs")
+        tempered = fmt.parse_temperatures(self.temperatures)
+        if len(tempered) > 1 and self.sampling == "rs":
+            raise KdError("--temperatures applies to top-k caches; an rs cache's samples are drawn at T=1")
+        if len(tempered) > 1 and self.engine == "vllm" and self.vllm_scoring == "logprobs":
+            raise KdError(
+                "--temperatures with --vllm-scoring logprobs: vLLM's prompt log-probs hold only the top-k, "
+                "not the full logits a tempered tail needs; use --vllm-scoring hidden"
+            )
+        if self.value_encoding == "auto":  # resolved here: the manifest and config.yaml hold what was used
+            self.value_encoding = "q64" if len(tempered) > 1 else "sqrt8"
         if self.value_encoding not in fmt.VALUE_ENCODINGS:
-            raise KdError(f"--value-encoding {self.value_encoding}: expected one of {', '.join(fmt.VALUE_ENCODINGS)}")
+            choices = ", ".join(("auto", *fmt.VALUE_ENCODINGS))
+            raise KdError(f"--value-encoding {self.value_encoding}: expected one of {choices}")
         if self.max_seq_len < 2:
             raise KdError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
         if self.overflow not in ("truncate", "skip"):
@@ -124,7 +145,14 @@ class CacheConfig:
             raise KdError(f"--rank {self.rank} / --world-size {self.world_size}: need 0 <= rank < world size")
         if self.limit is not None and self.limit < 1:
             raise KdError(f"--limit must be >= 1, got {self.limit}")
+        check_dtype(self.dtype)
+        check_device(self.device)
 
     @property
     def mode(self) -> str:
         return "rs" if self.sampling == "rs" else "topk"
+
+    @property
+    def tempered(self) -> tuple[float, ...]:
+        """The requested temperatures other than 1 (a tempered tail each), sorted."""
+        return tuple(t for t in fmt.parse_temperatures(self.temperatures) if t != 1.0)

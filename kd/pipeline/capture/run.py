@@ -18,10 +18,11 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kd.cache import format as fmt
-from kd.cache.manifest import open_or_create, read_manifest, record_rank_done
+from kd.cache.manifest import claim_rank, open_or_create, read_manifest, record_rank_done
+from kd.cache.reader import shard_problem
 from kd.cache.writer import BackgroundShardWriter
 from kd.errors import KdError
 from kd.pipeline.capture.config import CacheConfig
@@ -42,6 +43,15 @@ from kd.pipeline.progress import log
 
 def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
     """Run stage one for this rank. Returns a summary (counts, throughput, memory held)."""
+    held: list[IO[Any]] = []  # this rank's lock on --out, released however the run ends
+    try:
+        return _run(cfg, held)
+    finally:
+        for lock in held:
+            lock.close()
+
+
+def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
     fix_mmap_threshold()  # else peak RSS creeps up with the run's length (see kd.pipeline.capture.heap)
     meter = Meter()
     source = resolve_model(cfg.teacher, "--teacher")
@@ -75,6 +85,7 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
             cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
         settings = _settings(cfg, source, tokenizer_id, vocab_size)
+        held.append(claim_rank(out, cfg.rank))  # a second writer of this rank is refused, not interleaved
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
         done = {s["index"]: s for s in manifest["shards"] if s["rank"] == cfg.rank}
         if done:
@@ -82,7 +93,9 @@ def run_cache_logits(cfg: CacheConfig) -> dict[str, Any]:
 
         counter = RecordCounter(cfg.data, cfg.limit)
         meter.total_records = lambda: counter.total
-        schema = fmt.schema(cfg.mode, vocab_size, cfg.top_k, cfg.value_encoding, cfg.samples)
+        schema = fmt.schema(
+            cfg.mode, vocab_size, cfg.top_k, cfg.value_encoding, cfg.samples, tempered=len(cfg.tempered)
+        )
         writer = BackgroundShardWriter(out, schema)
         capture = _Capture(cfg, source, schema, vocab_size, done, writer, residency, meter)
         stats = {"rows_read": 0, "rows_skipped": 0, "rows_truncated": 0}
@@ -178,6 +191,8 @@ class _Capture:
         stats["tokens"] += len(seq.input_ids)
         stats["targets"] += n
         ends = self.shard_cut.add(n)
+        if stats["rows"] == 1 and self.index in self.done:
+            self._check_done_file()
         if self.index in self.done:  # written by an earlier run: only check it
             self.residency.release(1, n)
             if ends:
@@ -208,6 +223,17 @@ class _Capture:
         self.written += 1
         self.targets_written += self.shard["targets"]
         self._next_shard()
+
+    def _check_done_file(self) -> None:
+        """A listed shard whose file is missing or damaged is scored again, not counted as reused.
+
+        Checked as the stream reaches the shard (size, then sha256: one read of the file), so the
+        cost is spread over the resume instead of a pre-pass; the re-created file replaces the entry.
+        """
+        problem = shard_problem(Path(self.cfg.out), self.done[self.index])
+        if problem:
+            log(f"{problem}: re-creating it")
+            del self.done[self.index]
 
     def _close_done_shard(self) -> None:
         entry = self.done[self.index]
@@ -274,7 +300,7 @@ class _Capture:
     def _engine(self):
         """The teacher, loaded when the first window needs it (a fully reused cache never loads it)."""
         if self.engine is None:
-            spec = TargetSpec(self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed)
+            spec = TargetSpec(self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed, self.cfg.tempered)
             self.engine = _make_engine(self.cfg, self.source, spec)
             if self.engine.vocab_size != self.vocab_size:
                 raise KdError(
@@ -308,6 +334,8 @@ def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int) -> d
         "seed": cfg.seed if cfg.mode == "rs" else None,
         "value_encoding": cfg.value_encoding if cfg.mode == "topk" else None,
         "mass_epsilon": cfg.mass_epsilon if cfg.mode == "topk" else None,
+        # Only when asked for: a cache without the key is exact at T = 1 alone, and old caches resume.
+        **({"temperatures": [1.0, *cfg.tempered]} if cfg.tempered else {}),
         "engine": cfg.engine,
         **({"vllm_scoring": cfg.vllm_scoring} if cfg.engine == "vllm" else {}),
         "dtype": cfg.dtype,
@@ -364,6 +392,10 @@ def _resolve_vllm_scoring(cfg: CacheConfig, source) -> CacheConfig:
     from kd.pipeline.models import hf_dir_for
 
     scoring, why = resolve_scoring(cfg.vllm_scoring, hf_dir_for(source), cfg.mode)
+    if scoring == "logprobs" and cfg.tempered:
+        raise KdError(
+            f"--temperatures with --engine vllm needs hidden scoring, and --vllm-scoring auto came to logprobs ({why})"
+        )
     if cfg.vllm_scoring == "auto":
         log(f"--vllm-scoring auto: {scoring} ({why})")
     return dataclasses.replace(cfg, vllm_scoring=scoring)

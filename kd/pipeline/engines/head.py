@@ -47,13 +47,34 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     the top-k, computed as a masked logsumexp (exact even when the top-k holds almost all mass,
     where log(1 - sum) would cancel catastrophically). `logits` is overwritten.
     """
+    ids, logprobs, tail, _ = topk_with_tails(logits, k, ())
+    return ids, logprobs, tail
+
+
+def topk_with_tails(
+    logits: torch.Tensor, k: int, temperatures: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_with_tail` plus tempered[N, M]: per T of `temperatures`, log Σ_{j outside the top-k} softmax(z/T)_j.
+
+    Exact from the full row (the one place that sees it): a masked logsumexp of z/T over the ids
+    outside the top-k, against the whole row's, which is the logaddexp of that and the top-k's own
+    logsumexp, so each T costs one more [N, V] pass (exp + sum), no extra [N, V] buffer: the masked
+    logits are rescaled in place from one T to the next. `logits` is overwritten.
+    """
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     values, ids = logits.topk(k, dim=-1, sorted=True)
     logprobs = values - lse[:, None]
     logits.scatter_(1, ids, float("-inf"))
     tail = torch.logsumexp(logits, dim=-1) - lse
-    return ids, logprobs, tail
+    tempered = torch.empty((logits.shape[0], len(temperatures)), dtype=torch.float32, device=logits.device)
+    scale = 1.0
+    for m, temperature in enumerate(temperatures):
+        logits.mul_(scale / temperature)  # now z/T outside the top-k (-inf stays -inf)
+        scale = temperature
+        outside = torch.logsumexp(logits, dim=-1)
+        tempered[:, m] = outside - torch.logaddexp(outside, torch.logsumexp(values / temperature, dim=-1))
+    return ids, logprobs, tail, tempered
 
 
 def sample_counts(
@@ -109,17 +130,27 @@ def score_hidden(
     """
     bounds = np.cumsum([0] + list(counts))
     if spec.mode == "topk":
-        ids, logprobs, tails = [], [], []
+        ids, logprobs, tails, tempered = [], [], [], []
         for chunk in hidden.split(chunk_rows):
-            i, lp, tail = topk_with_tail(head.logits(chunk), spec.k)
+            i, lp, tail, tt = topk_with_tails(head.logits(chunk), spec.k, spec.temperatures)
             ids.append(i.to(torch.int32).cpu())  # half of int64's bytes while a window waits to be written
             logprobs.append(lp.cpu())
             tails.append(tail.cpu())
+            tempered.append(tt.cpu())
+        m = len(spec.temperatures)
         all_ids = torch.cat(ids).numpy() if ids else np.empty((0, spec.k), np.int32)
         all_lp = torch.cat(logprobs).numpy() if ids else np.empty((0, spec.k), np.float32)
         all_tail = torch.cat(tails).numpy() if ids else np.empty(0, np.float32)
+        all_tt = torch.cat(tempered).numpy() if ids else np.empty((0, m), np.float32)
         return [
-            TopKTargets(all_ids[a:b], all_lp[a:b], all_tail[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            TopKTargets(
+                all_ids[a:b],
+                all_lp[a:b],
+                all_tail[a:b],
+                all_tt[a:b] if m else None,
+                spec.temperatures if m else (),
+            )
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
     generator = None
     sampled_ids: list[np.ndarray] = []

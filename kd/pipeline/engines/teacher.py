@@ -30,6 +30,8 @@ class TargetSpec:
     """Draws per token in rs mode."""
     seed: int = 0
     """Base seed of the rs draws (each batch derives its own from its first row)."""
+    temperatures: tuple[float, ...] = ()
+    """Temperatures T != 1 whose tempered tail log-mass to record per target (topk mode, head scoring)."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ reused on the next run.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -61,6 +62,15 @@ class DemoConfig:
     """gen-traces engine: auto (vllm if installed, else transformers)."""
     seed: int = 0
     """Seed of prompts, sampling and training."""
+    eval_every: int = 0
+    """Held-out evaluation of the students every N steps (0: every eighth of the steps planned from
+    --train-problems x --samples, so the curves have several points; 10 left only two)."""
+
+    def eval_cadence(self) -> int:
+        if self.eval_every > 0:
+            return self.eval_every
+        steps = math.ceil(self.train_problems * self.samples / self.batch_size) * self.epochs
+        return max(1, round(steps / 8))
 
 
 @dataclass
@@ -98,7 +108,7 @@ def build_steps(cfg: DemoConfig) -> list[Step]:
         "--eval-cache",
         "cache-heldout",
         "--eval-every",
-        "10",
+        str(cfg.eval_cadence()),
         "--log-every",
         "1",
         "--temperature",
@@ -146,6 +156,8 @@ def build_steps(cfg: DemoConfig) -> list[Step]:
                 *engine,
                 "--prompts",
                 "train.jsonl",
+                "--decontaminate",  # no training prompt shares 8 words in a row with a held-out one
+                "heldout.jsonl",
                 "--out",
                 "traces.jsonl",
                 "--n",
@@ -163,7 +175,17 @@ def build_steps(cfg: DemoConfig) -> list[Step]:
         ),
         Step(
             "teacher logits (train)",
-            ["cache-logits", *teacher, "--data", "traces.jsonl", "--out", "cache-train", "--top-k", str(cfg.top_k)],
+            [
+                "cache-logits",
+                *teacher,
+                "--data",
+                "traces.jsonl",
+                "--out",
+                "cache-train",
+                "--top-k",
+                str(cfg.top_k),
+                *(["--temperatures", f"1,{cfg.temperature!r}"] if cfg.temperature != 1.0 else []),
+            ],  # fmt: skip
             "cache-train/manifest.json",
         ),
         Step(
@@ -188,16 +210,27 @@ def build_steps(cfg: DemoConfig) -> list[Step]:
             stdout_to="eval-teacher.json",
         ),
         Step(
-            "eval: KD student",
-            ["eval", "--model", "student-kd", *eval_common],
-            "eval-student-kd.json",
-            stdout_to="eval-student-kd.json",
-        ),
-        Step(
-            "eval: CE student",
-            ["eval", "--model", "student-ce", *eval_common],
-            "eval-student-ce.json",
-            stdout_to="eval-student-ce.json",
+            "compare: KD vs CE-only",
+            [
+                "compare",
+                "student-ce",
+                "student-kd",
+                "--cache",
+                "cache-heldout",
+                "--data",
+                "heldout.jsonl",
+                "--generate",
+                str(cfg.eval_problems),
+                "--max-new-tokens",
+                str(cfg.max_new_tokens),
+                "--samples-at",
+                "0.1,0.7,1.2",
+                "--sample-prompts",
+                "2",
+                "--out",
+                "compare",
+            ],
+            "compare/compare.json",
         ),
     ]
 

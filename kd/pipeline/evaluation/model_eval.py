@@ -23,7 +23,7 @@ from kd.pipeline.capture import default_device
 from kd.pipeline.data import iter_examples, iter_raw_records, tokenize_example
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
 from kd.pipeline.evaluation.sequences import evaluate_sequences
-from kd.pipeline.models import load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
+from kd.pipeline.models import check_device, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import make_progress
 from kd.pipeline.training.batches import TrainSequence
 
@@ -77,6 +77,7 @@ class EvalConfig:
             raise KdError("give --cache CACHE, --data PATH or --on-policy-prompts PATH")
         if self.cache is not None and self.teacher is not None and self.on_policy_prompts is None:
             raise KdError("--cache already holds the teacher's log-probs; drop --teacher")
+        check_device(self.device)
 
 
 def model_size_bytes(source) -> int:
@@ -131,7 +132,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         if not seqs:
             raise KdError(f"--data {cfg.data}: no usable records")
         if cfg.teacher:
-            _attach_live_teacher(seqs, cfg, device, tokenizer)
+            attach_live_teacher(seqs, cfg.teacher, cfg.top_k, cfg.batch_size, device, tokenizer, "--model")
     metrics.update(evaluate_sequences(model, seqs, cfg.batch_size, device=device))
     if cfg.generate:
         if not cfg.data:
@@ -140,61 +141,109 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     return metrics
 
 
-def _attach_live_teacher(seqs: list[TrainSequence], cfg: EvalConfig, device: str, tokenizer) -> None:
+def attach_live_teacher(
+    seqs: list[TrainSequence], teacher: str, top_k: int, batch_size: int, device: str, tokenizer, model_flag: str
+) -> None:
+    """Score `seqs` with the teacher run live (top-k + tail) and attach its targets to each sequence."""
     from kd.pipeline.engines.logits_hf import TransformersTeacher
 
-    teacher_source = resolve_model(cfg.teacher, "--teacher")
+    teacher_source = resolve_model(teacher, "--teacher")
     if tokenizer_fingerprint(load_tokenizer(teacher_source)) != tokenizer_fingerprint(tokenizer):
-        raise KdError("--teacher and --model use different tokenizers")
-    engine = TransformersTeacher(teacher_source, TargetSpec("topk", cfg.top_k), device=device)
-    for start in range(0, len(seqs), cfg.batch_size):
-        chunk = seqs[start : start + cfg.batch_size]
+        raise KdError(f"--teacher and {model_flag} use different tokenizers")
+    engine = TransformersTeacher(teacher_source, TargetSpec("topk", top_k), device=device)
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
         scored = engine.score([SequenceToScore(i, s.input_ids, s.loss_mask) for i, s in enumerate(chunk)])
         for seq, targets in zip(chunk, scored, strict=True):
             seq.teacher = targets
     engine.close()
 
 
-@torch.no_grad()
-def answer_accuracy(model, tokenizer, cfg: EvalConfig, device: str) -> dict[str, Any]:
-    """Greedy answers to the first `cfg.generate` prompts, verified against their references."""
-    from kd.pipeline.engines.generation import render_prompt
-    from kd.pipeline.traces.verify import answers_match, extract_answer, question_and_reference
+def reference_prompts(data: str, limit: int) -> list[tuple[str, str]]:
+    """(question, reference answer) of the first `limit` records of `data` that carry both."""
+    from kd.pipeline.traces.verify import question_and_reference
 
     prompts = []
-    for _, record in iter_raw_records(cfg.data):
+    for _, record in iter_raw_records(data):
         question, reference = question_and_reference(record)
         if isinstance(question, str) and reference is not None:
             prompts.append((question, reference))
-        if len(prompts) >= cfg.generate:
+        if len(prompts) >= limit:
             break
     if not prompts:
-        raise KdError(f"--data {cfg.data}: no prompt with a reference answer to verify")
+        raise KdError(f"--data {data}: no prompt with a reference answer to verify")
+    return prompts
+
+
+@dataclass
+class Answer:
+    """One generated answer, verified against its prompt's reference."""
+
+    text: str
+    tokens: int
+    """Generated tokens, end of sequence included."""
+    answer: str | None
+    """The final answer extracted from the text (None: none given)."""
+    correct: bool
+    truncated: bool
+    """The answer ran into --max-new-tokens."""
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list[tuple[str, str]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: str,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[Answer]:
+    """Each prompt answered once (greedy at temperature 0, else sampled with torch seeded by `seed`)."""
+    from kd.pipeline.engines.generation import render_prompt
+    from kd.pipeline.traces.verify import answers_match, extract_answer
+
     tokenizer.padding_side = "left"
-    correct = generated = 0
-    started = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
+    answers = []
     with make_progress("prompt") as progress:
-        task = progress.add_task("answering", total=len(prompts))
-        for start in range(0, len(prompts), cfg.batch_size):
-            chunk = prompts[start : start + cfg.batch_size]
+        task = progress.add_task(f"answering (T={temperature:g})", total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
             texts = [render_prompt(tokenizer, q) for q, _ in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
             new = out[:, enc["input_ids"].shape[1] :]
             for (_, reference), tokens in zip(chunk, new, strict=True):
-                tokens = tokens[tokens != (tokenizer.pad_token_id or tokenizer.eos_token_id)]
-                generated += int(tokens.numel()) + 1
-                answer = extract_answer(tokenizer.decode(tokens, skip_special_tokens=True))
-                correct += bool(answer is not None and answers_match(answer, reference))
+                tokens = tokens[tokens != pad]
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                answer = extract_answer(text)
+                truncated = int(tokens.numel()) >= max_new_tokens
+                answers.append(
+                    Answer(
+                        text=text,
+                        tokens=int(tokens.numel()) + (0 if truncated else 1),  # + the end-of-sequence token
+                        answer=answer,
+                        correct=bool(answer is not None and answers_match(answer, reference)),
+                        truncated=truncated,
+                    )
+                )
             progress.advance(task, len(chunk))
+    return answers
+
+
+def answer_accuracy(model, tokenizer, cfg: EvalConfig, device: str) -> dict[str, Any]:
+    """Greedy answers to the first `cfg.generate` prompts, verified against their references."""
+    prompts = reference_prompts(cfg.data, cfg.generate)
+    started = time.perf_counter()
+    answers = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, device)
     seconds = time.perf_counter() - started
     return {
-        "answer_accuracy": correct / len(prompts),
+        "answer_accuracy": sum(a.correct for a in answers) / len(prompts),
         "answered": len(prompts),
-        "generation_tokens_per_second": generated / seconds,
+        "generation_tokens_per_second": sum(a.tokens for a in answers) / seconds,
     }

@@ -57,7 +57,49 @@ def bootstrap_ratio_ci(
     return [float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
 
 
+def paired_ratio_difference_ci(
+    numerator_a: np.ndarray,
+    denominator_a: np.ndarray,
+    numerator_b: np.ndarray,
+    denominator_b: np.ndarray,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> tuple[float, list[float] | None]:
+    """sum(num_a)/sum(den_a) − sum(num_b)/sum(den_b), with a 95% paired bootstrap interval over the rows.
+
+    Row i of every array is the same unit (a held-out sequence, a prompt) scored for model a and for
+    model b; each resample draws rows and takes them for both models, so what the two share (the
+    unit's difficulty) cancels, and numerators travel with their denominators (the figures are
+    token-weighted ratios, not means of per-row ratios). Rows whose denominators are 0 for both are
+    dropped. Returns (difference, interval); the interval is None with fewer than two rows.
+    """
+    arrays = [np.asarray(a, dtype=np.float64) for a in (numerator_a, denominator_a, numerator_b, denominator_b)]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError("a paired comparison needs the same rows for both models")
+    keep = (arrays[1] > 0) | (arrays[3] > 0)
+    num_a, den_a, num_b, den_b = (a[keep] for a in arrays)
+    difference = float(num_a.sum() / max(den_a.sum(), 1e-300) - num_b.sum() / max(den_b.sum(), 1e-300))
+    if len(num_a) < 2:
+        return difference, None
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(samples)
+    for start in range(0, samples, 100):  # 100 resamples at a time bounds memory at 100 x S indices
+        idx = rng.integers(0, len(num_a), size=(min(100, samples - start), len(num_a)))
+        diffs[start : start + len(idx)] = num_a[idx].sum(1) / np.maximum(den_a[idx].sum(1), 1e-300) - num_b[idx].sum(
+            1
+        ) / np.maximum(den_b[idx].sum(1), 1e-300)
+    tail = (1 - CI_LEVEL) / 2 * 100
+    return difference, [float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))]
+
+
 PER_SEQUENCE = ("ce", "kl", "agree", "correct", "tokens", "kl_tokens", "teacher_tokens")
+RATIOS = {
+    "ce": ("ce", "tokens"),
+    "accuracy": ("correct", "tokens"),
+    "kl": ("kl", "kl_tokens"),
+    "top1_agreement": ("agree", "teacher_tokens"),
+}
+"""Each held-out metric as (numerator, denominator) of the per-sequence sums in PER_SEQUENCE."""
 
 
 def unwrap_causal_lm(model):
@@ -68,7 +110,6 @@ def unwrap_causal_lm(model):
     return model
 
 
-@torch.no_grad()
 def evaluate_sequences(
     model,
     seqs: Iterable[TrainSequence],
@@ -82,6 +123,20 @@ def evaluate_sequences(
     `seqs` may be a stream (a cache read record batch by record batch): only `batch_size` sequences
     are held at a time.
     """
+    return score_sequences(model, seqs, batch_size, chunk_size, device, autocast_dtype)[0]
+
+
+@torch.no_grad()
+def score_sequences(
+    model,
+    seqs: Iterable[TrainSequence],
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """evaluate_sequences' metrics, and the per-sequence sums behind them (PER_SEQUENCE -> array[S],
+    in the order of `seqs`): what a paired comparison of two models on the same sequences needs."""
     lm = unwrap_causal_lm(model)
     was_training = lm.training
     lm.eval()
@@ -130,7 +185,7 @@ def evaluate_sequences(
                 valid = torch.isfinite(teacher.teacher_logprobs[lo:hi])
                 student_lp, student_tail = student_buckets(logits, lse, ids, valid)
                 teacher_lp, teacher_tail = retemper_sparse(
-                    teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi], 1.0, vocab
+                    teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi], 1.0
                 )
                 kl = bucket_divergence(teacher_lp, teacher_tail, student_lp, student_tail, "forward_kl")
                 sums["kl"] += float(kl.sum())
@@ -167,12 +222,7 @@ def evaluate_sequences(
         metrics["top1_agreement"] = sums["agree"] / sums["teacher_tokens"]
     seq = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per_seq.items()}
     metrics["sequences"] = int((seq["tokens"] > 0).sum())
-    for name, num, den in (
-        ("ce", "ce", "tokens"),
-        ("accuracy", "correct", "tokens"),
-        ("kl", "kl", "kl_tokens"),
-        ("top1_agreement", "agree", "teacher_tokens"),
-    ):
+    for name, (num, den) in RATIOS.items():
         if name in metrics and (ci := bootstrap_ratio_ci(seq[num], seq[den])) is not None:
             metrics[f"{name}_ci"] = ci
-    return metrics
+    return metrics, seq

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kd.cache import format as fmt
 from kd.errors import KdError
 from kd.losses import DIVERGENCES
 from kd.pipeline.capture.config import ENGINES as TEACHER_ENGINES
 from kd.pipeline.engines.generation import DEFAULT_TEMPLATE, GenerationSettings, resolve_engine
+from kd.pipeline.models import check_device
 from kd.settings import cli
 
 SAMPLING_ENGINES = ("auto", "vllm", "transformers")
@@ -160,6 +163,22 @@ class OnPolicyConfig:
             )
         if self.max_seq_len < 2:
             raise KdError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        check_device(self.device)
+        self._check_training()
+
+    def _check_training(self) -> None:
+        """Build round 0's TrainConfig and LossConfig now, so a bad training flag (--learning-rate -1,
+        --alpha 2, --distill-temperature 0) is refused before a round samples or writes anything, and
+        is named as this command spells it."""
+        from kd.pipeline.models import ModelSource
+        from kd.pipeline.onpolicy.run import train_config  # run.py imports this module
+
+        out = Path(self.out)
+        student = ModelSource("hf_dir", str(out / "student-init"), "student")
+        try:
+            train_config(self, 0, student, None, out / "round-000" / "train", 1, out).loss_config()
+        except KdError as exc:
+            raise KdError(re.sub(r"--temperature\b", "--distill-temperature", str(exc))) from None
 
     def generation(self, round_index: int) -> GenerationSettings:
         """How round `round_index` samples: a seed of its own, so rounds do not replay each other's draws."""

@@ -5,7 +5,7 @@ For every sampled token t (a target of the cache) with the student's prefix befo
 * ``reverse_kl``: KL(student ‖ teacher) over the cached buckets (the teacher's top-k ids plus one
   tail bucket), the quantity on-policy distillation minimises; ``forward_kl`` alongside;
 * ``teacher_logprob``: log p_teacher(t). When t lies outside the cached top-k only the tail mass is
-  known, and t is given an even share of it (tail / (V − K), the assumption kd's re-tempering makes);
+  known, and t is given an even share of it (tail / (V − K));
   ``teacher_topk_coverage`` says how often that was needed (1 − coverage);
 * ``student_logprob``: log p_student(t), the student's own confidence in what it wrote.
 
@@ -36,7 +36,7 @@ from kd.losses import (
     retemper_sparse,
     student_buckets,
 )
-from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, unwrap_causal_lm
+from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, paired_ratio_difference_ci, unwrap_causal_lm
 from kd.pipeline.heads import head_logits, split_body_and_head
 from kd.pipeline.training.batches import collate
 
@@ -116,8 +116,13 @@ def judge_sequences(
 
 
 def _slice(teacher: SparseTeacher, lo: int, hi: int) -> SparseTeacher:
+    tempered = teacher.teacher_tempered_tails
     return SparseTeacher(
-        teacher.teacher_ids[lo:hi], teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi]
+        teacher.teacher_ids[lo:hi],
+        teacher.teacher_logprobs[lo:hi],
+        teacher.teacher_tail_logmass[lo:hi],
+        None if tempered is None else tempered[lo:hi],
+        teacher.teacher_temperatures,
     )
 
 
@@ -132,7 +137,7 @@ def _token_terms(
     unresolved = torch.isneginf(cached_tail) & (valid.sum(dim=1) < vocab)
     cached_tail = torch.where(unresolved, torch.full_like(cached_tail, math.log(UNRESOLVED_TAIL)), cached_tail)
     # T = 1: only renormalises (removes the drift value quantisation adds to the cached mass).
-    teacher_lp, teacher_tail = retemper_sparse(teacher.teacher_logprobs, cached_tail, 1.0, vocab)
+    teacher_lp, teacher_tail = retemper_sparse(teacher.teacher_logprobs, cached_tail, 1.0)
     hit = (ids == labels[:, None]) & valid
     in_topk = hit.any(dim=1)
     label_lp = torch.where(hit, teacher_lp, torch.zeros_like(teacher_lp)).sum(dim=1)
@@ -168,19 +173,16 @@ def paired_difference_ci(
     a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], name: str = "reverse_kl", samples: int = 1000
 ) -> dict[str, float | list[float]]:
     """Mean(a) − mean(b) of a per-token metric on the prompts both judged, with a paired bootstrap
-    interval over prompts (the same resampled prompts for both): what "a beats b" rests on."""
+    interval over prompts (the same resampled prompts for both): what "a beats b" rests on.
+    (kd.pipeline.evaluation.sequences.paired_ratio_difference_ci over prompts keyed by name.)"""
     keys = sorted(set(a) & set(b))
     if len(keys) < 2:
         raise ValueError("a paired comparison needs at least two prompts judged for both")
-    num_a = np.array([a[k][name] for k in keys])
-    den_a = np.array([a[k]["tokens"] for k in keys])
-    num_b = np.array([b[k][name] for k in keys])
-    den_b = np.array([b[k]["tokens"] for k in keys])
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(keys), size=(samples, len(keys)))
-    diffs = num_a[idx].sum(1) / np.maximum(den_a[idx].sum(1), 1) - num_b[idx].sum(1) / np.maximum(den_b[idx].sum(1), 1)
-    return {
-        "difference": float(num_a.sum() / den_a.sum() - num_b.sum() / den_b.sum()),
-        "difference_ci": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
-        "prompts": len(keys),
-    }
+    difference, ci = paired_ratio_difference_ci(
+        np.array([a[k][name] for k in keys]),
+        np.array([a[k]["tokens"] for k in keys]),
+        np.array([b[k][name] for k in keys]),
+        np.array([b[k]["tokens"] for k in keys]),
+        samples=samples,
+    )
+    return {"difference": difference, "difference_ci": ci, "prompts": len(keys)}

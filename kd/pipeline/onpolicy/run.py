@@ -182,6 +182,7 @@ def run_round(
         cfg.teacher_batch_size,
         cfg.device,
         cfg.seed,
+        temperatures=f"1,{cfg.distill_temperature!r}",  # training at T != 1 needs its tempered tail
     )
     if not cache_is_complete(here / "cache"):
         log(f"round {index}: the teacher scores {len(records)} sequences (top-{cfg.top_k})")

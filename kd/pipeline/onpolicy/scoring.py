@@ -31,6 +31,8 @@ class ScoringSettings:
     batch_size: int = 8
     device: str | None = None
     seed: int = 0
+    temperatures: str = "1"
+    """Temperatures the round's cache is exact at (`--temperatures`): 1 and the distillation temperature."""
 
     def cache_config(self, samples: Path, cache_dir: Path) -> CacheConfig:
         return CacheConfig(
@@ -45,6 +47,7 @@ class ScoringSettings:
             batch_size=self.batch_size,
             device=self.device,
             seed=self.seed,
+            temperatures=self.temperatures,
         )
 
 

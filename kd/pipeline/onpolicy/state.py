@@ -9,14 +9,13 @@ could not load the student) may be rerun with corrected flags.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kd.cache.manifest import atomic_write_text
+from kd.cache.manifest import atomic_write_text, hold_exclusive
 from kd.errors import KdError
 from kd.pipeline.onpolicy.config import OnPolicyConfig
 
@@ -50,13 +49,13 @@ class RunDirectory:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(out / ".lock", "a")  # noqa: SIM115 - held for the whole run
+        if out.exists() and not out.is_dir():
+            raise KdError(f"--out {out}: exists and is not a directory")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self._lock.close()
-            raise KdError(f"--out {out}: another kd on-policy is running there; wait for it") from exc
+            out.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise KdError(f"--out {out}: not writable ({exc.strerror})") from exc
+        self._lock = hold_exclusive(out / ".lock", f"--out {out}: another kd on-policy is running there; wait for it")
 
     def has_samples(self) -> bool:
         """Whether any round has written a sample (from then on the settings are binding)."""

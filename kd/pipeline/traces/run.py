@@ -17,7 +17,6 @@ Files next to ``--out traces.jsonl``:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd.cache.manifest import atomic_write_lines, atomic_write_text, describe_difference
+from kd.cache.manifest import atomic_write_lines, atomic_write_text, describe_difference, hold_exclusive
 from kd.errors import KdError, where
 from kd.pipeline.data import corpus_fingerprint, iter_raw_records
 from kd.pipeline.engines.generation import (
@@ -38,6 +37,7 @@ from kd.pipeline.engines.generation import (
     resolve_engine,
 )
 from kd.pipeline.progress import log, make_progress
+from kd.pipeline.traces.decontaminate import HeldOutNgrams
 from kd.pipeline.traces.verify import answers_match, extract_answer, question_and_reference
 from kd.settings import cli
 
@@ -98,6 +98,10 @@ class TracesConfig:
     """Teacher dtype: auto, bfloat16, float16, float32."""
     max_model_len: int | None = None
     """vLLM context length; default: the longest prompt plus max_new_tokens."""
+    decontaminate: list[str] = field(default_factory=list)
+    """Held-out files (kd data formats): drop prompts sharing an n-gram of words with them; repeat for several."""
+    decontaminate_ngram: int = 8
+    """Words per n-gram for --decontaminate (open-r1's rule: lowercased, whitespace-split words)."""
 
     def __post_init__(self) -> None:
         self.generation  # noqa: B018 - validates n, temperature, top-p, max new tokens
@@ -106,6 +110,9 @@ class TracesConfig:
             raise KdError("--template must contain the placeholder {question}")
         if self.concurrency < 1:
             raise KdError(f"--concurrency must be >= 1, got {self.concurrency}")
+        from kd.pipeline.models import check_device  # lazy, as this module's other uses of models
+
+        check_device(self.device)
         if self.timeout <= 0:
             raise KdError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if self.max_retries < 0:
@@ -116,6 +123,8 @@ class TracesConfig:
             raise KdError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise KdError(f"--limit must be >= 1, got {self.limit}")
+        if self.decontaminate_ngram < 1:
+            raise KdError(f"--decontaminate-ngram must be >= 1, got {self.decontaminate_ngram}")
         if not self.out.endswith(".jsonl"):
             raise KdError(f"--out {self.out}: expected a .jsonl file name")
         if self.engine == "auto" and self.base_url:
@@ -202,14 +211,8 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a+b")  # noqa: SIM115 - held open for the whole run
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self.file.close()
-            raise KdError(
-                f"--out: another kd gen-traces is writing {path}; wait for it or choose another --out"
-            ) from exc
+        refusal = f"--out: another kd gen-traces is writing {path}; wait for it or choose another --out"
+        self.file = hold_exclusive(path, refusal, "a+b")  # held open (and locked) for the whole run
         self.records: dict[tuple[str, int], dict[str, Any]] = {}
         self.repaired = self._load()
 
@@ -453,11 +456,31 @@ def _generate(engine, prompts: list[Prompt], messages, todo, cfg: TracesConfig, 
             yield from batch
 
 
+def _decontaminated_prompts(cfg: TracesConfig) -> tuple[list[Prompt], int]:
+    """The prompts to sample, and how many --decontaminate dropped (--limit counts the kept ones)."""
+    if not cfg.decontaminate:
+        return load_prompts(cfg.prompts, cfg.limit), 0
+    held_out = HeldOutNgrams.from_files(cfg.decontaminate, cfg.decontaminate_ngram)
+    prompts = load_prompts(cfg.prompts)
+    kept = [p for p in prompts if not held_out.overlaps(p.question)]
+    dropped = len(prompts) - len(kept)
+    if not kept:
+        raise KdError(
+            f"--decontaminate: all {len(prompts)} prompts of {cfg.prompts} share a {cfg.decontaminate_ngram}-word "
+            "sequence with the held-out files; nothing is left to sample"
+        )
+    log(
+        f"--decontaminate: dropped {dropped} of {len(prompts)} prompts sharing a {cfg.decontaminate_ngram}-word "
+        f"sequence with {', '.join(cfg.decontaminate)}"
+    )
+    return kept[: cfg.limit] if cfg.limit is not None else kept, dropped
+
+
 def run_gen_traces(cfg: TracesConfig) -> dict[str, Any]:
     """Generate the missing samples, then rewrite --out from the ledger; returns the summary."""
     out = Path(cfg.out)
     ledger_path, settings_path = side_paths(out)
-    prompts = load_prompts(cfg.prompts, cfg.limit)
+    prompts, decontaminated = _decontaminated_prompts(cfg)
     kind, _ = parse_filter(cfg.filter)
     if kind != "all" and not any(p.reference is not None for p in prompts):
         raise KdError(
@@ -515,6 +538,7 @@ def run_gen_traces(cfg: TracesConfig) -> dict[str, Any]:
     generated_tokens = sum(c.completion_tokens for c in generated)
     summary = {
         "prompts": len(prompts),
+        "decontaminated": decontaminated,
         "samples": counts["samples"],
         "accepted": len(records),
         "accepted_share": len(records) / counts["samples"] if counts["samples"] else 0.0,

@@ -3,31 +3,47 @@
     from kd.pipeline.traces.verify import extract_answer, extract_reference, answers_match
     answers_match(extract_answer(completion), extract_reference(record["answer"]))
 
-Used by `kd gen-traces` (keep only traces whose answer is right) and `kd eval` (answer accuracy).
-Checking is deliberately forgiving about form (``$1,200.00`` equals ``1200``, ``\\frac{3}{4}``
-equals ``0.75``, ``2(x+1)`` equals ``2x+2``) and strict about value. Nothing here raises on odd
-model output: a string that cannot be understood simply does not match.
+Used by `kd gen-traces` (keep only traces whose answer is right), `kd eval --generate` and on-policy
+rounds (answer accuracy). Equality of value is decided by Hugging Face's `math-verify` (the verifier
+of open-r1 and TRL's accuracy rewards): ``\\frac{3}{4}`` equals ``0.75``, ``2(x+1)`` equals ``2x+2``.
+What stays here is what math-verify does not do: GSM8K's ``#### 1,234`` references, the record
+shapes kd reads, kd's rules for a completion's final answer (boxed, ``####``, "answer is", last
+number) and a surface clean-up (``$1,200.00``, ``18 dollars``, ``72.``) before the comparison.
+Nothing here raises on odd model output, and no model string is evaluated as Python: math-verify
+reads LaTeX with an ANTLR grammar (latex2sympy2_extended) and gives sympy's ``parse_expr`` (which
+does ``eval``) only strings of digits and operators, a path kd does not even enable.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from fractions import Fraction
+import threading
+
+from kd.errors import KdError
 
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
 _LAST_NUMBER_RE = re.compile(rf"(?:{_NUMBER})(?:\s*/\s*(?:\d+))?")
 _HASH_RE = re.compile(r"####\s*([^\n]+)")
 _ANSWER_IS_RE = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*([^\n]+)", re.IGNORECASE)
 _UNIT_SUFFIX_RE = re.compile(rf"^((?:{_NUMBER})(?:\s*/\s*\d+)?)\s*(?:%|[a-zA-Z][a-zA-Z .'-]*)$")
-_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_SIMPLE_FRAC_RE = re.compile(r"\\[dt]?frac(\d)(\d)")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox|operatorname)\s*\{([^{}]*)\}")
+_PLAIN_NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?|[-+]?\d+\s*/\s*[-+]?\d+")
+_WORDS_RE = re.compile(r"[a-zA-Z][a-zA-Z' -]*[a-zA-Z]")
 
-# sympy's parse_expr evaluates Python, and the strings come from a model: only arithmetic
-# characters and a few known function names may reach it (see _to_sympy).
-_SAFE_EXPR_RE = re.compile(r"^[0-9a-zA-Z+\-*/^().\s]*$")
-_SAFE_NAMES = {"sqrt", "pi", "exp", "log", "sin", "cos", "tan", "E", "I"}
-_MAX_SYMBOLIC_CHARS = 120
+# Cost guards before math-verify. Its timeouts are signal.alarm, which works only in the main
+# thread; elsewhere they are off and these guards alone keep 9^{9^{9^9}} (sympy builds the integer)
+# or 999999! from hanging a run. They apply in the main thread too: a timeout of seconds on each odd
+# answer would still stall a run over thousands of samples.
+_MAX_CHARS = 200
+_POWER_TOWER_RE = re.compile(r"(?:\^|\*\*)\s*[({]?\s*\d+(?:\.\d+)?\s*(?:\^|\*\*)")  # 9^9^9, 2^{3^{4}}
+_BIG_EXPONENT_RE = re.compile(r"(?:\^|\*\*)\s*[({]?\s*[-+]?\d{6,}")  # 2^{2024} is fine, 9^{999999} is not
+_BIG_FACTORIAL_RE = re.compile(r"\d{6,}\s*\}?\s*!")
+_TIMEOUT_S = 5  # per math-verify parse/verify call, main thread only
+
+# math-verify logs a warning when timeouts are off and an error per timed-out comparison; for kd
+# either is an answer that does not match, so its loggers stay quiet.
+logging.getLogger("math_verify").setLevel(logging.CRITICAL)
 
 
 def find_boxed(text: str) -> list[str]:
@@ -148,7 +164,7 @@ def _first_value(phrase: str) -> str | None:
     value = normalize_answer(phrase)
     if not value:
         return None
-    if _to_number(value) is not None:
+    if _PLAIN_NUMBER_RE.fullmatch(value):
         return value
     lead = re.match(rf"({_NUMBER})\s+[a-zA-Z]{{2,}}", value)  # "12 because ..." -> "12"; "2x+2" stays
     if lead:
@@ -156,58 +172,13 @@ def _first_value(phrase: str) -> str | None:
     return value if len(value) <= 40 else None
 
 
-def _to_number(s: str) -> Fraction | None:
-    """Exact value of a plain number, a/b, \\frac{a}{b} or a percentage; None otherwise."""
-    s = _FRAC_RE.sub(r"(\1)/(\2)", s)
-    s = _SIMPLE_FRAC_RE.sub(r"\1/\2", s).replace(" ", "")
-    s = s.removesuffix("%")
-    m = re.fullmatch(r"\(?([-+]?\d*\.?\d+)\)?/\(?([-+]?\d*\.?\d+)\)?", s)
-    try:
-        if m:
-            den = Fraction(m.group(2))
-            return Fraction(m.group(1)) / den if den else None
-        if re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", s):
-            return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None
-
-
-def _latex_to_plain(s: str) -> str:
-    s = _FRAC_RE.sub(r"(\1)/(\2)", s)
-    s = re.sub(r"\\sqrt\s*\{([^{}]*)\}", r"sqrt(\1)", s)
-    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/").replace("\\pi", "pi")
-    s = s.replace("{", "(").replace("}", ")").replace("^", "**")
-    return s
-
-
-def _to_sympy(s: str):
-    """A sympy expression for a short arithmetic/algebra string, or None (never evaluates arbitrary code)."""
-    plain = _latex_to_plain(s)
-    if len(plain) > _MAX_SYMBOLIC_CHARS or not _SAFE_EXPR_RE.match(plain) or "__" in plain:
-        return None
-    for name in re.findall(r"[a-zA-Z]+", plain):
-        if len(name) > 1 and name not in _SAFE_NAMES:
-            return None
-    # 9**9**9 would make sympy build a huge integer and hang: allow one small power at most.
-    if plain.count("**") > 1 or re.search(r"\*\*\s*\(?\s*\d{4,}", plain):
-        return None
-    from sympy.parsing.sympy_parser import (
-        implicit_multiplication_application,
-        parse_expr,
-        standard_transformations,
-    )
-
-    transformations = standard_transformations + (implicit_multiplication_application,)
-    return parse_expr(plain, transformations=transformations, evaluate=True)
-
-
 def answers_match(answer: str, reference: str) -> bool:
     """Whether a model's answer equals the reference in value.
 
-    Tried in order: normalised string equality; exact numeric equality (``$1,234.00`` == ``1234``,
-    ``3/4`` == ``\\frac{3}{4}`` == ``0.75``, relative tolerance 1e-6 for decimals); symbolic
-    equality with sympy (``simplify(a - b) == 0``) for expressions; never raises.
+    Both sides are normalised (see normalize_answer); equal strings (ignoring case and spaces)
+    match; otherwise math-verify decides (numbers, fractions, percentages, LaTeX, algebra, sets).
+    Answers made of words only (``Paris``) match by string alone: as algebra ``Paris`` is the
+    product ``P*a*r*i*s`` and would equal any anagram. Never raises.
     """
     try:
         if answer is None or reference is None:
@@ -215,23 +186,78 @@ def answers_match(answer: str, reference: str) -> bool:
         a, r = normalize_answer(str(answer)), normalize_answer(str(reference))
         if not a or not r:
             return False
-        if a == r or a.replace(" ", "").lower() == r.replace(" ", "").lower():
+        if a.replace(" ", "").lower() == r.replace(" ", "").lower():
             return True
-        a_num, r_num = _to_number(a), _to_number(r)
-        if a_num is not None and r_num is not None:
-            return abs(a_num - r_num) <= Fraction(1, 10**6) * max(1, abs(r_num))
-        return _symbolic_equal(a, r)
+        if _WORDS_RE.fullmatch(a) and _WORDS_RE.fullmatch(r):
+            return False
+        if _too_costly(a) or _too_costly(r):
+            return False
     except Exception:  # odd model output must never crash a generation run
         return False
+    return _math_verify_equal(a, r)
 
 
-def _symbolic_equal(a: str, r: str) -> bool:
-    import sympy
+def _too_costly(s: str) -> bool:
+    """Whether sympy could spend minutes on a string: too long, a power tower, a big exponent or factorial."""
+    return len(s) > _MAX_CHARS or any(p.search(s) for p in (_POWER_TOWER_RE, _BIG_EXPONENT_RE, _BIG_FACTORIAL_RE))
 
+
+def _as_latex(s: str) -> str:
+    """An answer as math-verify's LaTeX extraction finds it: boxed, with 1e3 written out (LaTeX reads e as a symbol)."""
+    if re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d{1,3}", s):
+        s = format(float(s), "f").rstrip("0").rstrip(".")
+    return f"\\boxed{{{s}}}"
+
+
+def _math_verify_equal(answer: str, reference: str) -> bool:
     try:
-        a_expr, r_expr = _to_sympy(a), _to_sympy(r)
-        if a_expr is None or r_expr is None:
-            return False
-        return bool(sympy.simplify(a_expr - r_expr) == 0)
-    except Exception:  # sympy raises many types (SympifyError, TypeError, TokenError, ...)
+        from math_verify import LatexExtractionConfig, parse, verify
+        from math_verify.errors import TimeoutException
+    except ImportError as exc:  # not swallowed: without it every answer would silently count as wrong
+        raise KdError(f"answer checking needs math-verify: pip install 'math-verify[antlr4_13_2]' ({exc})") from exc
+
+    # signal.alarm works only in the main thread: elsewhere math-verify raises unless its timeouts
+    # are off (None), and then the guards must bound the work: _too_costly, and no power of a power.
+    seconds = _TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    if seconds is None and (_nested_power(answer) or _nested_power(reference)):
         return False
+    config = [LatexExtractionConfig()]
+    try:
+        gold = parse(_as_latex(reference), extraction_config=config, parsing_timeout=seconds)
+        pred = parse(_as_latex(answer), extraction_config=config, parsing_timeout=seconds)
+        if not gold or not pred:
+            return False
+        return bool(verify(gold, pred, timeout_seconds=seconds))
+    except (Exception, TimeoutException):  # TimeoutException derives from BaseException
+        return False
+
+
+def _nested_power(s: str) -> bool:
+    """Whether a power is raised to a power: ``(x^y)^z``, ``x^{y^z}``, ``x^y^z`` (also with ``**``).
+
+    Those are the shapes that make sympy build numbers of billions of digits ((9^{99999})^{99999}),
+    which nothing can interrupt off the main thread. A few real answers have them (``e^{-x^2}``):
+    off the main thread they count as wrong, in the main thread math-verify's timeout bounds them.
+    """
+    s = s.replace("**", "^")
+    group_has_power = [False]  # per open bracket (index 0: the whole string)
+    group_is_exponent = [False]
+    prev = ""  # the last character that is not a space
+    closed_power = False  # the group that just closed contained a power
+    in_exponent_number = False  # inside an exponent written without braces: the 9s of ^99
+    for ch in s:
+        if ch.isspace():
+            continue
+        if ch == "^":
+            if (prev in ")}]" and closed_power) or in_exponent_number or any(group_is_exponent):
+                return True
+            group_has_power = [True] * len(group_has_power)
+        elif ch in "({[":
+            group_has_power.append(False)
+            group_is_exponent.append(prev == "^")
+        elif ch in ")}]" and len(group_has_power) > 1:
+            closed_power = group_has_power.pop()
+            group_is_exponent.pop()
+        in_exponent_number = (prev == "^" and ch not in "({[") or (in_exponent_number and (ch.isdigit() or ch == "."))
+        prev = ch
+    return False

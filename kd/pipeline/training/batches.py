@@ -104,10 +104,18 @@ def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | None:
     if teachers[0] is None:
         return None
     if isinstance(teachers[0], TopKTargets):
+        # Tempered tails only when every sequence has them (one cache: all or none).
+        temperatures = teachers[0].temperatures if all(t.tempered_tails is not None for t in teachers) else ()
         return SparseTeacher(
             teacher_ids=torch.from_numpy(np.concatenate([t.ids for t in teachers]).astype(np.int64)),
             teacher_logprobs=torch.from_numpy(np.concatenate([t.logprobs for t in teachers]).astype(np.float32)),
             teacher_tail_logmass=torch.from_numpy(np.concatenate([t.tail for t in teachers]).astype(np.float32)),
+            teacher_tempered_tails=(
+                torch.from_numpy(np.concatenate([t.tempered_tails for t in teachers]).astype(np.float32))
+                if temperatures
+                else None
+            ),
+            teacher_temperatures=temperatures,
         )
     # RS: a ragged number of unique ids per token, padded with count 0.
     per_token_ids = [ids for t in teachers for ids in t.ids]

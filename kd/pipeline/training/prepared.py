@@ -58,6 +58,25 @@ def _record_batch(schema: pa.Schema, rows: list[int], ids: list[np.ndarray], mas
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
+def prepared_settings(
+    path: str, tokenizer, data_format: str | None, max_seq_len: int, limit: int | None, weights_of
+) -> dict[str, Any]:
+    """The manifest settings of a prepared corpus: a rerun with the same ones reuses it."""
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "mode": "prepared",
+        "corpus": {"path": Path(path).name, "fingerprint": corpus_fingerprint(path) if Path(path).is_file() else None},
+        "data_format": data_format,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "max_seq_len": max_seq_len,
+        "limit": limit,
+        "weights": None if weights_of is None else getattr(weights_of, "fingerprint", "custom"),
+        "value_encoding": None,
+        "world_size": 1,
+    }
+
+
 def prepare_corpus(
     path: str,
     out_dir: Path,
@@ -74,19 +93,7 @@ def prepare_corpus(
     Args:
         weights_of: optional function TokenizedExample -> per-token CE weights (reasoning SFT tags).
     """
-    settings: dict[str, Any] = {
-        "format_version": fmt.FORMAT_VERSION,
-        "mode": "prepared",
-        "corpus": {"path": Path(path).name, "fingerprint": corpus_fingerprint(path) if Path(path).is_file() else None},
-        "data_format": data_format,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
-        "max_seq_len": max_seq_len,
-        "limit": limit,
-        "weights": None if weights_of is None else getattr(weights_of, "fingerprint", "custom"),
-        "value_encoding": None,
-        "world_size": 1,
-    }
+    settings = prepared_settings(path, tokenizer, data_format, max_seq_len, limit, weights_of)
     existing = read_manifest(out_dir) if out_dir.is_dir() else None
     if existing is not None and existing.get("settings") == settings and existing.get("complete"):
         return CacheReader(out_dir, flag=flag)
