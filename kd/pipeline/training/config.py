@@ -74,6 +74,8 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
+    cross_tokenizer: bool = False
+    """Train a student whose tokenizer differs from the cache's teacher, aligned by text (training/crosstok.py)."""
     eval_cache: str | None = None
     """Held-out cache: CE, KL to teacher, top-1 agreement, ECE."""
     eval_data: str | None = None

@@ -63,7 +63,14 @@ def _train(cfg: TrainConfig, on_start: Callable[[], None] | None) -> dict[str, A
     env = run.env
     plan, run_steps = plan_steps(run.train_reader, run.train_units, cfg, env, run.train_flag)
     loader = StepLoader(
-        run.train_reader, plan, run.train_units, env.rank, env.world_size, cfg.accumulation_steps, prefetch=cfg.prefetch
+        run.train_reader,
+        plan,
+        run.train_units,
+        env.rank,
+        env.world_size,
+        cfg.accumulation_steps,
+        prefetch=cfg.prefetch,
+        align=run.aligner,
     )
     learner = build_learner(run)
     position = restore(cfg, run.out, learner.module, learner.optimizer, learner.fsdp, plan, env, run_steps)
@@ -172,6 +179,7 @@ def step_metrics(
         "tokens_per_second": clock.tokens_seen / elapsed,
         "padding": 1.0 - counts.real_tokens / counts.padded_tokens,
         "data_wait_share": loader.stats.wait_seconds / elapsed,
+        **(loader.align.stats.metrics() if loader.align is not None else {}),  # cross-tokenizer coverage
     }
 
 

@@ -16,6 +16,7 @@ from kd.cache.reader import CacheReader, CacheUnit
 from kd.errors import KdError
 from kd.pipeline.evaluation.sequences import unwrap_causal_lm
 from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
+from kd.pipeline.training import crosstok
 from kd.pipeline.training.config import TrainConfig
 from kd.pipeline.training.distributed import DistEnv, autocast_dtype, init_distributed, resolve_device
 from kd.pipeline.training.hidden_teacher import CachedTeacherHead, load_cached_teacher_head
@@ -42,6 +43,8 @@ class Run:
     train_reader: CacheReader
     train_units: list[CacheUnit]
     train_flag: str
+    aligner: Any
+    """Cross-tokenizer aligner of the cache to the student's tokenizer (None: same tokenizer)."""
     eval_reader: CacheReader | None
     cached_head: CachedTeacherHead | None
     """The teacher head of a hidden-state --from-cache (None for any other data)."""
@@ -85,8 +88,9 @@ def set_up(cfg: TrainConfig) -> Run:
         tokenizer_source = teacher_source
     tokenizer = load_tokenizer(tokenizer_source)
     fingerprint = tokenizer_fingerprint(tokenizer)
+    aligner = None
     if reader is not None:
-        check_cache(cfg, reader, fingerprint)
+        aligner = check_cache(cfg, reader, tokenizer, fingerprint)
         train_reader, train_flag = reader, "--from-cache"
     else:
         train_reader = open_data(cfg.data, "--data", out, "train", tokenizer, cfg, env, weighted=True)
@@ -113,6 +117,7 @@ def set_up(cfg: TrainConfig) -> Run:
         train_reader=train_reader,
         train_units=train_units,
         train_flag=train_flag,
+        aligner=aligner,
         eval_reader=eval_reader,
         cached_head=cached_head,
         eval_head=eval_head,
@@ -138,20 +143,25 @@ def teacher_source_of(cfg: TrainConfig, reader: CacheReader | None) -> ModelSour
     return teacher_source
 
 
-def check_cache(cfg: TrainConfig, reader: CacheReader, fingerprint: str) -> None:
-    """The cache must come from the student's tokenizer and hold what --divergence needs."""
+def check_cache(cfg: TrainConfig, reader: CacheReader, tokenizer: Any, fingerprint: str) -> crosstok.Aligner | None:
+    """The cache must hold what --divergence needs and come from the student's tokenizer, unless
+    --cross-tokenizer aligns it to the student's by text: then the aligner is returned."""
+    aligner = None
     if reader.settings["tokenizer_fingerprint"] != fingerprint:
-        raise KdError(
-            f"--from-cache {cfg.from_cache}: the cache was made with another tokenizer "
-            f"({reader.settings['tokenizer_fingerprint']}) than the student's ({fingerprint}); "
-            "the student must share the teacher's tokenizer"
-        )
+        if not cfg.cross_tokenizer:
+            raise KdError(
+                f"--from-cache {cfg.from_cache}: the cache was made with another tokenizer "
+                f"({reader.settings['tokenizer_fingerprint']}) than the student's ({fingerprint}); "
+                "pass --cross-tokenizer to align the two by text"
+            )
+        aligner = crosstok.aligner_for(reader, tokenizer, load_tokenizer)
     if reader.mode == "rs" and cfg.divergence != "forward_kl":
         raise KdError(
             f"--divergence {cfg.divergence} needs teacher log-probabilities; an RS cache stores only "
             "sample counts (use a top-k cache)"
         )
     reader.require_temperature(cfg.temperature)  # a top-k cache is exact only at the temperatures it recorded
+    return aligner
 
 
 def load_online_teacher(

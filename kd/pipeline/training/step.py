@@ -18,6 +18,7 @@ import torch
 from kd.losses import DenseTeacher, LossConfig, distill_loss_sum
 from kd.pipeline.evaluation.sequences import unwrap_causal_lm
 from kd.pipeline.heads import split_body_and_head
+from kd.pipeline.training import crosstok
 from kd.pipeline.training.batches import Batch
 from kd.pipeline.training.distributed import DistEnv, sum_over_ranks
 from kd.pipeline.training.hidden_teacher import CachedTeacherHead
@@ -71,6 +72,11 @@ class DistillStep(torch.nn.Module):
                 teacher_head_bias=None if teacher_head.bias is None else teacher_head.bias.to(hidden.device),
                 teacher_logit_transform=teacher_transform,
             )
+        if batch.teacher_rows is not None:  # cross-tokenizer: the divergence only where aligned
+            return crosstok.loss_sum(
+                distill_loss_sum, hidden, head.weight, head.bias, batch.labels, teacher_signal,
+                self.loss_config, batch.token_weights, transform, batch.teacher_rows,
+            )  # fmt: skip
         parts = distill_loss_sum(
             hidden,
             head.weight,

@@ -94,6 +94,8 @@ class StepLoader:
         rank, world_size, accumulation_steps: which micro-batches of a step are this rank's.
         units: the reader's units the plan indexes (possibly cut by --limit).
         prefetch: steps decoded ahead of the training loop.
+        align: cross-tokenizer hook (crosstok.Aligner): turns decoded teacher sequences into the
+            student's, and collates them; None for a same-tokenizer student.
     """
 
     def __init__(
@@ -105,7 +107,9 @@ class StepLoader:
         world_size: int = 1,
         accumulation_steps: int = 1,
         prefetch: int = 2,
+        align=None,
     ) -> None:
+        self.align = align
         self.reader = reader
         self.plan = plan
         self.units = units
@@ -162,12 +166,14 @@ class StepLoader:
         self._release_windows_before(epoch, first_window)
         flat = np.concatenate(mine)
         seqs = self._decode(epoch, flat)
+        if self.align is not None:
+            seqs = self.align(seqs)
         self.stats.add_decoded(len(seqs))
         batches, targets, weight_sum, real, padded, at = [], 0, 0.0, 0, 0, 0
         for ids in mine:
             part = seqs[at : at + len(ids)]
             at += len(ids)
-            batch = collate(part)
+            batch = collate(part) if self.align is None else self.align.collate(part)
             batches.append(batch)
             targets += batch.num_targets
             weight_sum += float(batch.token_weights.sum()) if batch.token_weights is not None else batch.num_targets

@@ -1,0 +1,335 @@
+"""Cross-tokenizer distillation from a cache: `kd train --from-cache C --student S/ --cross-tokenizer`.
+
+A cache holds the teacher's top-k (or RS draws) per teacher token. A student with another tokenizer
+is served by three pure steps (numpy + tokenizers; no model), run on the loader's thread:
+
+1. **Text and spans.** The teacher's ids of a record are decoded to text (special tokens kept as
+   text, the teacher's own leading BOS dropped) and re-encoded by the teacher's tokenizer with
+   offsets; the round trip must give the cached ids back, else the record keeps its student targets
+   as CE only (counted in ``records_not_round_tripped``). Each token's span is [end of the previous
+   token, its end), so offsets trimmed of leading spaces (byte-level BPE) still tile the text.
+2. **The student's sequence** is the same text, tokenized by the student's tokenizer with whatever it
+   adds in front of a text (its BOS: Gemma's ``<bos>``). Teacher chat-template tokens are part of
+   that text, as text: the student sees exactly what the teacher saw. A student token is a target
+   when its first character lies in a teacher target's span; it gets the teacher distribution of
+   the teacher target that starts at the same character, and CE only when none does (or that
+   teacher token has no text in the student's vocabulary). Known limit: offsets are in characters,
+   so the later byte pieces of a character that byte-level BPE splits (many Chinese characters,
+   emoji) have no start of their own and get CE only, even with the same tokenizer on both sides.
+3. **Vocabulary map.** Teacher id t counts towards the student token its text starts with: the first
+   student id of the student's tokenization of t's text; ids with no text (special tokens, partial
+   UTF-8 bytes) map to -1 and their mass joins the tail. Computed once per tokenizer pair and kept
+   in ``$KD_HOME/crosstok/``; the identical tokenizer maps to the identity. The cached top-k of an
+   aligned position becomes a row over student ids (duplicates merged by log-sum-exp, width K kept,
+   -inf padding), so the existing fused loss runs unchanged; RS draws are mapped and merged the
+   same way (unmapped draws are dropped).
+
+The divergence is computed on aligned targets only (`loss_sum`); CE covers every student target.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd.cache.format import SampledTargets, TopKTargets, target_positions
+from kd.errors import KdError
+from kd.pipeline.models import kd_home, tokenizer_fingerprint
+from kd.pipeline.training.batches import Batch, TrainSequence, collate
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """Ids the tokenizer puts in front of any text (its BOS if it adds one; [] for SmolLM2)."""
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    return [i for i in ids if i != eos]
+
+
+def vocab_texts(tokenizer) -> list[str | None]:
+    """Text of each id alone, or None where it has none (special/added tokens, partial UTF-8 bytes)."""
+    backend = tokenizer.backend_tokenizer
+    special = set(tokenizer.all_special_ids) | {
+        i for i, tok in tokenizer.added_tokens_decoder.items() if getattr(tok, "special", True)
+    }
+    texts: list[str | None] = []
+    for i in range(len(tokenizer)):
+        if i in special:
+            texts.append(None)
+            continue
+        text = backend.decode([i], skip_special_tokens=False)
+        texts.append(None if not text or "\ufffd" in text else text)
+    return texts
+
+
+def build_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
+    """map[teacher id] = first student id of the student's tokenization of its text, or -1 (int64)."""
+    if tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(student_tokenizer):
+        return np.arange(len(teacher_tokenizer), dtype=np.int64)
+    texts = vocab_texts(teacher_tokenizer)
+    have = [i for i, t in enumerate(texts) if t is not None]
+    encoded = student_tokenizer.backend_tokenizer.encode_batch([texts[i] for i in have], add_special_tokens=False)
+    out = np.full(len(texts), -1, dtype=np.int64)
+    for i, enc in zip(have, encoded, strict=True):
+        if enc.ids:
+            out[i] = enc.ids[0]
+    return out
+
+
+def cached_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
+    """`build_vocab_map`, computed once per tokenizer pair and kept under ``$KD_HOME/crosstok``."""
+    key = f"{tokenizer_fingerprint(teacher_tokenizer)}-to-{tokenizer_fingerprint(student_tokenizer)}.npy"
+    path = kd_home() / "crosstok" / key
+    if path.is_file():
+        return np.load(path)
+    vocab_map = build_vocab_map(teacher_tokenizer, student_tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{key}.{os.getpid()}.npy")
+    np.save(tmp, vocab_map)
+    os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes
+    return vocab_map
+
+
+def map_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_map: np.ndarray):
+    """Teacher top-k rows [N, K] -> student rows [N, K] (merged by logsumexp, -inf padded), tail [N], mapped mass [N].
+
+    Returns (student_ids, student_logprobs, student_tail, mapped_prob, listed_prob): the last two are
+    per row the teacher probability that found a student id and the probability the row listed.
+    """
+    n, k = ids.shape
+    student = vocab_map[ids.astype(np.int64)]
+    lp = logprobs.astype(np.float64)
+    valid = np.isfinite(lp)
+    mapped = valid & (student >= 0)
+    p = np.where(valid, np.exp(np.where(valid, lp, 0.0)), 0.0)
+    listed_prob = p.sum(1)
+    mapped_prob = np.where(mapped, p, 0.0).sum(1)
+    unmapped_prob = listed_prob - mapped_prob
+    out_ids = np.zeros((n, k), dtype=np.int64)
+    out_lp = np.full((n, k), -np.inf, dtype=np.float32)
+    rows, cols = np.nonzero(mapped)
+    if len(rows):
+        key = rows * (int(vocab_map.max()) + 1) + student[rows, cols]
+        order = np.argsort(key, kind="stable")
+        key, rows_s, cols_s = key[order], rows[order], cols[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        merged = np.logaddexp.reduceat(lp[rows_s, cols_s], starts)
+        group_rows = rows_s[starts]
+        group_ids = student[rows_s[starts], cols_s[starts]]
+        # slot of each group within its row: rank among the row's groups
+        first_of_row = np.r_[0, np.flatnonzero(group_rows[1:] != group_rows[:-1]) + 1]
+        slot = np.arange(len(starts)) - np.repeat(first_of_row, np.diff(np.r_[first_of_row, len(starts)]))
+        # keep each row in descending probability order, as readers hand rows out
+        out_ids[group_rows, slot] = group_ids
+        out_lp[group_rows, slot] = merged
+        order = np.argsort(-out_lp, axis=1, kind="stable")
+        out_ids = np.take_along_axis(out_ids, order, 1)
+        out_lp = np.take_along_axis(out_lp, order, 1)
+    with np.errstate(divide="ignore"):
+        out_tail = np.logaddexp(tail.astype(np.float64), np.log(np.maximum(unmapped_prob, 0.0))).astype(np.float32)
+    return out_ids, out_lp, out_tail, mapped_prob, listed_prob
+
+
+def map_sampled(ids: list[np.ndarray], counts: list[np.ndarray], vocab_map: np.ndarray):
+    """RS rows: map ids, sum counts of ids that merge, drop draws that map nowhere."""
+    out_ids, out_counts, mapped, total = [], [], 0.0, 0.0
+    for i, c in zip(ids, counts, strict=True):
+        s = vocab_map[np.asarray(i, dtype=np.int64)]
+        c = np.asarray(c, dtype=np.float64)
+        keep = s >= 0
+        u, inv = np.unique(s[keep], return_inverse=True)
+        out_ids.append(u.astype(np.int64))
+        out_counts.append(np.bincount(inv, weights=c[keep], minlength=len(u)).astype(np.float32))
+        mapped += float(c[keep].sum())
+        total += float(c.sum())
+    return out_ids, out_counts, mapped, total
+
+
+@dataclass
+class AlignedSequence(TrainSequence):
+    """A student sequence whose teacher data covers only the aligned targets (`teacher_rows`)."""
+
+    teacher_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """bool per student target (in target order): True where a teacher row exists."""
+
+
+@dataclass
+class AlignStats:
+    """Running coverage counts (loader thread writes, training loop reads)."""
+
+    student_targets: int = 0
+    aligned_targets: int = 0
+    teacher_mass_listed: float = 0.0
+    teacher_mass_mapped: float = 0.0
+    records: int = 0
+    records_not_round_tripped: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "crosstok_target_coverage": self.aligned_targets / max(self.student_targets, 1),
+                "crosstok_mass_mapped": self.teacher_mass_mapped / max(self.teacher_mass_listed, 1e-30),
+                "crosstok_records_not_round_tripped": self.records_not_round_tripped / max(self.records, 1),
+            }
+
+
+class Aligner:
+    """Turns cached teacher sequences into student sequences with mapped teacher rows (see module docstring)."""
+
+    def __init__(
+        self, teacher_tokenizer, student_tokenizer, vocab_map: np.ndarray | None = None, num_samples: int = 0
+    ) -> None:
+        self.num_samples = num_samples
+        """RS draws per position in the cache (kept: unmapped draws are dropped, not renormalised)."""
+        self.teacher = teacher_tokenizer.backend_tokenizer
+        self.student = student_tokenizer.backend_tokenizer
+        self.teacher_prefix = leading_special_ids(teacher_tokenizer)
+        self.student_prefix = leading_special_ids(student_tokenizer)
+        self.vocab_map = cached_vocab_map(teacher_tokenizer, student_tokenizer) if vocab_map is None else vocab_map
+        self.identity = np.array_equal(self.vocab_map, np.arange(len(self.vocab_map)))
+        """Same tokenizer on both sides: teacher rows pass through untouched (bit-identical loss)."""
+        self.stats = AlignStats()
+
+    def teacher_spans(self, input_ids: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, int] | None:
+        """(text, starts, ends, skipped) of the teacher tokens after its leading specials; None if no round trip."""
+        ids = [int(i) for i in input_ids]
+        skip = len(self.teacher_prefix) if ids[: len(self.teacher_prefix)] == self.teacher_prefix else 0
+        body = ids[skip:]
+        text = self.teacher.decode(body, skip_special_tokens=False)
+        enc = self.teacher.encode(text, add_special_tokens=False)
+        if enc.ids != body:
+            return None
+        ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
+        starts = np.r_[0, ends[:-1]] if len(ends) else ends
+        return text, starts, ends, skip
+
+    def align(self, input_ids: np.ndarray, loss_mask: np.ndarray, teacher) -> AlignedSequence:
+        """One record: the student's ids, loss mask and teacher rows (only where aligned)."""
+        spans = self.teacher_spans(input_ids)
+        t_targets = target_positions(loss_mask)
+        if spans is None:
+            text = self.teacher.decode([int(i) for i in input_ids], skip_special_tokens=False)
+            masked = np.zeros(len(text) + 1, dtype=bool)
+            start_of, target_of = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        else:
+            text, starts, ends, skip = spans
+            ordinal = np.flatnonzero(t_targets - skip >= 0)  # index among the teacher's targets
+            b = t_targets[ordinal] - skip
+            # characters covered by a teacher target: +1 at each start, -1 at each end, cumulated
+            edges = np.zeros(len(text) + 2, dtype=np.int64)
+            np.add.at(edges, starts[b], 1)
+            np.add.at(edges, ends[b], -1)
+            masked = np.cumsum(edges)[: len(text) + 1] > 0
+            wide = ends[b] > starts[b]  # starts are increasing over tokens of non-zero width
+            start_of, target_of = starts[b][wide], ordinal[wide]
+        enc = self.student.encode(text, add_special_tokens=False)
+        s_ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
+        s_starts = np.r_[0, s_ends[:-1]] if len(s_ends) else s_ends
+        prefix = len(self.student_prefix)
+        s_ids = np.array(self.student_prefix + list(enc.ids), dtype=np.int64)
+        s_mask = np.zeros(len(s_ids), dtype=np.uint8)
+        # A token of zero width is a later byte of the character the token before it started
+        # (byte-level BPE splits a Chinese character or an emoji into 2-4 ids): it is a target
+        # with that token, and never aligned (its "start" is the next character's).
+        width = s_ends > s_starts
+        owner = np.maximum.accumulate(np.where(width, np.arange(len(s_ends)), 0)) if len(s_ends) else s_ends
+        s_mask[prefix:] = masked[s_starts[owner]] if len(s_ends) else 0
+        s_mask[0] = 0  # position 0 predicts nothing
+        s_targets = target_positions(s_mask)
+        rows = np.full(len(s_targets), -1, dtype=np.int64)
+        if len(start_of):
+            at = s_targets - prefix
+            k = np.minimum(np.searchsorted(start_of, s_starts[at]), len(start_of) - 1)
+            j = target_of[k]
+            teacher_target_ids = np.asarray(input_ids, dtype=np.int64)[t_targets]
+            hit = width[at] & (start_of[k] == s_starts[at]) & (self.vocab_map[teacher_target_ids[j]] >= 0)
+            rows = np.where(hit, j, -1)
+        aligned = rows >= 0
+        picked = rows[aligned]
+        if isinstance(teacher, TopKTargets) and self.identity:
+            student_teacher = TopKTargets(teacher.ids[picked], teacher.logprobs[picked], teacher.tail[picked])
+            mapped_mass = listed_mass = float(np.exp(teacher.logprobs[picked].astype(np.float64)).sum())
+        elif isinstance(teacher, TopKTargets):
+            ids, lp, tail, mapped, listed = map_topk(
+                teacher.ids[picked], teacher.logprobs[picked], teacher.tail[picked], self.vocab_map
+            )
+            student_teacher = TopKTargets(ids, lp, tail)
+            mapped_mass, listed_mass = float(mapped.sum()), float(listed.sum())
+        else:
+            ids, counts, mapped_mass, listed_mass = map_sampled(
+                [teacher.ids[j] for j in picked], [teacher.counts[j] for j in picked], self.vocab_map
+            )
+            student_teacher = SampledTargets(ids, counts)
+        with self.stats._lock:
+            self.stats.records += 1
+            self.stats.records_not_round_tripped += spans is None
+            self.stats.student_targets += len(s_targets)
+            self.stats.aligned_targets += int(aligned.sum())
+            self.stats.teacher_mass_mapped += mapped_mass
+            self.stats.teacher_mass_listed += listed_mass
+        return AlignedSequence(s_ids, s_mask, student_teacher, None, aligned)
+
+    def __call__(self, seqs: list) -> list[AlignedSequence]:
+        """The loader's hook: cached sequences in, student sequences out (same order)."""
+        return [self.align(s.input_ids, s.loss_mask, s.teacher) for s in seqs]
+
+    def collate(self, seqs: list[AlignedSequence], pad_id: int = 0) -> Batch:
+        """`collate`, plus the per-target mask of rows that carry a teacher distribution."""
+        batch = collate(seqs, pad_id)
+        batch.teacher_rows = torch.from_numpy(np.concatenate([s.teacher_rows for s in seqs]))
+        if self.num_samples and batch.teacher is not None and hasattr(batch.teacher, "num_samples"):
+            batch.teacher.num_samples = self.num_samples
+        return batch
+
+
+def loss_sum(distill_loss_sum, hidden, weight, bias, labels, teacher, config, token_weights, transform, rows):
+    """The loss when only `rows` (bool[N]) of the targets have teacher data: divergence there, α·CE everywhere.
+
+    With every row aligned it is exactly `distill_loss_sum` on the whole batch.
+    """
+    if bool(rows.all()):
+        return distill_loss_sum(hidden, weight, bias, labels, teacher, config, token_weights, transform)
+    if not bool(rows.any()):
+        parts = distill_loss_sum(hidden, weight, bias, labels, None, config, token_weights, transform)
+        parts.total = config.alpha * parts.total
+        return parts
+    ce_only = ~rows
+
+    def pick(x, m):
+        return None if x is None else x[m]
+
+    parts = distill_loss_sum(
+        hidden[rows], weight, bias, labels[rows], teacher, config, pick(token_weights, rows), transform
+    )
+    rest = distill_loss_sum(
+        hidden[ce_only], weight, bias, labels[ce_only], None, config, pick(token_weights, ce_only), transform
+    )
+    parts.total = parts.total + config.alpha * rest.total
+    parts.ce = parts.ce + rest.ce
+    return parts
+
+
+def aligner_for(reader, student_tokenizer, load_tokenizer, flag: str = "--from-cache") -> Aligner:
+    """The Aligner of a cache and a student; the teacher's tokenizer comes from the path the manifest names.
+
+    The cache keeps the teacher's ids, not its text: the text is recovered with the teacher's
+    tokenizer, so a cache whose teacher is not on this machine (or changed) is refused in one line.
+    """
+    from kd.pipeline.models import resolve_model
+
+    teacher = reader.settings["teacher"]
+    path = teacher["path"]
+    if teacher["kind"] in ("gguf", "hf_dir") and not Path(path).exists():
+        raise KdError(
+            f"{flag}: --cross-tokenizer needs the teacher's tokenizer to recover the text, "
+            f"and the cache's teacher {path} is not on this machine"
+        )
+    teacher_tokenizer = load_tokenizer(resolve_model(path, flag))
+    if tokenizer_fingerprint(teacher_tokenizer) != reader.settings["tokenizer_fingerprint"]:
+        raise KdError(f"{flag}: the tokenizer at {path} is not the one the cache was made with (--cross-tokenizer)")
+    return Aligner(teacher_tokenizer, student_tokenizer, num_samples=int(reader.settings.get("num_samples") or 0))

