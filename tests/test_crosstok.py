@@ -297,3 +297,17 @@ def test_a_cache_whose_teacher_is_gone_is_refused_in_one_line(smollm2_tokenizer,
     with pytest.raises(KdError, match="--cross-tokenizer needs the teacher's tokenizer") as info:
         aligner_for(reader, smollm2_tokenizer, load_tokenizer)
     assert "\n" not in str(info.value)
+
+
+def test_a_hidden_state_cache_is_refused_in_one_line(smollm2_tokenizer, tmp_path):
+    """A hidden cache's teacher head gives logits over the teacher's vocabulary only: no text alignment."""
+    from types import SimpleNamespace
+
+    from kd.errors import KdError
+    from kd.pipeline.models import load_tokenizer
+    from kd.pipeline.training.crosstok import aligner_for
+
+    settings = {"mode": "hidden", "teacher": {"kind": "hf_dir", "path": str(tmp_path)}, "tokenizer_fingerprint": "x"}
+    with pytest.raises(KdError, match="needs a top-k or rs cache, not a hidden cache") as info:
+        aligner_for(SimpleNamespace(settings=settings), smollm2_tokenizer, load_tokenizer)
+    assert "\n" not in str(info.value)

@@ -322,8 +322,9 @@ def aligner_for(reader, student_tokenizer, load_tokenizer, flag: str = "--from-c
     """
     from kd.pipeline.models import resolve_model
 
-    if reader.mode not in ("topk", "rs"):  # a hidden cache's teacher head speaks the teacher's vocabulary only
-        raise KdError(f"{flag}: --cross-tokenizer needs a top-k or rs cache; this one stores {reader.mode} states")
+    mode = reader.settings.get("mode", "topk")
+    if mode not in ("topk", "rs"):  # a hidden cache's teacher head speaks the teacher's vocabulary only
+        raise KdError(f"{flag}: --cross-tokenizer needs a top-k or rs cache, not a {mode} cache")
     teacher = reader.settings["teacher"]
     path = teacher["path"]
     if teacher["kind"] in ("gguf", "hf_dir") and not Path(path).exists():
