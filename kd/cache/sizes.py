@@ -55,6 +55,6 @@ def bytes_breakdown(reader: CacheReader, sample_shards: int | None = 4) -> dict[
         for group, size in sizes.items():
             totals[group] += size * scale
         targets += shard["targets"]
-    if not totals["tempered tails"]:  # only caches made with --temperatures have them
-        del totals["tempered tails"]
-    return {group: total / max(targets, 1) for group, total in totals.items()}
+    # Only the groups this cache has: tempered tails need --temperatures, hidden states --store hidden,
+    # and a hidden cache has no ids, values or tail.
+    return {group: total / max(targets, 1) for group, total in totals.items() if total}
