@@ -5,7 +5,8 @@
 
 Teacher: the embedded SmolLM2-135M-Instruct. Student: --layers of its layers (embeddings, norm and head
 copied), the same start for every row. Rows: CE-only (alpha 1), cached top-1 / top-4 / top-16 / top-64
-(+ tail), RS-16 / RS-64 (random-sampling caches), online KD (teacher live, full vocabulary). Each row
+(+ tail), RS-16 / RS-64 (random-sampling caches), hidden (a bf16 hidden-state cache: exact full-vocabulary
+KD from the cache, which should land on online KD), online KD (teacher live, full vocabulary). Each row
 trains on the same sequences in the same order (one --seed per pass over the ladder) for the same number
 of steps; --alpha is the KD rows' CE weight (0: pure distillation).
 
@@ -39,6 +40,7 @@ LADDER = {
     "top64": ("top64", None),
     "rs16": ("rs16", None),
     "rs64": ("rs64", None),
+    "hidden": ("hidden", None),
     "online": (None, None),
 }
 """Row -> (cache it trains from, alpha override); online KD trains with the teacher live."""
@@ -49,6 +51,7 @@ CACHES = {
     "top64": ["--top-k", "64"],
     "rs16": ["--sampling", "rs", "--samples", "16"],
     "rs64": ["--sampling", "rs", "--samples", "64"],
+    "hidden": ["--store", "hidden", "--hidden-encoding", "bf16"],
 }
 
 
@@ -57,13 +60,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a few generated problems, 2 steps per row")
     parser.add_argument("--seeds", default="0,1", help="one pass over the ladder per seed (data order)")
     parser.add_argument("--rows", default=",".join(LADDER), help="ladder rows to run")
-    parser.add_argument("--train-rows", type=int, default=320)
+    parser.add_argument("--train-rows", type=int, default=192, help="GSM8K train problems (one pass)")
     parser.add_argument("--test-rows", type=int, default=100)
     parser.add_argument("--max-seq-len", type=int, default=256, help="short sequences: more steps per CPU hour")
-    parser.add_argument("--layers", default="even:6", help="teacher layers the student is cut from")
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--layers", default="0,29", help="teacher layers the student is cut from (2: cheap steps)")
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--alpha", type=float, default=0.0, help="CE weight of the KD rows")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--generate", type=int, default=0, help="answer accuracy on N test problems")
