@@ -14,6 +14,10 @@ import typer
 import yaml
 
 from kd.cli import app
+from kd.errors import KdError
+from kd.pipeline.onpolicy import OnPolicyConfig
+from kd.pipeline.training.config import TrainConfig
+from kd.pipeline.training.optim_settings import OptimizerSettings
 from kd.stages.options import settings_of
 from tests.helpers import assert_one_line_error, kd_env, run_kd, run_kd_in_process
 
@@ -114,3 +118,29 @@ def test_unknown_flag_and_bad_value_are_one_line_usage_errors(tmp_path):
     assert_one_line_error(proc, "No such option: --no-such-flag")
     assert proc.returncode == 2
     assert_one_line_error(run_kd_in_process(*_cache_args(tmp_path), "--alpha", "abc"), "'--alpha'")
+
+
+def test_step_settings_are_declared_once_and_listed_after_each_commands_own():
+    shared = [f.name for f in dataclasses.fields(OptimizerSettings)]
+    for cls in (TrainConfig, OnPolicyConfig):
+        assert [s.name for s in settings_of(cls)][-len(shared) :] == shared, cls.__name__
+    # on-policy keeps its own default (a subclass redeclares the field for it)
+    assert TrainConfig.learning_rate == 1e-4 and OnPolicyConfig.learning_rate == 5e-5
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("accumulation_steps", 0, "--accumulation-steps must be >= 1, got 0"),
+        ("grad_clip", -1.0, "--grad-clip must be >= 0, got -1.0"),
+        ("min_lr_ratio", float("nan"), "--min-lr-ratio must be in [0, 1], got nan"),
+        ("dtype", "fp16", "--dtype fp16: expected auto, bfloat16 or float32"),
+    ],
+)
+def test_step_settings_are_refused_alike_by_train_and_on_policy(tmp_path, key, value, message):
+    train = {"out": str(tmp_path / "o"), "from_cache": "c", "student": "s"}
+    on_policy = {"out": str(tmp_path / "run"), "prompts": "p.jsonl", "student_from_teacher": True}
+    for cls, required in ((TrainConfig, train), (OnPolicyConfig, on_policy)):
+        with pytest.raises(KdError) as info:
+            cls(**required, **{key: value})
+        assert str(info.value) == message, cls.__name__

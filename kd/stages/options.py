@@ -99,12 +99,21 @@ class Setting:
         return self.flags[0].split("/")[0]
 
 
+def _own_fields_first(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls`, those it declares first, then those a base settings class shares
+    (`OptimizerSettings`), each in declaration order: dataclasses put a base's fields first, but
+    --help and config.yaml should open with the command's own settings and keep the shared ones together."""
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in inherited] + [f for f in fields if f.name in inherited]
+
+
 def settings_of(cls: type) -> list[Setting]:
-    """The command-line settings of a config dataclass, in declaration order."""
+    """The command-line settings of a config dataclass: its own in declaration order, then inherited ones."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     out = []
-    for f in dataclasses.fields(cls):
+    for f in _own_fields_first(cls):
         meta = f.metadata.get(CLI, {})
         typ, optional = _option_type(hints[f.name])
         if meta.get("skip") or typ is None or not f.init:

@@ -12,14 +12,15 @@ from kd.losses import DIVERGENCES
 from kd.pipeline.capture.config import ENGINES as TEACHER_ENGINES
 from kd.pipeline.engines.generation import DEFAULT_TEMPLATE, GenerationSettings, resolve_engine
 from kd.pipeline.models import check_device
+from kd.pipeline.training.optim_settings import OptimizerSettings
 from kd.settings import cli
 
 SAMPLING_ENGINES = ("auto", "vllm", "transformers")
 
 
 @dataclass
-class OnPolicyConfig:
-    """Settings of `kd on-policy`."""
+class OnPolicyConfig(OptimizerSettings):
+    """Settings of `kd on-policy`; the step settings are stage two's, as each round trains with it."""
 
     out: str
     """Run directory: round-NNN/{samples.jsonl, cache/, metrics.jsonl, train/}; the same command resumes it."""
@@ -81,28 +82,13 @@ class OnPolicyConfig:
     """Training sequences per micro-batch."""
     batch_tokens: int | None = None
     """Fill each training micro-batch up to this many padded tokens (needs --steps-per-round)."""
-    accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    learning_rate: float = field(default=5e-5, metadata=cli("--learning-rate", "--lr"))
-    """Peak learning rate (AdamW); the cosine schedule spans all rounds."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear warmup steps (counted over the whole run)."""
-    min_lr_ratio: float = 0.1
-    """Cosine schedule floor as a fraction of the peak learning rate."""
-    grad_clip: float = 1.0
-    """Max gradient norm (0 disables)."""
-    dtype: str = "auto"
-    """Training dtype: auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16, float32."""
-    chunk_size: int = 1024
-    """Target tokens per logits chunk in the loss (memory bound)."""
+    # Redeclared only for its default and --help; kw_only as in the base, since required fields follow.
+    learning_rate: float = field(default=5e-5, kw_only=True, metadata=cli("--learning-rate", "--lr"))
+    """Peak learning rate (AdamW); the schedule (warmup, then cosine decay) spans all rounds."""
     save_every: int = 0
     """Checkpoint every N optimizer steps inside a round (0: at each round's end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept per round's training directory."""
-    log_every: int = 10
-    """Log training metrics every N steps."""
     report_to: str = "none"
     """none, tensorboard or wandb: each round's judged and training figures to OUT (tags on_policy/*,
     round/*), each round's step metrics to its train/ (metrics.jsonl is always written)."""
@@ -150,10 +136,10 @@ class OnPolicyConfig:
             ("--sample-batch-size", self.sample_batch_size),
             ("--teacher-batch-size", self.teacher_batch_size),
             ("--batch-size", self.batch_size),
-            ("--accumulation-steps", self.accumulation_steps),
         ):
             if value < 1:
                 raise KdError(f"{name} must be >= 1, got {value}")
+        self._check_optimizer()  # before --accumulation-steps counts sequences below
         per_step = self.batch_size * self.accumulation_steps
         if self.batch_tokens is None and self.samples_per_round + self.mix_per_round < per_step:
             raise KdError(

@@ -13,12 +13,12 @@ from typing import Any
 from kd.errors import KdError
 from kd.losses import LossConfig
 from kd.pipeline.tracking import REPORT_TARGETS
-from kd.settings import cli
+from kd.pipeline.training.optim_settings import OptimizerSettings
 
 
 @dataclass
-class TrainConfig:
-    """Settings of `kd train` (each field's docstring is its --help text)."""
+class TrainConfig(OptimizerSettings):
+    """Settings of `kd train` (each field's docstring is its --help text); the step settings are inherited."""
 
     out: str
     """Output dir: final student (HF format), checkpoints/, metrics.jsonl, config.yaml."""
@@ -56,20 +56,6 @@ class TrainConfig:
     """Sequences shuffled together; the data path holds about this many (see kd/pipeline/training/order.py)."""
     prefetch: int = 2
     """Steps decoded ahead of the training loop on a background thread."""
-    accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    learning_rate: float = field(default=1e-4, metadata=cli("--learning-rate", "--lr"))
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear warmup steps."""
-    min_lr_ratio: float = 0.1
-    """Cosine schedule floor as a fraction of the peak learning rate."""
-    grad_clip: float = 1.0
-    """Max gradient norm (0 disables)."""
-    dtype: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16, float32."""
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -82,8 +68,6 @@ class TrainConfig:
     """Held-out corpus (CE, accuracy, ECE; no teacher metrics)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
-    log_every: int = 10
-    """Log metrics every N steps."""
     resume: bool = False
     """Continue from the newest checkpoint in --out."""
     init_from: str | None = None
@@ -97,8 +81,6 @@ class TrainConfig:
     """Under torchrun, shard the student with FSDP2 instead of replicating it with DDP."""
     seed: int = 0
     """Seed of data order and initialisation."""
-    chunk_size: int = 1024
-    """Target tokens per logits chunk (memory bound)."""
     max_seq_len: int = 2048
     """Longest sequence for --data."""
     tag_weight: float = 1.0
@@ -117,6 +99,7 @@ class TrainConfig:
         # Every flag is checked here, before kd/stages/train.py writes anything to --out.
         self._check_sources()
         self._check_counts()
+        self._check_optimizer()
         self._check_numbers()
         self._check_out()
 
@@ -137,10 +120,8 @@ class TrainConfig:
     def _check_counts(self) -> None:
         for name, value in (
             ("--batch-size", self.batch_size),
-            ("--accumulation-steps", self.accumulation_steps),
             ("--shuffle-window", self.shuffle_window),
             ("--prefetch", self.prefetch),
-            ("--log-every", self.log_every),
         ):
             if value < 1:
                 raise KdError(f"{name} must be >= 1, got {value}")
@@ -154,7 +135,6 @@ class TrainConfig:
         for name, value in (
             ("--save-every", self.save_every),
             ("--eval-every", self.eval_every),
-            ("--warmup-steps", self.warmup_steps),
         ):
             if value < 0:
                 raise KdError(f"{name} must be >= 0, got {value}")
@@ -163,18 +143,8 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         # Written as `not x > 0` so that NaN, which fails every comparison, is refused too.
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise KdError(f"--learning-rate must be a finite number > 0, got {self.learning_rate}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise KdError(f"--epochs must be a finite number > 0, got {self.epochs}")
-        if not self.grad_clip >= 0:  # inf is allowed: it clips nothing, as 0 does
-            raise KdError(f"--grad-clip must be >= 0, got {self.grad_clip}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise KdError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise KdError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
-            raise KdError(f"--dtype {self.dtype}: expected auto, bfloat16 or float32")
         if not (self.tag_weight > 0 and math.isfinite(self.tag_weight)):
             raise KdError(f"--tag-weight must be a finite number > 0, got {self.tag_weight}")
         if self.tag_weight != 1.0 and self.mode != "sft":

@@ -6,14 +6,14 @@ import math
 
 import torch
 
-from kd.pipeline.training.config import TrainConfig
+from kd.pipeline.training.optim_settings import OptimizerSettings
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
 
-def learning_rate_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def learning_rate_at(step: int, cfg: OptimizerSettings, total_steps: int) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * peak."""
     peak = cfg.learning_rate
     if cfg.warmup_steps and step < cfg.warmup_steps:
