@@ -115,6 +115,8 @@ def build_steps(cfg: DemoConfig) -> list[Step]:
         str(cfg.temperature),
         "--dtype",
         cfg.dtype,
+        "--save-dtype",  # half the bytes of a float32 student; eval upcasts on CPU
+        "bfloat16",
         *teacher,
     ]
     eval_common = [

@@ -12,6 +12,7 @@ from typing import Any
 
 from kd.errors import KdError
 from kd.losses import LossConfig
+from kd.pipeline.models import check_dtype
 from kd.pipeline.tracking import REPORT_TARGETS
 from kd.pipeline.training.optim_settings import OptimizerSettings
 
@@ -60,6 +61,9 @@ class TrainConfig(OptimizerSettings):
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
+    save_dtype: str = "auto"
+    """Dtype of the exported student's weights: auto (as trained: float32 on CPU), bfloat16, float16 or
+    float32. bfloat16 halves a CPU-trained student on disk; checkpoints keep the training dtype (exact resume)."""
     cross_tokenizer: bool = False
     """Train a student whose tokenizer differs from the cache's teacher, aligned by text (training/crosstok.py)."""
     eval_cache: str | None = None
@@ -149,6 +153,7 @@ class TrainConfig(OptimizerSettings):
             raise KdError(f"--tag-weight must be a finite number > 0, got {self.tag_weight}")
         if self.tag_weight != 1.0 and self.mode != "sft":
             raise KdError("--tag-weight applies to reasoning SFT (--data without --teacher)")
+        check_dtype(self.save_dtype, "--save-dtype")
         if self.report_to not in REPORT_TARGETS:
             raise KdError(f"--report-to {self.report_to}: expected one of {', '.join(REPORT_TARGETS)}")
 

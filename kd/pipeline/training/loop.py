@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from kd.errors import KdError
 from kd.pipeline.evaluation.sequences import evaluate_sequences, unwrap_causal_lm
+from kd.pipeline.models import resolve_dtype
 from kd.pipeline.progress import log, make_progress
 from kd.pipeline.tracking import MetricsLogger
 from kd.pipeline.training.config import TrainConfig
@@ -236,6 +237,10 @@ def save_student(student, tokenizer, out: Path, cfg: TrainConfig, metrics: dict[
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = unwrap_causal_lm(model)
+    if cfg.save_dtype != "auto":
+        # In place: training is over, and a cast copy would untie the embeddings from the head (two
+        # tensors on disk where the model shares one). save_pretrained records the dtype in config.json.
+        model.to(resolve_dtype(cfg.save_dtype))
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     summary = {"config": asdict(cfg), "layers_from_teacher": layers, "final_metrics": metrics}
