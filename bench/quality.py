@@ -17,6 +17,8 @@ bootstrap interval over sequences, plus "gap closed" = (KL_ce − KL_row) / (KL_
 joint bootstrap interval (1.0: the row reaches online KD's held-out KL). --generate N adds GSM8K-style
 answer accuracy on N test problems (paired over problems). Steps are reused from bench/out/quality*/.
 
+Top-1 and top-16 are cut from the top-64 pass (DERIVED below); each other cache is its own teacher pass.
+
 Caveat: cached rows read their cache's record order, the online row its prepared --data; with
 --shuffle-window larger than the data both are permutations of the same sequences by the same seed,
 but not the same permutation.
@@ -30,6 +32,7 @@ import statistics
 
 from common import WORK, require_gsm8k, run_step, write_results
 
+from kd.cache.replicate import replicate_cache
 from kd.pipeline.evaluation.compare import CompareConfig, gap_closed_ci, score_models
 
 LADDER = {
@@ -53,6 +56,9 @@ CACHES = {
     "rs64": ["--sampling", "rs", "--samples", "64"],
     "hidden": ["--store", "hidden", "--hidden-encoding", "bf16"],
 }
+DERIVED = {"top1": ("top64", 1), "top16": ("top64", 16)}
+"""Caches cut from a wider one without a teacher pass (kd.cache.replicate keep_top: the k most probable
+cached ids, the rest of their mass into the tail; tests/test_keep_top.py checks it equals a --top-k pass)."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,9 +104,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     train, test = data(args, work)
     limit = ["--limit", str(args.train_rows), "--max-seq-len", str(args.max_seq_len)]
-    for name in {LADDER[r][0] for r in rows} - {None}:
+    needed = {LADDER[r][0] for r in rows} - {None}
+    needed |= {DERIVED[n][0] for n in needed if n in DERIVED}
+    for name in sorted(needed - set(DERIVED)):
         out = work / f"cache-{name}"
         run_step(["cache-logits", "--data", train, "--out", str(out), *limit, *CACHES[name]], out / "manifest.json")
+    for name in sorted(needed & set(DERIVED)):
+        source, k = DERIVED[name]
+        out = work / f"cache-{name}"
+        if not (out / "manifest.json").exists():
+            print(f"derive {out} from cache-{source} (keep_top={k})", flush=True)
+            replicate_cache(work / f"cache-{source}", out, keep_top=k)
     heldout = work / "cache-heldout"
     run_step(
         ["cache-logits", "--data", test, "--limit", str(args.test_rows), "--max-seq-len", str(args.max_seq_len),
