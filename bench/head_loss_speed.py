@@ -49,7 +49,12 @@ def make_teachers(
     logp = torch.log_softmax(torch.randn(tokens, vocab, generator=g, device=device) * 3.0, dim=1)
     values, ids = logp.topk(k, dim=1)
     tail = torch.log1p(-values.exp().sum(dim=1).clamp(max=1 - 1e-6))
-    top = SparseTeacher(ids, values, tail)
+    # The exact tail of softmax(z/2) outside the top-k, as `kd cache-logits --temperatures 1,2` records it:
+    # a T = 2 loss on a top-k cache without it is refused (kd/losses/divergences.py).
+    tempered = torch.log_softmax(logp / 2.0, dim=1).scatter(1, ids, float("-inf"))
+    tail_t2 = torch.logsumexp(tempered, dim=1, keepdim=True)
+    del tempered
+    top = SparseTeacher(ids, values, tail, tail_t2, (2.0,))
     samples = torch.multinomial(logp.exp(), draws, replacement=True, generator=g)
     del logp
     counts = torch.zeros(tokens, vocab, device=device).scatter_add_(
