@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,8 +52,11 @@ def run_kd_in_process(*args: str, env: dict[str, str] | None = None) -> subproce
     Like a process, the command writes to file descriptors 1 and 2 (captured here, C-level output
     and `kd cache-logits --json`'s dup2 included), sees `env` and the repository as its working
     directory, and torch runs at the subprocess's thread count (OMP_NUM_THREADS), so results match
-    a subprocess's bit for bit. An exception main() does not turn into an error line propagates: the
-    test fails, as a traceback would fail it.
+    a subprocess's bit for bit. What this process would otherwise keep from its output (logging
+    handlers and kd's rich console made before the call, pytest's record of warnings, transformers'
+    once-only warnings) reaches the captured stderr as in a fresh process: see `_as_a_fresh_process`.
+    An exception main() does not turn into an error line propagates: the test fails, as a traceback
+    would fail it.
     """
     import torch
 
@@ -70,7 +76,11 @@ def run_kd_in_process(*args: str, env: dict[str, str] | None = None) -> subproce
         try:
             os.chdir(REPO)
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # what the subprocess would get
-            with contextlib.redirect_stdout(py_out), contextlib.redirect_stderr(py_err):
+            with (
+                _as_a_fresh_process(py_out, py_err),
+                contextlib.redirect_stdout(py_out),
+                contextlib.redirect_stderr(py_err),
+            ):
                 try:
                     main(list(args))
                 except SystemExit as exc:  # main() exits 1 (or click's code) on a user error
@@ -92,6 +102,48 @@ def run_kd_in_process(*args: str, env: dict[str, str] | None = None) -> subproce
         stdout = out_file.read().decode("utf-8", errors="replace")
         stderr = err_file.read().decode("utf-8", errors="replace")
     return subprocess.CompletedProcess(["kd", *args], code, stdout, stderr)
+
+
+@contextlib.contextmanager
+def _as_a_fresh_process(py_out, py_err) -> Iterator[None]:
+    """Output state this process set up before the call, put back as a new `kd` process would have it.
+
+    * Logging handlers (torch's, transformers' `[transformers] ...` lines) hold the stream that was
+      sys.stdout / sys.stderr when they were made: pytest's capture, not the command's fds 1 and 2.
+    * transformers' `warning_once` / `info_once` remember, for the whole process, what they said.
+    * kd's rich console read COLUMNS and chose colours when kd was imported, in another environment.
+    * pytest records warnings for its summary; a process prints them on stderr, each location once.
+    """
+    from kd.pipeline.progress import console
+
+    moved = []
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):  # PlaceHolders have none
+            stream = vars(handler).get("stream")  # a property (logging's _StderrHandler) follows sys.stderr already
+            target = py_out if stream is sys.stdout else py_err if stream in (sys.stderr, sys.__stderr__) else None
+            if target is not None:
+                moved.append((handler, stream))
+                handler.stream = target
+    for once in ("warning_once", "info_once"):
+        getattr(getattr(logging.Logger, once, None), "cache_clear", lambda: None)()
+    saved_console = dict(console.__dict__)
+    try:
+        with warnings.catch_warnings():  # entering it also forgets which warnings were shown (a new process)
+            # A process starts with Python's filters, without the "always" pytest adds for deprecations.
+            pytest_added = [("always", None, c, None, 0) for c in (DeprecationWarning, PendingDeprecationWarning)]
+            warnings.filters[:] = [f for f in warnings.filters if f not in pytest_added]
+            warnings.showwarning = _print_warning
+            type(console).__init__(console, stderr=True)  # as kd.pipeline.progress makes it, in this env
+            yield
+    finally:
+        console.__dict__.clear()
+        console.__dict__.update(saved_console)
+        for handler, stream in moved:
+            handler.stream = stream
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def start_kd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

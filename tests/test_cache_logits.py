@@ -1,4 +1,4 @@
-"""`kd cache-logits` and `kd inspect` end to end, through the real CLI in subprocesses.
+"""`kd cache-logits` and `kd inspect` end to end, through the real CLI.
 
     .venv/bin/python -m pytest tests/test_cache_logits.py -q
 
@@ -7,7 +7,9 @@ writing one cache, both on a corpus streamed in several blocks; the memory stage
 sequences, bounded by block/window/shard settings, not by the corpus); a bad record met mid-stream
 (named, earlier shards kept and reused once it is fixed); batched tokenization equal to the
 per-record path; refusal of different settings, and bad input (one line, non-zero exit, no
-traceback, nothing half-written).
+traceback, nothing half-written). Real processes: the end-to-end run, kill -9 and resume, two ranks
+and the inspect of their cache, --debug and the GSM8K acceptance run; the rest runs the same CLI in
+this process (tests/helpers.py: run_kd_in_process).
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ def test_two_ranks_write_one_cache(tmp_path, corpus, tiny_model_dir):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    report = json.loads(run_kd("inspect", str(out), "--verify", "--json").stdout)
+    report = json.loads(run_kd("inspect", str(out), "--verify", "--json").stdout)  # the one real kd inspect
     assert report["complete"] and report["verified"] and report["rows"] == 24
     rows = sorted(seq.row for seq in CacheReader(out).iter_sequences())
     assert rows == list(range(24))
@@ -348,7 +350,7 @@ def test_embedded_teacher_on_gsm8k(tmp_path, gsm8k_train):
         "cache-logits", "--data", str(gsm8k_train), "--limit", "200", "--out", str(out), "--json", timeout=1800
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    inspect = run_kd("inspect", str(out), "--verify", "--json")
+    inspect = run_kd_in_process("inspect", str(out), "--verify", "--json")
     assert inspect.returncode == 0, inspect.stderr
     report = json.loads(inspect.stdout)
     assert report["complete"] and report["rows"] == 200 and report["k"] == 64

@@ -2,7 +2,9 @@
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest tests/test_compare.py -q
 
-Tiny random Llama models with the real SmolLM2 tokenizer; the CLI runs in real subprocesses.
+Tiny random Llama models with the real SmolLM2 tokenizer. The JSON-and-markdown test is the one real
+`kd compare` process; the held-out cache, the console table, the live teacher, the checkpoints and
+the refusals run the same CLI in this process (tests/helpers.py: run_kd_in_process).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 from kd.pipeline.evaluation.compare import verdict
 from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, paired_ratio_difference_ci
 from tests.conftest import build_tiny_model_dir
-from tests.helpers import assert_one_line_error, kd_env, run_kd
+from tests.helpers import assert_one_line_error, kd_env, run_kd, run_kd_in_process
 from tests.test_cache_logits import make_corpus
 
 
@@ -29,7 +31,7 @@ def heldout(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def heldout_cache(tmp_path_factory, heldout, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("caches") / "heldout"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(heldout), "--out", str(out), "--top-k", "16"
     )
     assert proc.returncode == 0, proc.stderr
@@ -140,13 +142,13 @@ def test_identical_models_differ_by_exactly_zero_json_and_markdown(tmp_path, tin
 
 def test_console_table(tiny_model_dir, twin_dir, heldout_cache):
     wide = kd_env(COLUMNS="250")
-    proc = run_kd("compare", str(tiny_model_dir), str(twin_dir), "--cache", str(heldout_cache), env=wide)
+    proc = run_kd_in_process("compare", str(tiny_model_dir), str(twin_dir), "--cache", str(heldout_cache), env=wide)
     assert proc.returncode == 0, proc.stderr
     assert "within noise" in proc.stderr and "held-out CE" in proc.stderr and "+0.000" in proc.stderr  # rich: stderr
 
 
 def test_live_teacher_over_data(tiny_model_dir, other_dir, heldout):
-    proc = run_kd(
+    proc = run_kd_in_process(
         "compare", str(other_dir), str(tiny_model_dir), "--data", str(heldout), "--teacher", str(tiny_model_dir),
         "--top-k", "16", "--json",
     )  # fmt: skip
@@ -159,14 +161,14 @@ def test_live_teacher_over_data(tiny_model_dir, other_dir, heldout):
 def test_models_given_as_kd_train_checkpoints(tmp_path, tiny_model_dir, student_config, heldout_cache):
     corpus = make_corpus(tmp_path / "train.jsonl", rows=8)
     run = tmp_path / "student"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--student", str(student_config),
         "--out", str(run), "--max-steps", "4", "--batch-size", "4", "--save-every", "2", "--learning-rate", "1e-2",
         "--keep-checkpoints", "2",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     early, last = sorted((run / "checkpoints").glob("step-*"))
-    proc = run_kd("compare", str(run), str(last), str(early), "--cache", str(heldout_cache), "--json")
+    proc = run_kd_in_process("compare", str(run), str(last), str(early), "--cache", str(heldout_cache), "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     same, before = result["comparisons"]
@@ -176,10 +178,10 @@ def test_models_given_as_kd_train_checkpoints(tmp_path, tiny_model_dir, student_
 
 
 def test_bad_input_is_one_line(tmp_path, tiny_model_dir, twin_dir, heldout, heldout_cache):
-    proc = run_kd("compare", str(tiny_model_dir), "--cache", str(heldout_cache))
+    proc = run_kd_in_process("compare", str(tiny_model_dir), "--cache", str(heldout_cache))
     assert_one_line_error(proc, "at least two models")
 
-    proc = run_kd("compare", str(tiny_model_dir), str(tmp_path / "missing"), "--cache", str(heldout_cache))
+    proc = run_kd_in_process("compare", str(tiny_model_dir), str(tmp_path / "missing"), "--cache", str(heldout_cache))
     assert_one_line_error(proc, "missing", "no such file")
 
     other_tokenizer = tmp_path / "other-tokenizer"
@@ -191,15 +193,17 @@ def test_bad_input_is_one_line(tmp_path, tiny_model_dir, twin_dir, heldout, held
     else:
         config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     (other_tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
-    proc = run_kd("compare", str(tiny_model_dir), str(other_tokenizer), "--cache", str(heldout_cache))
+    proc = run_kd_in_process("compare", str(tiny_model_dir), str(other_tokenizer), "--cache", str(heldout_cache))
     assert_one_line_error(proc, "other-tokenizer", "another tokenizer", "--cache")
-    proc = run_kd("compare", str(tiny_model_dir), str(other_tokenizer), "--data", str(heldout))
+    proc = run_kd_in_process("compare", str(tiny_model_dir), str(other_tokenizer), "--data", str(heldout))
     assert_one_line_error(proc, "other-tokenizer", "another tokenizer")
 
     no_targets = tmp_path / "prompts.jsonl"
     no_targets.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(3)))
-    proc = run_kd("compare", str(tiny_model_dir), str(twin_dir), "--data", str(no_targets))
+    proc = run_kd_in_process("compare", str(tiny_model_dir), str(twin_dir), "--data", str(no_targets))
     assert_one_line_error(proc, "prompts.jsonl")
 
-    proc = run_kd("compare", str(tiny_model_dir), str(twin_dir), "--cache", str(heldout_cache), "--generate", "2")
+    proc = run_kd_in_process(
+        "compare", str(tiny_model_dir), str(twin_dir), "--cache", str(heldout_cache), "--generate", "2"
+    )
     assert_one_line_error(proc, "--generate", "--data")

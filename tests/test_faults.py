@@ -2,9 +2,11 @@
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest tests/test_faults.py -q
 
-Ctrl-C is a real SIGINT to a real `kd cache-logits` process; damaged caches are real shards deleted or
-truncated, then the same command rerun; every refusal is one `kd: error:` line, a non-zero exit and
-nothing half-written. The network is never touched (HF_HUB_OFFLINE=1, see tests/helpers.py).
+Ctrl-C is a real SIGINT to a real `kd cache-logits` process, and the run a second one collides with is
+a real process too; damaged caches are real shards deleted or truncated, then the same command rerun;
+every refusal is one `kd: error:` line, a non-zero exit and nothing half-written. Commands other than
+those two real processes run through the same CLI in this process (tests/helpers.py: run_kd_in_process).
+The network is never touched (HF_HUB_OFFLINE=1, see tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kd.errors import KdError
-from tests.helpers import assert_one_line_error, kd_env, run_kd, start_kd
+from tests.helpers import assert_one_line_error, kd_env, run_kd_in_process, start_kd
 from tests.test_cache_logits import cache_files, make_corpus
 
 
@@ -78,7 +80,7 @@ def test_ctrl_c_in_any_command_says_interrupted(monkeypatch, capsys):
 def test_rerun_recreates_a_deleted_and_a_truncated_shard(tmp_path, corpus, tiny_model_dir):
     out = tmp_path / "cache"
     args = cache_args(tiny_model_dir, corpus, out, "--shard-tokens", "300", "--json")
-    first = run_kd(*args)
+    first = run_kd_in_process(*args)
     assert first.returncode == 0, first.stderr
     expected = cache_files(out)
     assert len(expected) >= 3
@@ -87,12 +89,12 @@ def test_rerun_recreates_a_deleted_and_a_truncated_shard(tmp_path, corpus, tiny_
     data = (out / truncated).read_bytes()
     (out / truncated).write_bytes(data[:-100])
 
-    again = run_kd(*args, env=kd_env(COLUMNS="1000"))  # log lines unwrapped
+    again = run_kd_in_process(*args, env=kd_env(COLUMNS="1000"))  # log lines unwrapped
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout.splitlines()[-1])
     assert summary["shards_written"] == 2 and summary["shards_reused"] == len(expected) - 2, summary
     assert deleted in again.stderr and truncated in again.stderr  # said, not silently redone
-    verify = run_kd("inspect", str(out), "--verify", "--json")
+    verify = run_kd_in_process("inspect", str(out), "--verify", "--json")
     assert verify.returncode == 0 and json.loads(verify.stdout)["verified"], verify.stderr
     assert cache_files(out) == expected  # the same bytes as the uninterrupted run
     assert {p.name for p in out.glob("shard-*")} == set(expected)
@@ -122,7 +124,7 @@ def test_on_policy_bad_distill_temperature_writes_nothing(tmp_path):
     out = tmp_path / "run"
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
-    proc = run_kd(
+    proc = run_kd_in_process(
         "on-policy", "--prompts", str(prompts), "--student-from-teacher", "--out", str(out),
         "--prompts-per-round", "4", "--distill-temperature", "0",
     )  # fmt: skip
@@ -132,7 +134,7 @@ def test_on_policy_bad_distill_temperature_writes_nothing(tmp_path):
 
 def test_cache_logits_bad_dtype_writes_nothing(tmp_path, corpus):
     out = tmp_path / "cache"
-    proc = run_kd("cache-logits", "--data", str(corpus), "--out", str(out), "--dtype", "foo")
+    proc = run_kd_in_process("cache-logits", "--data", str(corpus), "--out", str(out), "--dtype", "foo")
     assert_one_line_error(proc, "--dtype foo")
     assert not out.exists()
 
@@ -144,7 +146,7 @@ def test_a_manifest_without_shards_does_not_bind_settings(tmp_path, tiny_model_d
     out.mkdir()
     stale = {"kd_version": "0", "settings": {"dtype": "foo", "mode": "topk"}, "shards": [], "ranks": {}}
     (out / "manifest.json").write_text(json.dumps({**stale, "complete": False}))
-    proc = run_kd(*cache_args(tiny_model_dir, data, out, "--dtype", "float32"))
+    proc = run_kd_in_process(*cache_args(tiny_model_dir, data, out, "--dtype", "float32"))
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["settings"]["dtype"] == "float32" and manifest["shards"]
@@ -173,7 +175,7 @@ def test_missing_local_path_with_one_slash_is_not_a_hub_id(tmp_path, monkeypatch
 
 def test_eval_of_a_missing_student_is_one_line_at_once(tmp_path, corpus):
     start = time.time()
-    proc = run_kd("eval", "--model", "students/nope", "--data", str(corpus))
+    proc = run_kd_in_process("eval", "--model", "students/nope", "--data", str(corpus))
     assert_one_line_error(proc, "students/nope: no such file or directory")
     assert time.time() - start < 60
 
@@ -189,7 +191,7 @@ def test_cache_logits_out_that_cannot_be_a_cache(tmp_path, corpus, tiny_model_di
         expected = "exists and is not a directory"
     else:  # /sys refuses every mkdir, even root's (tests may run as root, where chmod would not)
         expected = "not writable"
-    proc = run_kd(*cache_args(tiny_model_dir, corpus, Path(out)))
+    proc = run_kd_in_process(*cache_args(tiny_model_dir, corpus, Path(out)))
     assert_one_line_error(proc, f"--out {out}", expected)
 
 
@@ -198,7 +200,7 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, corpus):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = run_kd("cache-logits", "--data", str(corpus), "--out", str(tmp_path / "c"), "--device", "cuda")
+    proc = run_kd_in_process("cache-logits", "--data", str(corpus), "--out", str(tmp_path / "c"), "--device", "cuda")
     assert_one_line_error(proc, "--device cuda", "CUDA is not available")
     assert not (tmp_path / "c").exists()
     with pytest.raises(KdError, match="--device cuda:0: CUDA is not available"):
@@ -212,22 +214,24 @@ def test_a_manifest_that_is_not_a_cache_is_one_line(tmp_path, content):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "manifest.json").write_text(content)
-    line = assert_one_line_error(run_kd("inspect", str(cache)), "manifest.json: corrupt manifest")
+    line = assert_one_line_error(run_kd_in_process("inspect", str(cache)), "manifest.json: corrupt manifest")
     assert "internal error" not in line
     student = tmp_path / "student.json"
-    train = run_kd("train", "--from-cache", str(cache), "--student", str(student), "--out", str(tmp_path / "s"))
+    train = run_kd_in_process(
+        "train", "--from-cache", str(cache), "--student", str(student), "--out", str(tmp_path / "s")
+    )
     assert_one_line_error(train, "manifest.json: corrupt manifest")
 
 
 def test_inspect_names_no_flag_it_does_not_have(tmp_path):
-    line = assert_one_line_error(run_kd("inspect", str(tmp_path)), "kd inspect", "not a kd cache")
+    line = assert_one_line_error(run_kd_in_process("inspect", str(tmp_path)), "kd inspect", "not a kd cache")
     assert "--from-cache" not in line
 
 
 def test_broken_yaml_config_is_one_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("top_k: 8\n  data: [unclosed\n")
-    proc = run_kd("cache-logits", "--config", str(config), "--print-config")
+    proc = run_kd_in_process("cache-logits", "--config", str(config), "--print-config")
     line = assert_one_line_error(proc, f"--config {config}: not valid YAML (line 2")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert line
@@ -240,7 +244,7 @@ def test_refused_non_empty_out_is_left_untouched(tmp_path, corpus, tiny_model_di
     out = tmp_path / "busy"
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
-    assert_one_line_error(run_kd(*cache_args(tiny_model_dir, corpus, out)), "not empty")
+    assert_one_line_error(run_kd_in_process(*cache_args(tiny_model_dir, corpus, out)), "not empty")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -251,7 +255,7 @@ def test_two_cache_logits_into_one_out_at_once_are_refused(tmp_path, tiny_model_
     first = start_kd(*args)
     try:
         wait_for_shards(first, out, 1)
-        second = run_kd(*args)
+        second = run_kd_in_process(*args)
         assert_one_line_error(second, f"--out {out}", "another kd cache-logits")
         assert first.poll() is None  # the first run carries on
     finally:

@@ -1,4 +1,4 @@
-"""`kd gen-traces` and answer verification: unit tests, then the real CLI in subprocesses.
+"""`kd gen-traces` and answer verification: unit tests, then the real CLI.
 
     .venv/bin/python -m pytest tests/test_gen_traces.py -q                 # everything (vLLM ones take minutes)
     .venv/bin/python -m pytest tests/test_gen_traces.py -q -m "not slow"   # the quick part
@@ -7,7 +7,9 @@ Covers: answer extraction and matching; splitting a completion into <think> reas
 the filters; the transformers engine end to end (output format, meta, `kd cache-logits` accepts
 the output, determinism); kill -9 and resume (equal to an uninterrupted run); refusal of changed
 settings; bad input as one-line errors; vLLM offline; and the OpenAI engine against a real vLLM
-server started here, including that the API key is sent but never written anywhere.
+server started here, including that the API key is sent but never written anywhere. Real `kd`
+processes: the transformers end-to-end run, the killed and the resumed run, vLLM offline and the
+OpenAI engine's generating run; the rest runs the same CLI in this process (run_kd_in_process).
 """
 
 from __future__ import annotations
@@ -708,11 +710,11 @@ def test_openai_engine_against_a_real_vllm_server(tmp_path, vllm_server, eos_mod
     ]
 
     # Without the key the server answers 401: a one-line error that names the URL, not a retry loop.
-    refused = run_kd(*args, *flags, "--api-key-env", "KD_TEST_NO_SUCH_KEY", env=ENV)
+    refused = run_kd_in_process(*args, *flags, "--api-key-env", "KD_TEST_NO_SUCH_KEY", env=ENV)
     assert_one_line_error(refused, base_url, "401")
 
     env = dict(ENV, KD_TEST_KEY=key)
-    proc = run_kd(*args, *flags, "--api-key-env", "KD_TEST_KEY", env=env)
+    proc = run_kd(*args, *flags, "--api-key-env", "KD_TEST_KEY", env=env)  # the engine end to end, a real process
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["engine"] == "openai" and summary["samples"] == 18 and summary["generated_samples"] == 18
@@ -724,7 +726,7 @@ def test_openai_engine_against_a_real_vllm_server(tmp_path, vllm_server, eos_mod
     assert settings["teacher"] == {"name": str(eos_model_dir)}
 
     # A rerun resumes: nothing is requested again.
-    again = run_kd(*args, *flags, "--api-key-env", "KD_TEST_KEY", env=env)
+    again = run_kd_in_process(*args, *flags, "--api-key-env", "KD_TEST_KEY", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["generated_samples"] == 0
 
@@ -742,7 +744,7 @@ def test_openai_engine_retries_then_fails_in_one_line(tmp_path):
     prompts = write_prompts(tmp_path / "problems.jsonl", 1)
     url = f"http://127.0.0.1:{_free_port()}/v1"
     started = time.time()
-    proc = run_kd(
+    proc = run_kd_in_process(
         "gen-traces",
         "--engine",
         "openai",

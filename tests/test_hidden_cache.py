@@ -8,6 +8,8 @@ from the cache equal to online KD (live teacher) and to a dense reference; the f
 gradient against autograd; a teacher with a final-logit soft-cap (Gemma 2); `kd train --from-cache`
 and `kd eval --cache` end to end (the teacher against its own cache: KL ~ 0, agreement 1); kill -9 +
 resume of stage one gives byte-identical shards; a missing or corrupted head file is a one-line error.
+The killed and the resumed stage one are real processes; the other commands run the same CLI in this
+process (tests/helpers.py: run_kd_in_process).
 
 Error bounds (h the exact hidden row, h' the stored one, e = h' - h, W the head, z = W h):
 every log-prob moves by |Δ log p_v| = |Δz_v - Δ logsumexp z| <= 2 max_v |Δz_v|, and a soft-cap
@@ -36,7 +38,7 @@ from kd.losses import DenseTeacher, LossConfig, autograd_chunk_loss, distill_los
 from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.training.batches import TrainSequence, collate
 from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
-from tests.helpers import assert_one_line_error, run_kd, start_kd
+from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, start_kd
 from tests.test_cache_logits import cache_files, make_corpus
 from tests.test_losses import dense_reference
 
@@ -139,9 +141,14 @@ def _student(seed: int, vocab: int, width: int = 64, n: int = 0):
 
 @pytest.fixture(scope="module")
 def batch_and_live(caches, tiny_model_dir):
-    """One collated batch of the float32 cache, and the live teacher's hidden states and logits for it."""
+    """One collated batch of the float32 cache, and the live teacher's hidden states and logits for it.
+
+    Two sequences of different lengths (59 targets): padding in the batch, and a ragged last chunk at
+    the chunk sizes 5 and 7 used below. Four (130 targets) doubled the time of these twelve
+    full-vocabulary checks, and had no ragged chunk at 5.
+    """
     reader = CacheReader(caches["float32"])
-    seqs = [TrainSequence(s.input_ids, s.loss_mask, s.teacher) for s in list(reader.iter_sequences())[:4]]
+    seqs = [TrainSequence(s.input_ids, s.loss_mask, s.teacher) for s in list(reader.iter_sequences())[:2]]
     batch = collate(seqs)
     model = load_teacher(tiny_model_dir)
     with torch.no_grad():
@@ -259,15 +266,17 @@ def test_train_and_eval_from_a_hidden_cache(tmp_path, caches, tiny_model_dir, st
     """A student of another width (64 vs the teacher's 128) trains from the cache; the teacher scores itself."""
     out = tmp_path / "student"
     args = ["--student", str(student_config), "--out", str(out), "--max-steps", "2", "--batch-size", "4"]
-    proc = run_kd("train", "--from-cache", str(caches["bf16"]), *args, "--divergence", "reverse_kl", "--json")
+    proc = run_kd_in_process(
+        "train", "--from-cache", str(caches["bf16"]), *args, "--divergence", "reverse_kl", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["steps"] == 2 and np.isfinite(summary["divergence"]) and summary["divergence"] > 0
-    proc = run_kd("eval", "--model", str(tiny_model_dir), "--cache", str(caches["float32"]), "--json")
+    proc = run_kd_in_process("eval", "--model", str(tiny_model_dir), "--cache", str(caches["float32"]), "--json")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert metrics["kl"] < 1e-5 and metrics["top1_agreement"] == 1.0
-    proc = run_kd("inspect", str(caches["int8"]), "--verify", "--json")
+    proc = run_kd_in_process("inspect", str(caches["int8"]), "--verify", "--json")
     report = json.loads(proc.stdout)
     assert report["verified"] and report["bytes_per_target_token_by_part"]["hidden"] > 0
     assert report["teacher_head"]["shape"] == [report["vocab_size"], 128]
@@ -284,7 +293,9 @@ def test_bad_head_file_is_a_one_line_error(tmp_path, caches, student_config, dam
         data = bytearray(head.read_bytes())
         data[len(data) // 2] ^= 0xFF
         head.write_bytes(bytes(data))
-    proc = run_kd("train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(tmp_path / "s"))
+    proc = run_kd_in_process(
+        "train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(tmp_path / "s")
+    )
     assert_one_line_error(proc, "teacher_head.safetensors", damage)
 
 
@@ -310,7 +321,7 @@ def test_kill_and_resume_gives_the_same_hidden_cache(tmp_path, tiny_model_dir):
         "150",
     ]
     reference = tmp_path / "reference"
-    assert run_kd("cache-logits", *args, "--out", str(reference)).returncode == 0
+    assert run_kd_in_process("cache-logits", *args, "--out", str(reference)).returncode == 0
     expected = cache_files(reference)
     assert len(expected) >= 8
 

@@ -9,7 +9,8 @@ it (float16 / float32) and adaptive top-k folds dropped ids into it; on the embe
 teacher (k = 64) the T = 2 target equals the exact tempered distribution bucketed (KL ≤ 1e-3
 nats/token, where kd's old even spreading was ~0.1); a T the cache lacks is refused in one line; a
 cache without tempered tails still trains at T = 1; `kd inspect` shows the temperatures. sqrt8: an
-adversarial row reaches the stated bound 2k/360², real teacher rows stay under it.
+adversarial row reaches the stated bound 2k/360², real teacher rows stay under it. The CLI runs in
+this process (tests/helpers.py: run_kd_in_process).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kd.losses import SparseTeacher, retemper_sparse
 from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.engines.head import topk_with_tail, topk_with_tails
 from kd.pipeline.training.batches import TrainSequence, collate
-from tests.helpers import assert_one_line_error, run_kd
+from tests.helpers import assert_one_line_error, run_kd_in_process
 
 # ----------------------------------------------------------------------------- references
 
@@ -302,7 +303,7 @@ def tiny_caches(tmp_path_factory, tiny_model_dir):
     caches = {}
     for name, flags in {"plain": (), "tempered": ("--temperatures", "1,2")}.items():
         caches[name] = work / name
-        proc = run_kd(
+        proc = run_kd_in_process(
             "cache-logits", "--teacher", str(tiny_model_dir), "--data", str(corpus), "--out", str(caches[name]),
             "--top-k", "16", *flags,
         )  # fmt: skip
@@ -311,7 +312,7 @@ def tiny_caches(tmp_path_factory, tiny_model_dir):
 
 
 def train(cache: Path, student_config: Path, out: Path, temperature: str):
-    return run_kd(
+    return run_kd_in_process(
         "train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(out),
         "--max-steps", "2", "--batch-size", "2", "--temperature", temperature, "--alpha", "0.5", "--json",
     )  # fmt: skip
@@ -333,11 +334,11 @@ def test_old_cache_trains_at_t1_and_tempered_cache_at_t2(tiny_caches, student_co
 
 
 def test_inspect_shows_the_temperatures(tiny_caches):
-    report = json.loads(run_kd("inspect", str(tiny_caches["tempered"]), "--json").stdout)
+    report = json.loads(run_kd_in_process("inspect", str(tiny_caches["tempered"]), "--json").stdout)
     assert report["temperatures"] == [1.0, 2.0] and report["value_encoding"] == "q64"
     assert report["bytes_per_target_token_by_part"]["tempered tails"] > 0
-    plain = json.loads(run_kd("inspect", str(tiny_caches["plain"]), "--json").stdout)
+    plain = json.loads(run_kd_in_process("inspect", str(tiny_caches["plain"]), "--json").stdout)
     assert plain["temperatures"] == [1.0] and "tempered tails" not in plain["bytes_per_target_token_by_part"]
-    proc = run_kd("inspect", str(tiny_caches["tempered"]))
+    proc = run_kd_in_process("inspect", str(tiny_caches["tempered"]))
     text = proc.stdout + proc.stderr  # the table goes to kd's console
     assert "temperatures" in text and "1, 2" in text

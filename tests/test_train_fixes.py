@@ -2,6 +2,9 @@
 refused before anything is written.
 
     .venv/bin/python -m pytest tests/test_train_fixes.py -q
+
+The CLI runs in this process (tests/helpers.py: run_kd_in_process): a real `kd train` process, killed,
+resumed and under torchrun, is tests/test_train.py's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from kd.pipeline.training.checkpoint import load_checkpoint, rng_state, save_che
 from kd.pipeline.training.config import TrainConfig
 from kd.pipeline.training.distributed import DistEnv
 from kd.pipeline.training.resume import rng_for_rank
-from tests.helpers import assert_one_line_error, run_kd
+from tests.helpers import assert_one_line_error, run_kd_in_process
 from tests.test_reasoning_sft import RECORDS
 from tests.test_train import cache, corpus, metrics  # noqa: F401  (fixtures)
 
@@ -34,7 +37,7 @@ from tests.test_train import cache, corpus, metrics  # noqa: F401  (fixtures)
 )
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, student_config, flags, fragment):
     out = tmp_path / "o"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train", "--from-cache", str(tmp_path / "c"), "--student", str(student_config), "--out", str(out), *flags
     )
     assert_one_line_error(proc, fragment)
@@ -44,7 +47,9 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, student_co
 def test_out_inside_the_cache_is_refused(tmp_path, cache, student_config):  # noqa: F811
     before = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
     for out in (cache, cache / "student"):
-        proc = run_kd("train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(out))
+        proc = run_kd_in_process(
+            "train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(out)
+        )
         assert_one_line_error(proc, "--from-cache", "or inside it")
     assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == before
     assert not (cache / "student").exists()
@@ -54,7 +59,7 @@ def test_out_inside_the_cache_is_refused(tmp_path, cache, student_config):  # no
 
 def test_a_refused_run_leaves_no_config_yaml(tmp_path, cache, student_config):  # noqa: F811
     out = tmp_path / "o"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(out), "--batch-size", "64"
     )
     assert_one_line_error(proc, "fewer than one global batch")
@@ -66,14 +71,14 @@ def test_resume_refuses_another_schedule(tmp_path, cache, student_config):  # no
     out = tmp_path / "o"
     common = ["train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(out)]
     common += ["--batch-size", "4", "--save-every", "1"]
-    assert run_kd(*common, "--max-steps", "2").returncode == 0
-    proc = run_kd(*common, "--max-steps", "3", "--resume")
+    assert run_kd_in_process(*common, "--max-steps", "2").returncode == 0
+    proc = run_kd_in_process(*common, "--max-steps", "3", "--resume")
     assert_one_line_error(proc, "--resume", "schedule of 2 steps", "this run's is 3", "--max-steps")
     state = load_checkpoint(out / "checkpoints" / "step-0000002")
     assert state["schedule_steps"] == 2
     assert len(state["rng_per_rank"]) == 1
     assert torch.equal(state["rng_per_rank"][0]["torch"], state["rng"]["torch"])
-    proc = run_kd(*common, "--max-steps", "2", "--resume")  # the same schedule resumes
+    proc = run_kd_in_process(*common, "--max-steps", "2", "--resume")  # the same schedule resumes
     assert proc.returncode == 0, proc.stderr
 
 
@@ -106,7 +111,7 @@ def test_alpha_one_logs_the_divergence(tmp_path, cache, student_config):  # noqa
     logged = {}
     for alpha in ("1", "0.5"):
         out = tmp_path / alpha
-        proc = run_kd(
+        proc = run_kd_in_process(
             "train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(out),
             "--alpha", alpha, "--max-steps", "1", "--batch-size", "4", "--log-every", "1",
         )  # fmt: skip
@@ -122,7 +127,7 @@ def test_tag_weighted_ce_is_logged_as_a_weighted_mean(tmp_path: Path, student_co
     data = tmp_path / "traces.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     out = tmp_path / "o"
-    proc = run_kd(
+    proc = run_kd_in_process(
         "train", "--data", str(data), "--student", str(student_config), "--teacher", str(tiny_model_dir),
         "--out", str(out), "--alpha", "1", "--tag-weight", "10", "--max-steps", "1", "--batch-size", "2",
         "--log-every", "1",
