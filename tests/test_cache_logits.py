@@ -162,23 +162,9 @@ def test_adaptive_topk_cache(tmp_path, corpus, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
-    args = [
-        "--teacher",
-        str(tiny_model_dir),
-        "--data",
-        str(corpus),
-        "--top-k",
-        "8",
-        "--shard-tokens",
-        "40",
-        "--batch-size",
-        "1",
-        "--block-records",
-        "5",  # 24 records: the corpus streams in 5 blocks
-        "--window-tokens",
-        "150",
-    ]
+def kill_mid_run(tmp_path: Path, args: list[str]) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """Cache `args` uninterrupted (the reference), then again in a real process killed -9 once two shards
+    are done; returns (the killed cache, the reference's files, the files the kill left)."""
     reference = tmp_path / "reference"
     assert run_kd_in_process("cache-logits", *args, "--out", str(reference)).returncode == 0
     expected = cache_files(reference)
@@ -197,6 +183,27 @@ def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
     proc.wait()
     partial = cache_files(out)
     assert 2 <= len(partial) < len(expected), "the kill should land mid-run"
+    return out, expected, partial
+
+
+def test_kill_and_resume_gives_the_same_cache(tmp_path, corpus, tiny_model_dir):
+    args = [
+        "--teacher",
+        str(tiny_model_dir),
+        "--data",
+        str(corpus),
+        "--top-k",
+        "8",
+        "--shard-tokens",
+        "40",
+        "--batch-size",
+        "1",
+        "--block-records",
+        "5",  # 24 records: the corpus streams in 5 blocks
+        "--window-tokens",
+        "150",
+    ]
+    out, expected, partial = kill_mid_run(tmp_path, args)
     # An interrupted cache is refused by readers until resumed.
     from kd.errors import KdError
 

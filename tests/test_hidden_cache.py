@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +36,8 @@ from kd.losses import DenseTeacher, LossConfig, autograd_chunk_loss, distill_los
 from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.training.batches import TrainSequence, collate
 from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
-from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, start_kd
-from tests.test_cache_logits import cache_files, make_corpus
+from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process
+from tests.test_cache_logits import cache_files, kill_mid_run, make_corpus
 from tests.test_losses import dense_reference
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
@@ -320,28 +318,11 @@ def test_kill_and_resume_gives_the_same_hidden_cache(tmp_path, tiny_model_dir):
         "--window-tokens",
         "150",
     ]
-    reference = tmp_path / "reference"
-    assert run_kd_in_process("cache-logits", *args, "--out", str(reference)).returncode == 0
-    expected = cache_files(reference)
-    assert len(expected) >= 8
-
-    out = tmp_path / "killed"
-    proc = start_kd("cache-logits", *args, "--out", str(out))
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        manifest = out / "manifest.json"
-        if manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 2:
-            break
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = cache_files(out)
-    assert 2 <= len(partial) < len(expected), "the kill should land mid-run"
+    out, expected, partial = kill_mid_run(tmp_path, args)
     resumed = run_kd("cache-logits", *args, "--out", str(out), "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.splitlines()[-1])["shards_reused"] == len(partial)
     assert cache_files(out) == expected
     head = json.loads((out / "manifest.json").read_text())["teacher_head"]
-    assert head == json.loads((reference / "manifest.json").read_text())["teacher_head"]
+    assert head == json.loads((tmp_path / "reference" / "manifest.json").read_text())["teacher_head"]
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
