@@ -1,6 +1,6 @@
 """Cross-tokenizer stage two on GSM8K: coverage and loader throughput with alignment vs without (issue 23).
 
-    .venv/bin/python bench/crosstok_speed.py [--rows 400] [--batch-size 8] [--rounds 3] [--gsm8k DIR]
+    .venv/bin/python bench/crosstok_speed.py [--rows 400] [--batch-size 8] [--rounds 3] [--gsm8k DIR] [--cache C]
 
 Teacher side: a top-64 cache of the embedded SmolLM2-135M-Instruct over the first --rows GSM8K
 train records (made once with `kd cache-logits`, kept in bench/out/crosstok-cache-ROWS). Student
@@ -36,10 +36,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gsm8k", type=Path, help="GSM8K folder (default: ../shared/data/gsm8k beside the repo)")
+    parser.add_argument("--cache", type=Path, help="an existing SmolLM2 top-k cache instead of making one")
     args = parser.parse_args()
-    gsm8k = args.gsm8k or require_gsm8k()
-    cache = WORK / f"crosstok-cache-{args.rows}"
+    cache = args.cache or WORK / f"crosstok-cache-{args.rows}"
     if not (cache / "manifest.json").is_file():
+        gsm8k = args.gsm8k or require_gsm8k()
         cmd = [sys.executable, "-m", "kd.cli", "cache-logits", "--data", str(gsm8k / "train.jsonl")]
         cmd += ["--limit", str(args.rows), "--top-k", "64", "--engine", "transformers", "--out", str(cache)]
         subprocess.run(cmd, check=True, env=kd_env(), cwd=REPO)

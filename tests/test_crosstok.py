@@ -109,6 +109,26 @@ def test_alignment_on_real_text(direction, answer, smollm2_tokenizer, gemma_toke
     np.testing.assert_allclose(total, 0.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
+def test_a_batch_of_records_aligns_as_each_record_alone(direction, smollm2_tokenizer, gemma_tokenizer, maps):
+    """The loader aligns a record batch at once (batched tokenizer calls, one map_topk): same result per record."""
+    teacher, student = (
+        (smollm2_tokenizer, gemma_tokenizer) if direction == "smol->gemma" else (gemma_tokenizer, smollm2_tokenizer)
+    )
+    records = []
+    for i, answer in enumerate(TEXTS):
+        ids, mask = chat_record(teacher, f"Question {i}?", answer)
+        records.append((ids, mask, uniform_topk(ids, mask, seed=i)))
+    alone = [Aligner(teacher, student, vocab_map=maps[direction]).align(*r) for r in records]
+    together = Aligner(teacher, student, vocab_map=maps[direction]).align_many(records)
+    assert len(together) == len(records)
+    for a, b in zip(alone, together, strict=True):
+        for name in ("input_ids", "loss_mask", "teacher_rows"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        for name in ("ids", "logprobs", "tail"):
+            np.testing.assert_array_equal(getattr(a.teacher, name), getattr(b.teacher, name))
+
+
 def test_hand_checked_example(smollm2_tokenizer, gemma_tokenizer, maps):
     """SmolLM2 "The sum is 42." -> Gemma: digits split one by one on both sides, so each one aligns."""
     teacher_ids = np.array(smollm2_tokenizer("Q\nThe sum is 42.")["input_ids"])

@@ -7,12 +7,14 @@ converted once into a cached directory under ``$KD_HOME`` (default ``~/.cache/kd
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,8 +265,27 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     return tokenizer
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""tokenizer -> (what the fingerprint saw, fingerprint): a 262K-entry vocabulary takes ~1 s to serialise,
+and one training run asks for the same tokenizer's fingerprint several times."""
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Fingerprint of what tokenization depends on: vocabulary, merges, special tokens, chat template."""
+    seen = (len(tokenizer), getattr(tokenizer, "chat_template", None))  # added tokens or a new template: recompute
+    try:
+        cached = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == seen:
+        return cached[1]
+    fingerprint = _fingerprint(tokenizer)
+    with contextlib.suppress(TypeError):
+        _FINGERPRINTS[tokenizer] = (seen, fingerprint)
+    return fingerprint
+
+
+def _fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:

@@ -99,6 +99,8 @@ def map_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_map:
 
     Returns (student_ids, student_logprobs, student_tail, mapped_prob, listed_prob): the last two are
     per row the teacher probability that found a student id and the probability the row listed.
+    Every step sorts within rows (axis 1) rather than over all N·K entries: the loader maps a whole
+    record batch in one call, and a global sort of that grows faster than the batch.
     """
     n, k = ids.shape
     student = vocab_map[ids.astype(np.int64)]
@@ -111,24 +113,24 @@ def map_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_map:
     unmapped_prob = listed_prob - mapped_prob
     out_ids = np.zeros((n, k), dtype=np.int64)
     out_lp = np.full((n, k), -np.inf, dtype=np.float32)
-    rows, cols = np.nonzero(mapped)
-    if len(rows):
-        key = rows * (int(vocab_map.max()) + 1) + student[rows, cols]
-        order = np.argsort(key, kind="stable")
-        key, rows_s, cols_s = key[order], rows[order], cols[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        merged = np.logaddexp.reduceat(lp[rows_s, cols_s], starts)
-        group_rows = rows_s[starts]
-        group_ids = student[rows_s[starts], cols_s[starts]]
-        # slot of each group within its row: rank among the row's groups
-        first_of_row = np.r_[0, np.flatnonzero(group_rows[1:] != group_rows[:-1]) + 1]
-        slot = np.arange(len(starts)) - np.repeat(first_of_row, np.diff(np.r_[first_of_row, len(starts)]))
+    if n and k and mapped.any():
+        # group equal student ids inside each row: sort the row by id (unmapped last), then one
+        # log-sum-exp per run of equal ids, written at the run's first slot
+        key = np.where(mapped, student, np.iinfo(np.int64).max)
+        by_id = np.argsort(key, axis=1, kind="stable")
+        key = np.take_along_axis(key, by_id, 1)
+        lp_sorted = np.take_along_axis(np.where(mapped, lp, -np.inf), by_id, 1)
+        first = np.ones((n, k), dtype=bool)
+        first[:, 1:] = key[:, 1:] != key[:, :-1]
+        starts = np.flatnonzero(first)
+        merged = np.full(n * k, -np.inf)
+        merged[starts] = np.logaddexp.reduceat(lp_sorted.ravel(), starts)
+        merged = merged.reshape(n, k).astype(np.float32)  # sort as stored: float32 ties keep id order
+        merged[~first | (key == np.iinfo(np.int64).max)] = -np.inf
         # keep each row in descending probability order, as readers hand rows out
-        out_ids[group_rows, slot] = group_ids
-        out_lp[group_rows, slot] = merged
-        order = np.argsort(-out_lp, axis=1, kind="stable")
-        out_ids = np.take_along_axis(out_ids, order, 1)
-        out_lp = np.take_along_axis(out_lp, order, 1)
+        order = np.argsort(-merged, axis=1, kind="stable")
+        out_lp = np.take_along_axis(merged, order, 1)
+        out_ids = np.where(np.isfinite(out_lp), np.take_along_axis(key, order, 1), 0)
     with np.errstate(divide="ignore"):
         out_tail = np.logaddexp(tail.astype(np.float64), np.log(np.maximum(unmapped_prob, 0.0))).astype(np.float32)
     return out_ids, out_lp, out_tail, mapped_prob, listed_prob
@@ -197,11 +199,18 @@ class Aligner:
 
     def teacher_spans(self, input_ids: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, int] | None:
         """(text, starts, ends, skipped) of the teacher tokens after its leading specials; None if no round trip."""
+        body, skip = self._body(input_ids)
+        text = self.teacher.decode(body, skip_special_tokens=False)
+        return self._spans(body, skip, text, self.teacher.encode(text, add_special_tokens=False))
+
+    def _body(self, input_ids: np.ndarray) -> tuple[list[int], int]:
+        """The teacher ids after its own leading specials, and how many were skipped."""
         ids = [int(i) for i in input_ids]
         skip = len(self.teacher_prefix) if ids[: len(self.teacher_prefix)] == self.teacher_prefix else 0
-        body = ids[skip:]
-        text = self.teacher.decode(body, skip_special_tokens=False)
-        enc = self.teacher.encode(text, add_special_tokens=False)
+        return ids[skip:], skip
+
+    @staticmethod
+    def _spans(body: list[int], skip: int, text: str, enc) -> tuple[str, np.ndarray, np.ndarray, int] | None:
         if enc.ids != body:
             return None
         ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
@@ -210,14 +219,46 @@ class Aligner:
 
     def align(self, input_ids: np.ndarray, loss_mask: np.ndarray, teacher) -> AlignedSequence:
         """One record: the student's ids, loss mask and teacher rows (only where aligned)."""
-        spans = self.teacher_spans(input_ids)
+        return self.align_many([(input_ids, loss_mask, teacher)])[0]
+
+    def align_many(self, records: list[tuple[np.ndarray, np.ndarray, object]]) -> list[AlignedSequence]:
+        """Records (ids, loss mask, teacher rows) -> student sequences, in order.
+
+        Why batched: the three tokenizer passes (teacher decode, teacher round trip, student encode) run
+        as one `*_batch` call each, in Rust on every core, and the top-k rows of all records are mapped
+        in one `map_topk` call; per record that was most of the loader's time.
+        """
+        bodies = [self._body(ids) for ids, _, _ in records]
+        texts = self.teacher.decode_batch([b for b, _ in bodies], skip_special_tokens=False)
+        round_trips = self.teacher.encode_batch(texts, add_special_tokens=False)
+        spans = [self._spans(b, skip, t, e) for (b, skip), t, e in zip(bodies, texts, round_trips, strict=True)]
+        for i, span in enumerate(spans):
+            if span is None:  # the record's text with its leading specials, CE only
+                texts[i] = self.teacher.decode([int(x) for x in records[i][0]], skip_special_tokens=False)
+        student_encs = self.student.encode_batch(texts, add_special_tokens=False)
+        plans = [
+            self._plan(ids, mask, span, text, enc)
+            for (ids, mask, _), span, text, enc in zip(records, spans, texts, student_encs, strict=True)
+        ]
+        rows_of = self._teacher_rows([teacher for _, _, teacher in records], [plan[3] for plan in plans])
+        out = []
+        for (s_ids, s_mask, aligned, _), teacher_rows in zip(plans, rows_of, strict=True):
+            out.append(AlignedSequence(s_ids, s_mask, teacher_rows, None, aligned))
+        with self.stats._lock:
+            self.stats.records += len(records)
+            self.stats.records_not_round_tripped += sum(span is None for span in spans)
+            self.stats.student_targets += sum(len(plan[2]) for plan in plans)
+            self.stats.aligned_targets += sum(int(plan[2].sum()) for plan in plans)
+        return out
+
+    def _plan(self, input_ids, loss_mask, spans, text: str, enc):
+        """(student ids, student loss mask, aligned per student target, teacher row per aligned target)."""
         t_targets = target_positions(loss_mask)
         if spans is None:
-            text = self.teacher.decode([int(i) for i in input_ids], skip_special_tokens=False)
             masked = np.zeros(len(text) + 1, dtype=bool)
             start_of, target_of = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         else:
-            text, starts, ends, skip = spans
+            _, starts, ends, skip = spans
             ordinal = np.flatnonzero(t_targets - skip >= 0)  # index among the teacher's targets
             b = t_targets[ordinal] - skip
             # characters covered by a teacher target: +1 at each start, -1 at each end, cumulated
@@ -227,7 +268,6 @@ class Aligner:
             masked = np.cumsum(edges)[: len(text) + 1] > 0
             wide = ends[b] > starts[b]  # starts are increasing over tokens of non-zero width
             start_of, target_of = starts[b][wide], ordinal[wide]
-        enc = self.student.encode(text, add_special_tokens=False)
         s_ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
         s_starts = np.r_[0, s_ends[:-1]] if len(s_ends) else s_ends
         prefix = len(self.student_prefix)
@@ -250,33 +290,42 @@ class Aligner:
             hit = width[at] & (start_of[k] == s_starts[at]) & (self.vocab_map[teacher_target_ids[j]] >= 0)
             rows = np.where(hit, j, -1)
         aligned = rows >= 0
-        picked = rows[aligned]
-        if isinstance(teacher, TopKTargets) and self.identity:
-            student_teacher = TopKTargets(teacher.ids[picked], teacher.logprobs[picked], teacher.tail[picked])
-            mapped_mass = listed_mass = float(np.exp(teacher.logprobs[picked].astype(np.float64)).sum())
-        elif isinstance(teacher, TopKTargets):
-            ids, lp, tail, mapped, listed = map_topk(
-                teacher.ids[picked], teacher.logprobs[picked], teacher.tail[picked], self.vocab_map
-            )
-            student_teacher = TopKTargets(ids, lp, tail)
-            mapped_mass, listed_mass = float(mapped.sum()), float(listed.sum())
+        return s_ids, s_mask, aligned, rows[aligned]
+
+    def _teacher_rows(self, teachers: list, picks: list[np.ndarray]) -> list:
+        """Each record's teacher rows at its aligned targets, mapped onto the student's vocabulary."""
+        if not teachers:
+            return []
+        if isinstance(teachers[0], TopKTargets):
+            ids = np.concatenate([t.ids[p] for t, p in zip(teachers, picks, strict=True)])
+            lp = np.concatenate([t.logprobs[p] for t, p in zip(teachers, picks, strict=True)])
+            tail = np.concatenate([t.tail[p] for t, p in zip(teachers, picks, strict=True)])
+            if self.identity:
+                mapped_mass = listed_mass = float(np.exp(lp.astype(np.float64)).sum())
+            else:
+                ids, lp, tail, mapped, listed = map_topk(ids, lp, tail, self.vocab_map)
+                mapped_mass, listed_mass = float(mapped.sum()), float(listed.sum())
+            bounds = np.cumsum([len(p) for p in picks])[:-1]
+            out = [
+                TopKTargets(i, v, t)
+                for i, v, t in zip(np.split(ids, bounds), np.split(lp, bounds), np.split(tail, bounds), strict=True)
+            ]
         else:
-            ids, counts, mapped_mass, listed_mass = map_sampled(
-                [teacher.ids[j] for j in picked], [teacher.counts[j] for j in picked], self.vocab_map
-            )
-            student_teacher = SampledTargets(ids, counts)
+            out, mapped_mass, listed_mass = [], 0.0, 0.0
+            for teacher, picked in zip(teachers, picks, strict=True):
+                ids, counts, mapped, listed = map_sampled(
+                    [teacher.ids[j] for j in picked], [teacher.counts[j] for j in picked], self.vocab_map
+                )
+                out.append(SampledTargets(ids, counts))
+                mapped_mass, listed_mass = mapped_mass + mapped, listed_mass + listed
         with self.stats._lock:
-            self.stats.records += 1
-            self.stats.records_not_round_tripped += spans is None
-            self.stats.student_targets += len(s_targets)
-            self.stats.aligned_targets += int(aligned.sum())
             self.stats.teacher_mass_mapped += mapped_mass
             self.stats.teacher_mass_listed += listed_mass
-        return AlignedSequence(s_ids, s_mask, student_teacher, None, aligned)
+        return out
 
     def __call__(self, seqs: list) -> list[AlignedSequence]:
         """The loader's hook: cached sequences in, student sequences out (same order)."""
-        return [self.align(s.input_ids, s.loss_mask, s.teacher) for s in seqs]
+        return self.align_many([(s.input_ids, s.loss_mask, s.teacher) for s in seqs])
 
     def collate(self, seqs: list[AlignedSequence], pad_id: int = 0) -> Batch:
         """`collate`, plus the per-target mask of rows that carry a teacher distribution."""
