@@ -140,6 +140,7 @@ def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
         assert_cache_holds_the_sampled_tokens(here)
         assert judged["tokens_as_sampled_share"] == 1.0
     assert len(lines(reference / "metrics.jsonl")) == ROUNDS
+    assert "store" not in json.loads((reference / "settings.json").read_text())  # as runs before --store wrote
     # --report-to tensorboard: one point per round, at the step count the sampling student had.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -311,6 +312,42 @@ def test_a_round_with_vllm_sampling_and_scoring(tmp_path, tiny_model_dir, studen
     assert round_0["steps"] == STEPS
     assert_cache_holds_the_sampled_tokens(out / "round-000")  # vLLM's prompt and sampled ids, as they were
     assert round_0["tokens_as_sampled_share"] == 1.0
+
+
+def test_store_hidden_judges_and_trains_on_the_exact_teacher(tmp_path, tiny_model_dir, student_config, prompts):
+    """--store hidden: each round's cache holds the teacher's final hidden states and head; the judged
+    reverse KL is the full-vocabulary one (recomputed here from the live teacher on the same samples)."""
+    from transformers import AutoModelForCausalLM
+
+    from kd.cache.reader import CacheReader
+
+    out = tmp_path / "hidden"
+    args = on_policy_args(tiny_model_dir, student_config, prompts, out, "--store", "hidden", "--json",
+                          "--hidden-encoding", "float32")  # fmt: skip
+    args[args.index("--rounds") + 1] = "1"
+    proc = run_kd_in_process(*args)
+    assert proc.returncode == 0, proc.stderr
+    (round_0,) = json.loads(proc.stdout)["rounds"]
+    reader = CacheReader(out / "round-000" / "cache")
+    assert reader.mode == "hidden" and reader.verify() == []
+    assert round_0["steps"] == STEPS and round_0["teacher_topk_coverage"] == 1.0
+    assert json.loads((out / "settings.json").read_text())["store"] == "hidden"
+
+    def load(path: Path):
+        return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+
+    teacher, student = load(tiny_model_dir), load(out / "student-init")  # the student that sampled round 0
+    total = tokens = 0.0
+    with torch.no_grad():
+        for seq in reader.iter_sequences():
+            ids = torch.from_numpy(np.asarray(seq.input_ids, np.int64))[None]
+            before = torch.from_numpy(np.flatnonzero(np.asarray(seq.loss_mask)[1:]))  # t - 1 predicts target t
+            t = torch.log_softmax(teacher(ids).logits[0, before].float(), -1)
+            s = torch.log_softmax(student(ids).logits[0, before].float(), -1)
+            total += float((s.exp() * (s - t)).sum())
+            tokens += len(before)
+    assert round_0["judged_tokens"] == tokens
+    assert round_0["reverse_kl"] == pytest.approx(total / tokens, rel=1e-4)
 
 
 def test_mix_adds_off_policy_records_that_are_trained_on_not_judged(tmp_path, tiny_model_dir, student_config, prompts):

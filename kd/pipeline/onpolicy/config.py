@@ -62,6 +62,12 @@ class OnPolicyConfig(OptimizerSettings):
     """Teacher top-k ids + log-probs cached per sampled token (with the tail mass)."""
     value_encoding: str = "sqrt8"
     """How the cache stores teacher probabilities: sqrt8, q64 or float32."""
+    store: str = "topk"
+    """What each round's cache keeps: topk (the teacher's --top-k + tail) or hidden (its final hidden states
+    and head: the exact full-vocabulary distribution, so the judged and trained reverse KL on the student's
+    samples is exact; d numbers per sampled token instead of k)."""
+    hidden_encoding: str = "bf16"
+    """With --store hidden: bf16, int8 (per-row scale) or float32."""
     max_seq_len: int = 2048
     """Longest prompt + completion scored and trained on (longer ones are cut)."""
     mix: float = 0.0
@@ -120,6 +126,12 @@ class OnPolicyConfig(OptimizerSettings):
             raise KdError(f"--top-k must be >= 1, got {self.top_k}")
         if self.value_encoding not in fmt.VALUE_ENCODINGS:
             raise KdError(f"--value-encoding {self.value_encoding}: expected one of {', '.join(fmt.VALUE_ENCODINGS)}")
+        if self.store not in ("topk", "hidden"):
+            raise KdError(f"--store {self.store}: expected topk or hidden")
+        if self.hidden_encoding not in fmt.HIDDEN_ENCODINGS:
+            raise KdError(
+                f"--hidden-encoding {self.hidden_encoding}: expected one of {', '.join(fmt.HIDDEN_ENCODINGS)}"
+            )
         if not 0.0 <= self.mix < 1.0:
             raise KdError(f"--mix must be in [0, 1) (the off-policy share of each round), got {self.mix}")
         if self.mix > 0 and self.mix_data is None:

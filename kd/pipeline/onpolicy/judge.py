@@ -15,6 +15,10 @@ log-probs, which reaches 0 for a confident teacher). Judged as exactly 0, any st
 would cost ~1000 nats (the log floor); it is judged as UNRESOLVED_TAIL instead, the most it can be,
 and ``teacher_unresolved_tail_share`` counts those tokens.
 
+From a hidden-state cache (`--store hidden`) every figure is exact: the teacher's full-vocabulary
+log-probs are rebuilt from its stored final hidden state and head, chunk by chunk, so coverage is 1
+and no tail is assumed.
+
 Every figure is a per-token mean over all samples, with a 95% bootstrap interval over *prompts*:
 a prompt's samples share its difficulty, so prompts (not tokens or samples) are resampled whole.
 """
@@ -36,6 +40,7 @@ from kd.losses import (
     retemper_sparse,
     student_buckets,
 )
+from kd.losses.fused import checked_teacher_logits
 from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, paired_ratio_difference_ci, unwrap_causal_lm
 from kd.pipeline.heads import head_logits, split_body_and_head
 from kd.pipeline.training.batches import collate
@@ -63,8 +68,12 @@ def judge_sequences(
     batch_size: int = 8,
     chunk_size: int = 1024,
     device: str | torch.device = "cpu",
+    teacher_head=None,
 ) -> tuple[dict[str, float | list[float] | int], dict[str, dict[str, float]]]:
     """Judge the cached sequences whose row is in `group_of_row` (row -> prompt key); skip the rest.
+
+    `teacher_head` (a hidden cache's `CachedTeacherHead`) turns hidden-state rows into the teacher's
+    exact distribution; without it the cache must hold top-k rows.
 
     `expected_targets` (row -> tokens the student sampled, end-of-sequence included) checks that the
     cache holds a teacher entry for every sampled token (``tokens_as_sampled_share``; below 1 only
@@ -82,12 +91,13 @@ def judge_sequences(
     same_length = judged = 0
     stream = (s for s in seqs if s.row in group_of_row)
     while chunk := list(itertools.islice(stream, batch_size)):
-        if not all(s.teacher is not None and hasattr(s.teacher, "logprobs") for s in chunk):
-            raise ValueError("judging needs a top-k cache (teacher log-probabilities)")
+        exact = teacher_head is not None
+        if not all(s.teacher is not None and hasattr(s.teacher, "hidden" if exact else "logprobs") for s in chunk):
+            raise ValueError("judging needs a top-k cache (teacher log-probabilities) or a hidden cache and its head")
         batch = collate(chunk).to(device)
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = hidden[batch.hidden_rows, batch.hidden_cols]
-        teacher = fold_out_of_vocab(batch.teacher, vocab)
+        teacher = teacher_head.attach(batch.teacher, device) if exact else fold_out_of_vocab(batch.teacher, vocab)
         rows = batch.hidden_rows.cpu().numpy()
         sums = {k: np.zeros(len(chunk)) for k in SUMS}
         for lo in range(0, hidden.shape[0], chunk_size):
@@ -95,7 +105,10 @@ def judge_sequences(
             logits = head_logits(head, transform, hidden[lo:hi])
             lse = torch.logsumexp(logits, dim=-1)
             labels = batch.labels[lo:hi]
-            parts = _token_terms(logits, lse, labels, _slice(teacher, lo, hi), vocab)
+            if exact:
+                parts = _exact_token_terms(logits, lse, labels, checked_teacher_logits(teacher, lo, hi, vocab))
+            else:
+                parts = _token_terms(logits, lse, labels, _slice(teacher, lo, hi), vocab)
             for key, values in parts.items():
                 np.add.at(sums[key], rows[lo:hi], values.double().cpu().numpy())
             np.add.at(sums["tokens"], rows[lo:hi], 1.0)
@@ -150,6 +163,28 @@ def _token_terms(
         "student_logprob": logits.gather(1, labels[:, None]).squeeze(1) - lse,
         "teacher_topk_coverage": in_topk.float(),
         "teacher_unresolved_tail_share": unresolved.float(),
+    }
+
+
+def _exact_token_terms(
+    logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-token terms against the teacher's full distribution (a hidden cache): no bucket, no tail.
+
+    `teacher_logits` are already on the student's vocabulary (`checked_teacher_logits`, as training
+    does); ids the teacher gives no mass (-inf: padding beyond its vocabulary) add nothing to either KL.
+    """
+    student_lp = logits - lse[:, None]
+    teacher_lp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    possible = torch.isfinite(teacher_lp)
+    diff = torch.where(possible, student_lp - teacher_lp, torch.zeros_like(student_lp))
+    return {
+        "reverse_kl": (student_lp.exp() * diff).sum(dim=1),
+        "forward_kl": -(teacher_lp.exp() * diff).sum(dim=1),
+        "teacher_logprob": teacher_lp.gather(1, labels[:, None]).squeeze(1),
+        "student_logprob": student_lp.gather(1, labels[:, None]).squeeze(1),
+        "teacher_topk_coverage": torch.ones_like(lse),
+        "teacher_unresolved_tail_share": torch.zeros_like(lse),
     }
 
 

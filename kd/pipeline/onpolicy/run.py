@@ -183,9 +183,12 @@ def run_round(
         cfg.device,
         cfg.seed,
         temperatures=f"1,{cfg.distill_temperature!r}",  # training at T != 1 needs its tempered tail
+        store=cfg.store,
+        hidden_encoding=cfg.hidden_encoding,
     )
     if not cache_is_complete(here / "cache"):
-        log(f"round {index}: the teacher scores {len(records)} sequences (top-{cfg.top_k})")
+        stored = f"top-{cfg.top_k}" if cfg.store == "topk" else f"{cfg.hidden_encoding} hidden states"
+        log(f"round {index}: the teacher scores {len(records)} sequences ({stored})")
         started = time.perf_counter()
         score_samples(samples, here / "cache", scoring)
         timings = _record_time(here, timings, "scoring_seconds", started)

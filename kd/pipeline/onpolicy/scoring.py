@@ -17,6 +17,7 @@ from kd.cache.reader import CacheReader
 from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.models import ModelSource, load_causal_lm
 from kd.pipeline.onpolicy.judge import judge_sequences
+from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
 
 
 @dataclass
@@ -33,6 +34,9 @@ class ScoringSettings:
     seed: int = 0
     temperatures: str = "1"
     """Temperatures the round's cache is exact at (`--temperatures`): 1 and the distillation temperature."""
+    store: str = "topk"
+    """topk, or hidden: the teacher's final hidden states and head (exact at every temperature)."""
+    hidden_encoding: str = "bf16"
 
     def cache_config(self, samples: Path, cache_dir: Path) -> CacheConfig:
         return CacheConfig(
@@ -47,7 +51,9 @@ class ScoringSettings:
             batch_size=self.batch_size,
             device=self.device,
             seed=self.seed,
-            temperatures=self.temperatures,
+            temperatures="1" if self.store == "hidden" else self.temperatures,  # hidden: exact at any T
+            store=self.store,
+            hidden_encoding=self.hidden_encoding,
         )
 
 
@@ -86,8 +92,9 @@ def judge_samples(
     model = load_causal_lm(student, dtype="float32" if device == "cpu" else "auto", device=device)
     reader = CacheReader(cache_dir)
     try:
+        head = load_cached_teacher_head(reader, device)  # None unless the round stored hidden states
         return judge_sequences(
-            model, reader.iter_sequences(), group_of_row, expected, batch_size, chunk_size, device=device
+            model, reader.iter_sequences(), group_of_row, expected, batch_size, chunk_size, device, head
         )
     finally:
         reader.close()

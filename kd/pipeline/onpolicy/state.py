@@ -33,6 +33,9 @@ def round_dir(out: Path, index: int) -> Path:
 def settings_record(cfg: OnPolicyConfig, fingerprints: dict[str, str]) -> dict[str, Any]:
     """The settings that decide the run's samples, caches and weights."""
     values = {k: v for k, v in asdict(cfg).items() if k not in BOOKKEEPING and k not in PATHS}
+    if cfg.store == "topk":  # as runs made before --store existed recorded them: they still resume
+        values.pop("store")
+        values.pop("hidden_encoding")
     values["steps_per_round"] = cfg.resolved_steps_per_round()
     return {**values, **fingerprints, "paths": {k: getattr(cfg, k) for k in PATHS}}
 
