@@ -24,7 +24,11 @@ with its modes interleaved round by round (medians over rounds, as the CPU bench
    online KD (a bf16 teacher of the student's shape, full vocabulary). Step time, tokens/s and
    `torch.cuda.max_memory_allocated` per mode (reset before each; the online teacher's weights, resident
    throughout, counted for online KD only), ÷ CE, and the peak above weights + AdamW state, ÷ CE.
-4. **Hidden-cache KD step**: not implemented yet (a placeholder row).
+4. **Hidden-cache KD step** (part of 3, interleaved with its modes): KD from a bf16 hidden-state cache,
+   the teacher's final hidden states at the targets (computed once by the teacher's body, rounded to
+   bf16 and decoded to fp32 as a cache's rows are) through the teacher's head inside the fused loss:
+   full vocabulary, exact. Its goal, from issue 22: ≤ 1 + the teacher head's FLOPs ÷ the student
+   step's (2·targets·hidden·vocab ÷ 6·parameters·tokens), stated beside the ratio.
 
 A global deadline (`--budget-s`, counted from the start of the script) bounds the whole run: each
 part also has its own cap (setup included), stops taking rounds at 80% of it or at the deadline (its
@@ -221,7 +225,7 @@ class Row:
     unit: str
     note: str = ""
     status: str = "measured"
-    """measured, skipped (time budget, --parts), failed (the part raised; the note says what) or not_implemented."""
+    """measured, skipped (time budget, --parts) or failed (the part raised; the note says what)."""
     goal: str = ""
     """The issue's goal for this figure and whether it is met, where BENCHMARKS.md states one."""
 
@@ -491,7 +495,7 @@ def head_alone(sizes: Sizes, dev: Device, rounds: int, until: float) -> dict:
 
 
 def full_step(sizes: Sizes, dev: Device, rounds: int, until: float) -> dict:
-    """kd train's step on a 1B-shaped student: CE, cached top-64, cached RS, online KD."""
+    """kd train's step on a 1B-shaped student: CE, cached top-64, cached RS, a bf16 hidden cache, online KD."""
     config = llama(sizes.teacher, sizes.student_vocab)
     student = build_model(config, dev, torch.float32).train()  # fp32 master weights, as build_student gives
     teacher = build_model(config, dev, dev.amp or torch.float32).eval().requires_grad_(False)
@@ -512,6 +516,11 @@ def full_step(sizes: Sizes, dev: Device, rounds: int, until: float) -> dict:
     top, rs = make_teachers(n, config.vocab_size, sizes.top_k, sizes.draws, 1, dev.name)
     ce_config = LossConfig(alpha=1.0, chunk_size=sizes.chunk_size)
     kd_config = LossConfig(alpha=0.5, chunk_size=sizes.chunk_size)
+    with torch.no_grad(), dev.autocast():  # what a bf16 hidden cache hands stage two: states at targets
+        states = teacher_body(input_ids=input_ids, attention_mask=attention).last_hidden_state[rows, cols]
+    hidden_cache = DenseTeacher(
+        teacher_hidden=states.to(torch.bfloat16).float(), teacher_head_weight=teacher_head.weight
+    )
 
     def step(signal, loss_config: LossConfig, online: bool = False) -> Callable[[], None]:
         def run() -> None:
@@ -539,6 +548,7 @@ def full_step(sizes: Sizes, dev: Device, rounds: int, until: float) -> dict:
         "ce": step(None, ce_config),
         "cached_top64": step(top, kd_config),
         "cached_rs": step(rs, kd_config),
+        "cached_hidden": step(hidden_cache, kd_config),
         "online": step(None, kd_config, online=True),
     }
     for fn in modes.values():  # warm-up; also creates AdamW's state, so memory below is steady-state
@@ -549,8 +559,11 @@ def full_step(sizes: Sizes, dev: Device, rounds: int, until: float) -> dict:
         resident = sum(p.numel() * p.element_size() for p in teacher.parameters())
         memory = {m: (p - resident if m != "online" else p, a) for m, (p, a) in memory.items()}
     step_s = {m: s / sizes.steps_per_round for m, s in medians(seconds).items()}
+    student_parameters = sum(p.numel() for p in student.parameters())
+    head_flops = 2 * n * config.hidden_size * config.vocab_size  # the teacher head at every target
     out = {
-        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "student_parameters": student_parameters,
+        "hidden_goal": 1 + head_flops / (6 * student_parameters * b * length),
         "vocab": config.vocab_size,
         "batch": [b, length],
         "target_tokens": n,
@@ -573,7 +586,12 @@ def rows_of(parts: dict, notes: dict, peak: dict, sizes: Sizes) -> list[Row]:
     """The table: one Row per GPU figure of BENCHMARKS.md, or a note saying why it is missing."""
     rows: list[Row] = []
     k, draws = sizes.top_k, sizes.draws
-    step_modes = (("cached_top64", f"cached top-{k}"), ("cached_rs", f"cached RS-{draws}"), ("online", "online KD"))
+    step_modes = (
+        ("cached_top64", f"cached top-{k}"),
+        ("cached_rs", f"cached RS-{draws}"),
+        ("cached_hidden", "bf16 hidden cache"),
+        ("online", "online KD"),
+    )
 
     def basis(part: str, d: dict) -> str:
         """What a part's figures were measured on, for the note column."""
@@ -700,16 +718,11 @@ def rows_of(parts: dict, notes: dict, peak: dict, sizes: Sizes) -> list[Row]:
             lambda d, m=mode: d["peak_above_weights_bytes"][m] / d["peak_above_weights_bytes"]["ce"],
         )
     add("step", "step_ce_peak_gib", "full step: CE only peak memory", "GiB", lambda d: d["peak_bytes"]["ce"] / 2**30)
-    rows.append(
-        Row(
-            "hidden_cache_step_to_ce",
-            "hidden-cache KD step ÷ CE (time)",
-            None,
-            "ratio",
-            "not implemented yet: kd has no hidden-state caches",
-            "not_implemented",
-        )
-    )
+    if "step" in parts:  # the hidden cache's goal depends on the shapes: 1 + head FLOPs / step FLOPs
+        goal = parts["step"]["hidden_goal"]
+        for row in rows:
+            if row.key == "step_time_cached_hidden_to_ce":
+                row.goal = f"≤ {goal:.3f} — {'met' if row.value <= goal else 'not met'}"
     return rows
 
 
