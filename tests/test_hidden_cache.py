@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,10 @@ from kd.losses import DenseTeacher, LossConfig, autograd_chunk_loss, distill_los
 from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.training.batches import TrainSequence, collate
 from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
-from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process
+from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
 from tests.test_cache_logits import cache_files, kill_mid_run, make_corpus
 from tests.test_losses import dense_reference
+from tests.test_train import assert_same_weights, metrics, sharded_common
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 FP32_SLACK = 1e-4
@@ -326,3 +329,45 @@ def test_kill_and_resume_gives_the_same_hidden_cache(tmp_path, tiny_model_dir):
     head = json.loads((out / "manifest.json").read_text())["teacher_head"]
     assert head == json.loads((tmp_path / "reference" / "manifest.json").read_text())["teacher_head"]
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sharding", "port"), [("ddp", "29557"), ("fsdp", "29567")])
+def test_two_processes_match_one_from_a_hidden_cache(tmp_path, caches, student_config, sharding, port):
+    """torchrun, 2 gloo processes x 2 sequences == 1 process x 4, from a hidden cache: every rank holds the
+    whole teacher head (replicated, frozen, outside the wrapped module) and rebuilds its own rows' logits."""
+    common = sharded_common(caches["bf16"], student_config)
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert run_kd_in_process(*common, "--out", str(single), "--batch-size", "4").returncode == 0
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    proc = run_torchrun(*common, "--out", str(double), "--batch-size", "2", *extra, port=port)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single_losses = [m["loss"] for m in metrics(single) if "loss" in m]
+    assert len(single_losses) == 3
+    assert [m["loss"] for m in metrics(double) if "loss" in m] == pytest.approx(single_losses, rel=1e-6)
+    assert_same_weights(single, double, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_of_stage_two_from_a_hidden_cache(tmp_path, caches, student_config):
+    """kill -9 mid-run, then --resume: the same losses and weights as an uninterrupted run."""
+    common = ["train", "--from-cache", str(caches["int8"]), "--student", str(student_config), "--max-steps", "12",
+              "--batch-size", "1", "--save-every", "4", "--learning-rate", "1e-3", "--log-every", "1"]  # fmt: skip
+    reference = tmp_path / "reference"
+    assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
+    out = tmp_path / "killed"
+    proc = start_kd(*common, "--out", str(out))
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/state.pt")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "killed too late"
+    resumed = run_kd(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert [m["step"] for m in metrics(out) if "loss" in m] == list(range(1, 13))
+    ref_losses = [m["loss"] for m in metrics(reference) if "loss" in m]
+    assert [m["loss"] for m in metrics(out) if "loss" in m] == pytest.approx(ref_losses, abs=1e-6)
+    assert_same_weights(reference, out)
