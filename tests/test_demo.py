@@ -83,3 +83,23 @@ def test_demo_runs_and_reruns_from_its_finished_steps(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stderr.count("reused") == 9  # every step
     assert [p.stat().st_mtime_ns for p in artefacts] == stamps  # and nothing was rewritten
+
+
+def test_demo_settings_bind_a_rerun_but_tolerate_settings_added_since(tmp_path):
+    """A rerun into OUT with other settings is refused; a recorded file without a setting kd added later
+    (at its default) is the same demo, so it resumes instead of being refused."""
+    from kd.errors import KdError
+    from kd.pipeline.evaluation.demo import DemoConfig, check_settings
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    check_settings(out, DemoConfig(out=str(out)))
+    recorded = json.loads((out / "demo-settings.json").read_text())
+    assert recorded["filter"] == "all"
+    del recorded["filter"]  # as a demo made before --filter existed recorded it
+    (out / "demo-settings.json").write_text(json.dumps(recorded))
+    check_settings(out, DemoConfig(out=str(out)))
+    with pytest.raises(KdError, match="other settings"):
+        check_settings(out, DemoConfig(out=str(out), filter="correct"))
+    with pytest.raises(KdError, match="--filter maybe: expected all or correct"):
+        DemoConfig(out=str(out), filter="maybe")

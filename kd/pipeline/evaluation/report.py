@@ -207,7 +207,7 @@ def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
         "",
         f"- traces: {_fmt(traces.get('samples'))} samples from {_fmt(traces.get('prompts'))} prompts; verified "
         f"correct share {_fmt(traces.get('correct_share', traces.get('accepted_share')))}; kept "
-        f"{_fmt(traces.get('accepted'))} (filter: all non-truncated, de-duplicated)",
+        f"{_fmt(traces.get('accepted'))} ({_filter_note(cfg.filter)})",
         f"- cache: {len(shards)} shard(s), {cache_targets:,} target tokens, {cache_bytes:,} bytes "
         f"({cache_bytes / max(cache_targets, 1):.1f} B/token, top-{cfg.top_k} + tail, "
         f"{manifest['settings'].get('value_encoding')} values)",
@@ -226,3 +226,14 @@ def write_report(out: Path, cfg, steps, timings: dict[str, float]) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _filter_note(name: str) -> str:
+    """What the kept traces are, and why: a newcomer reads a low correct share as a broken demo."""
+    if name == "correct":
+        return "filter: verified-correct, non-truncated, de-duplicated"
+    return (
+        "filter: all non-truncated, de-duplicated: the students learn to imitate the teacher, its wrong "
+        "answers included; a small teacher is right on few of these problems, and with a stronger "
+        "`--teacher` `--filter correct` keeps only its verified answers"
+    )
