@@ -334,3 +334,52 @@ def test_a_hidden_state_cache_is_refused_in_one_line(smollm2_tokenizer, tmp_path
     with pytest.raises(KdError, match="needs a top-k or rs cache, not a hidden cache") as info:
         aligner_for(SimpleNamespace(settings=settings), smollm2_tokenizer, load_tokenizer)
     assert "\n" not in str(info.value)
+
+
+def test_eval_scores_a_student_against_a_cache_of_another_tokenizer(smol_cache, gemma_student, tmp_path):
+    """`kd eval --cache SMOL_CACHE --model GEMMA_STUDENT --cross-tokenizer`: KL and agreement on the aligned
+    targets only (a dense bucket reference recomputed here), CE on every student target, coverage stated."""
+    from transformers import AutoModelForCausalLM
+
+    from kd.cache.reader import CacheReader
+    from kd.pipeline.models import load_tokenizer, resolve_model
+    from kd.pipeline.training.crosstok import aligner_for
+
+    args = ["eval", "--model", str(gemma_student), "--cache", str(smol_cache), "--json"]
+    assert_one_line_error(run_kd_in_process(*args), "another tokenizer", "--cross-tokenizer")
+    proc = run_kd_in_process(*args, "--cross-tokenizer")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert 0.5 < got["crosstok_target_coverage"] <= 1.0 and got["crosstok_records_not_round_tripped"] == 0.0
+
+    reader = CacheReader(smol_cache)
+    student_tokenizer = load_tokenizer(resolve_model(str(gemma_student), "--model"))
+    seqs = aligner_for(reader, student_tokenizer, load_tokenizer)(list(reader.iter_sequences()))
+    model = AutoModelForCausalLM.from_pretrained(str(gemma_student), torch_dtype=torch.float32).eval()
+    kl = agree = ce = 0.0
+    targets = aligned = 0
+    with torch.no_grad():
+        for seq in seqs:
+            positions = target_positions(seq.loss_mask)
+            logits = model(torch.from_numpy(seq.input_ids)[None]).logits[0, torch.from_numpy(positions - 1)]
+            lp = torch.log_softmax(logits.double(), -1)
+            ce -= float(lp[torch.arange(len(positions)), torch.from_numpy(seq.input_ids[positions])].sum())
+            targets += len(positions)
+            for row, j in zip(lp[torch.from_numpy(seq.teacher_rows)], range(len(seq.teacher.ids)), strict=True):
+                ids, t = seq.teacher.ids[j], seq.teacher.logprobs[j].astype(np.float64)
+                keep = np.isfinite(t)
+                p = np.exp(t[keep])
+                p_tail = np.exp(float(seq.teacher.tail[j]))
+                total = p.sum() + p_tail  # renormalised, as every held-out KL in kd is
+                p, p_tail = p / total, p_tail / total
+                q = row[torch.from_numpy(ids[keep])].exp().numpy()
+                q_tail = max(1.0 - q.sum(), 1e-300)
+                kl += float((p * (np.log(p) - np.log(q))).sum()) + (
+                    p_tail * (np.log(p_tail) - np.log(q_tail)) if p_tail > 0 else 0.0
+                )
+                agree += float(int(row.argmax()) == int(ids[keep][np.argmax(t[keep])]))
+                aligned += 1
+    assert got["tokens"] == targets and aligned / targets == pytest.approx(got["crosstok_target_coverage"])
+    assert got["ce"] == pytest.approx(ce / targets, rel=1e-5)
+    assert got["kl"] == pytest.approx(kl / aligned, rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(agree / aligned)

@@ -26,6 +26,7 @@ from kd.pipeline.evaluation.sequences import evaluate_sequences
 from kd.pipeline.models import check_device, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
 from kd.pipeline.progress import make_progress
 from kd.pipeline.training.batches import TrainSequence
+from kd.pipeline.training.crosstok import aligner_for
 from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
 
 
@@ -39,6 +40,10 @@ class EvalConfig:
     """Held-out corpus (any kd data format)."""
     cache: str | None = None
     """Held-out cache from `kd cache-logits` (gives teacher metrics)."""
+    cross_tokenizer: bool = False
+    """--cache was made by a teacher with another tokenizer: each record is re-tokenized by --model's
+    tokenizer (as `kd train --cross-tokenizer` does); KL and agreement on the aligned targets, CE on all,
+    and the coverage (crosstok_*) reported beside them."""
     teacher: str | None = None
     """Teacher run live over --data for KL and agreement (and the judge of --on-policy-prompts)."""
     data_format: str | None = None
@@ -76,6 +81,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.cache is None and self.data is None and self.on_policy_prompts is None:
             raise KdError("give --cache CACHE, --data PATH or --on-policy-prompts PATH")
+        if self.cross_tokenizer and self.cache is None:
+            raise KdError("--cross-tokenizer applies to --cache (a cache made with another tokenizer)")
         if self.cache is not None and self.teacher is not None and self.on_policy_prompts is None:
             raise KdError("--cache already holds the teacher's log-probs; drop --teacher")
         check_device(self.device)
@@ -119,12 +126,18 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         metrics.update(measure_on_policy(source, settings, device))
         if not cfg.cache and not cfg.data:
             return metrics
-    teacher_head = None
+    teacher_head = aligner = None
     if cfg.cache:
         reader = CacheReader(cfg.cache, flag="--cache")
-        if reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-            raise KdError(f"--cache {cfg.cache}: made with another tokenizer than --model's")
         seqs = itertools.islice(reader.iter_sequences(), cfg.limit)  # streamed: one record batch at a time
+        if reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            if not cfg.cross_tokenizer:
+                raise KdError(
+                    f"--cache {cfg.cache}: made with another tokenizer than --model's "
+                    "(--cross-tokenizer scores it on the targets the two tokenizations share)"
+                )
+            aligner = aligner_for(reader, tokenizer, load_tokenizer, flag="--cache")
+            seqs = aligned_stream(seqs, aligner, cfg.batch_size)
         teacher_head = load_cached_teacher_head(reader, device)  # a hidden cache: the exact teacher
     else:
         seqs = []
@@ -137,11 +150,19 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.teacher:
             attach_live_teacher(seqs, cfg.teacher, cfg.top_k, cfg.batch_size, device, tokenizer, "--model")
     metrics.update(evaluate_sequences(model, seqs, cfg.batch_size, device=device, teacher_head=teacher_head))
+    if aligner is not None:
+        metrics.update(aligner.stats.metrics())
     if cfg.generate:
         if not cfg.data:
             raise KdError("--generate needs --data (prompts with reference answers)")
         metrics.update(answer_accuracy(model, tokenizer, cfg, device))
     return metrics
+
+
+def aligned_stream(seqs, aligner, batch_size: int):
+    """Cached sequences in the teacher's tokenization -> the model's, aligned a batch at a time (streamed)."""
+    while chunk := list(itertools.islice(seqs, batch_size)):
+        yield from aligner(chunk)
 
 
 def attach_live_teacher(

@@ -131,6 +131,13 @@ def evaluate_sequences(
     return score_sequences(model, seqs, batch_size, chunk_size, device, autocast_dtype, teacher_head)[0]
 
 
+def aligned_rows(chunk: list, device) -> torch.Tensor | None:
+    """bool per target of the batch: where a cross-tokenizer sequence has a teacher row (None: everywhere)."""
+    if not any(hasattr(s, "teacher_rows") for s in chunk):
+        return None
+    return torch.from_numpy(np.concatenate([np.asarray(s.teacher_rows, bool) for s in chunk])).to(device)
+
+
 @torch.no_grad()
 def score_sequences(
     model,
@@ -171,6 +178,10 @@ def score_sequences(
             teacher = fold_out_of_vocab(teacher, vocab)
         if isinstance(teacher, DenseTeacher) and teacher_head is not None:
             teacher = teacher_head.attach(teacher, hidden.device)
+        aligned = aligned_rows(chunk, hidden.device)  # cross-tokenizer: teacher rows at some targets only
+        if aligned is not None and isinstance(teacher, DenseTeacher):
+            raise ValueError("a cross-tokenizer sequence carries top-k or rs rows, not hidden states")
+        teacher_row = None if aligned is None else torch.cumsum(aligned.long(), 0) - 1
         for lo in range(0, hidden.shape[0], chunk_size):
             hi = min(lo + chunk_size, hidden.shape[0])
             logits = head_logits(head, transform, hidden[lo:hi])
@@ -189,19 +200,25 @@ def score_sequences(
             np.add.at(conf_bins, bins, confidence.cpu().numpy())
             np.add.at(acc_bins, bins, correct.cpu().numpy())
             np.add.at(count_bins, bins, 1)
+            if aligned is not None:  # only the targets with a teacher row; `at` picks each one's row
+                keep = aligned[lo:hi]
+                at = teacher_row[lo:hi][keep]
+                logits, lse, top1, rows = logits[keep], lse[keep], top1[keep], rows[keep.cpu().numpy()]
+            else:
+                at = slice(lo, hi)
             if isinstance(teacher, SparseTeacher):
-                ids = teacher.teacher_ids[lo:hi]
-                valid = torch.isfinite(teacher.teacher_logprobs[lo:hi])
+                ids = teacher.teacher_ids[at]
+                valid = torch.isfinite(teacher.teacher_logprobs[at])
                 student_lp, student_tail = student_buckets(logits, lse, ids, valid)
                 teacher_lp, teacher_tail = retemper_sparse(
-                    teacher.teacher_logprobs[lo:hi], teacher.teacher_tail_logmass[lo:hi], 1.0
+                    teacher.teacher_logprobs[at], teacher.teacher_tail_logmass[at], 1.0
                 )
                 kl = bucket_divergence(teacher_lp, teacher_tail, student_lp, student_tail, "forward_kl")
                 sums["kl"] += float(kl.sum())
-                sums["kl_tokens"] += hi - lo
-                teacher_top1 = ids.gather(1, teacher.teacher_logprobs[lo:hi].argmax(dim=1, keepdim=True)).squeeze(1)
+                sums["kl_tokens"] += len(kl)
+                teacher_top1 = ids.gather(1, teacher.teacher_logprobs[at].argmax(dim=1, keepdim=True)).squeeze(1)
                 sums["agree"] += float((top1 == teacher_top1).sum())
-                sums["teacher_tokens"] += hi - lo
+                sums["teacher_tokens"] += len(kl)
                 np.add.at(seq_sums["kl"], rows, kl.double().cpu().numpy())
                 np.add.at(seq_sums["kl_tokens"], rows, 1.0)
                 np.add.at(seq_sums["agree"], rows, (top1 == teacher_top1).double().cpu().numpy())
@@ -221,10 +238,10 @@ def score_sequences(
                 np.add.at(seq_sums["agree"], rows, (top1 == teacher_top1).double().cpu().numpy())
                 np.add.at(seq_sums["teacher_tokens"], rows, 1.0)
             elif isinstance(teacher, SampledTeacher):
-                ids = teacher.teacher_ids[lo:hi]
-                teacher_top1 = ids.gather(1, teacher.teacher_counts[lo:hi].argmax(dim=1, keepdim=True)).squeeze(1)
+                ids = teacher.teacher_ids[at]
+                teacher_top1 = ids.gather(1, teacher.teacher_counts[at].argmax(dim=1, keepdim=True)).squeeze(1)
                 sums["agree"] += float((top1 == teacher_top1).sum())
-                sums["teacher_tokens"] += hi - lo
+                sums["teacher_tokens"] += len(teacher_top1)
                 np.add.at(seq_sums["agree"], rows, (top1 == teacher_top1).double().cpu().numpy())
                 np.add.at(seq_sums["teacher_tokens"], rows, 1.0)
         for key, values in seq_sums.items():
