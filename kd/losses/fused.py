@@ -331,6 +331,8 @@ def _dense_chunk_loss(
     vocab = logits.shape[1]
     with torch.no_grad():
         teacher_logprobs = torch.log_softmax(checked_teacher_logits(teacher, lo, hi, vocab) / temperature, dim=1)
+    if config.divergence == "forward_kl" and temperature == 1.0 and bool(torch.isfinite(teacher_logprobs).all()):
+        return _dense_forward_kl_at_t1(logits, labels, teacher_logprobs, config, w, ce_scale, need_grad)
     student_logprobs = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
     lse = torch.logsumexp(logits, dim=1)
     ce_sum = ((lse - logits.gather(1, labels[:, None])[:, 0]) * w).sum()
@@ -352,6 +354,37 @@ def _dense_chunk_loss(
     grad = h.mul_(kd_scale).sub_(student_logprobs.exp_().mul_((kd_scale * h_sum)[:, None]))
     ce_w = ce_scale * w
     grad.add_(torch.softmax(logits, dim=1).mul_(ce_w[:, None]))
+    grad.scatter_add_(1, labels[:, None], -ce_w[:, None])
+    return ChunkSums(total, ce_sum, div_sum, grad)
+
+
+def _dense_forward_kl_at_t1(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    config: LossConfig,
+    w: torch.Tensor,
+    ce_scale: float,
+    need_grad: bool,
+) -> ChunkSums:
+    """`_dense_chunk_loss` for forward KL at T = 1 (online KD's and a hidden cache's usual case), in about
+    half the [n, V] passes: at T = 1 the student's softmax serves CE and KD alike, its log-softmax gives
+    CE without a separate log-sum-exp, and p = exp(teacher) serves the divergence and its gradient.
+
+    The teacher's log-probs must be finite (no -inf padding ids); the caller checks.
+    Gradient: w·(q − onehot)·ce_scale − kd_scale·w·(p − q·Σp), as the general path's.
+    """
+    student_logprobs = torch.log_softmax(logits, dim=1)
+    ce_sum = -(student_logprobs.gather(1, labels[:, None])[:, 0] * w).sum()
+    p = teacher_logprobs.exp()
+    div_sum = ((teacher_logprobs - student_logprobs).mul_(p).sum(dim=1) * w).sum()
+    total = ce_scale * ce_sum + (1.0 - config.alpha) * div_sum
+    if not need_grad:
+        return ChunkSums(total, ce_sum, div_sum, None)
+    kd_w = (1.0 - config.alpha) * w
+    ce_w = ce_scale * w
+    q_scale = ce_w + kd_w * p.sum(dim=1)
+    grad = p.mul_(-kd_w[:, None]).add_(student_logprobs.exp_().mul_(q_scale[:, None]))
     grad.scatter_add_(1, labels[:, None], -ce_w[:, None])
     return ChunkSums(total, ce_sum, div_sum, grad)
 
