@@ -83,6 +83,7 @@ def restore(cfg: TrainConfig, out: Path, module, optimizer, fsdp: bool, plan: Ep
             source = latest_checkpoint(source) or source
         state = load_checkpoint(source)
         load_full_state(module, module.student, optimizer, state, fsdp)
+        load_feature_state(module, state, source)
         set_rng_state(rng_for_rank(state, env))
         base_step = int(state["step"])
     total_steps = base_step + run_steps
@@ -115,6 +116,7 @@ def resume_from(
             f"is {position.schedule_steps}; keep --max-steps as it was, or give --schedule-steps {int(saved_schedule)}"
         )
     load_full_state(module, module.student, optimizer, state, fsdp)
+    load_feature_state(module, state, checkpoint)
     set_rng_state(rng_for_rank(state, env))
     log(f"resumed from {checkpoint} (step {int(state['step'])})")
     return int(state["step"])
@@ -143,6 +145,8 @@ def save(
                 "step": step,
                 "model": model_state,
                 "optimizer": optimizer_state,
+                # --feature-loss projections (AdamW's state of them is in "optimizer"); absent without it.
+                **({"features": feature_state(module)} if module.features is not None else {}),
                 "rng": rng_states[0],
                 "rng_per_rank": rng_states,
                 "config_fingerprint": config_fingerprint(cfg),
@@ -159,3 +163,21 @@ def save(
     if env.world_size > 1:
         torch.distributed.barrier()
     return model_state
+
+
+def feature_state(module) -> dict[str, torch.Tensor]:
+    """The --feature-loss projections' weights as fp32 CPU tensors (they are replicated, never sharded)."""
+    return {k: v.detach().float().cpu() for k, v in module.features.state_dict().items()}
+
+
+def load_feature_state(module, state: dict[str, Any], checkpoint: Path) -> None:
+    """Restore the projections; a checkpoint without them starts them fresh only under --init-from."""
+    if module.features is None:
+        return
+    if "features" not in state:
+        log(f"{checkpoint} holds no feature projections: they start from their initialisation")
+        return
+    try:
+        module.features.load_state_dict(state["features"])
+    except RuntimeError as exc:
+        raise KdError(f"{checkpoint}: its feature projections do not fit this --feature-map ({exc})") from exc
