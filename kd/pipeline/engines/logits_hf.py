@@ -14,9 +14,9 @@ import torch
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.pipeline.engines.head import head_chunk_rows, score_hidden
 from kd.pipeline.engines.hidden import hidden_targets
+from kd.pipeline.engines.layer_outputs import decoder_layer_list, layer_outputs
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
 from kd.pipeline.heads import LogitTransform, split_body_and_head
-from kd.pipeline.layer_outputs import decoder_layer_list, layer_outputs
 from kd.pipeline.models import ModelSource, load_causal_lm
 
 

@@ -2,7 +2,7 @@
 learned projections between them (`kd train --feature-loss mse|cosine --feature-weight W --feature-map S:T,…`).
 
 The teacher side is a hidden cache made with ``kd cache-logits --store hidden --hidden-layers …``
-(its rows: the outputs of those decoder layers at every target's position, kd.pipeline.layer_outputs).
+(its rows: the outputs of those decoder layers at every target's position, kd.pipeline.engines.layer_outputs).
 The student side is the output of its own decoder layer S at the same positions, caught by a forward
 hook during the ordinary forward. Each pair (S, T) has a linear projection, student width → teacher
 width, in `FeatureProjections`: a small module beside the student inside the loss module, so the same
@@ -21,8 +21,8 @@ import torch
 from kd.cache.reader import CacheReader
 from kd.errors import KdError
 from kd.losses.features import feature_loss_sum
+from kd.pipeline.engines.layer_outputs import decoder_layer_list, layer_outputs
 from kd.pipeline.heads import split_body_and_head
-from kd.pipeline.layer_outputs import decoder_layer_list, layer_outputs
 
 
 def parse_feature_map(text: str) -> tuple[tuple[int, int], ...]:
