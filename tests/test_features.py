@@ -170,6 +170,7 @@ def test_cache_stores_each_layer_output(caches, tiny_model_dir):
             worst = max(worst, float((error / bound).max()))
     assert 0.5 < worst <= 1.0 + 1e-5  # the bound is reached, not vacuous
     report = json.loads(run_kd_in_process("inspect", str(caches["int8"]), "--json").stdout)
+    assert report["hidden_layers"] == [0, 1]
     by_part = report["bytes_per_target_token_by_part"]
     assert by_part["hidden layers"] > 1.5 * by_part["hidden"]  # two layers cost about twice the final state
 
