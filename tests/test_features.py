@@ -243,6 +243,19 @@ def test_train_with_feature_loss(tmp_path, caches, student2_config):
     assert exported.num_parameters() == fresh.num_parameters()
     assert set(load_file(str(out / "model.safetensors"))) == set(fresh.state_dict()) - {"lm_head.weight"}
 
+    # --init-from carries the projections on; a run without --feature-loss cannot take AdamW's state.
+    base = ["train", "--from-cache", str(caches["int8"]), "--student", str(student2_config), "--init-from", str(out)]
+    proc = run_kd_in_process(*base, "--out", str(tmp_path / "plain"), "--max-steps", "1")
+    assert_one_line_error(proc, "--init-from", "with --feature-loss")
+    more = tmp_path / "more"
+    flags = ["--feature-loss", "mse", "--feature-weight", "0.5", "--max-steps", "1", "--learning-rate", "1e-12"]
+    proc = run_kd_in_process(*base, "--out", str(more), *flags)
+    assert proc.returncode == 0, proc.stderr
+    continued = checkpoint_state(more)
+    assert continued["step"] == 4
+    for key, value in state["features"].items():  # lr 1e-12: one more step leaves them where they were
+        torch.testing.assert_close(continued["features"][key], value, atol=1e-8, rtol=0)
+
 
 def test_feature_loss_alone_beside_ce_goes_down(tmp_path, caches, student2_config):
     """--alpha 1: CE and the feature loss only (no logit KD); a few steps bring the cosine loss down."""

@@ -82,6 +82,12 @@ def restore(cfg: TrainConfig, out: Path, module, optimizer, fsdp: bool, plan: Ep
         if not (source / "state.pt").is_file():
             source = latest_checkpoint(source) or source
         state = load_checkpoint(source)
+        if ("features" in state) != (module.features is not None):  # AdamW's state covers other parameters
+            had = "with" if "features" in state else "without"
+            raise KdError(
+                f"--init-from {cfg.init_from}: the checkpoint was trained {had} --feature-loss, this run "
+                f"{'is not' if had == 'with' else 'is'}; give both runs the same --feature-loss and --feature-map"
+            )
         load_full_state(module, module.student, optimizer, state, fsdp)
         load_feature_state(module, state, source)
         set_rng_state(rng_for_rank(state, env))
@@ -171,11 +177,9 @@ def feature_state(module) -> dict[str, torch.Tensor]:
 
 
 def load_feature_state(module, state: dict[str, Any], checkpoint: Path) -> None:
-    """Restore the projections; a checkpoint without them starts them fresh only under --init-from."""
+    """Restore the --feature-loss projections (a run with them only meets checkpoints with them: the
+    config fingerprint, and --init-from's check, see to that)."""
     if module.features is None:
-        return
-    if "features" not in state:
-        log(f"{checkpoint} holds no feature projections: they start from their initialisation")
         return
     try:
         module.features.load_state_dict(state["features"])
