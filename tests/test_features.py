@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from kd.cache.reader import CacheReader
 from kd.losses.features import feature_loss_sum
 from kd.pipeline.training.features import default_feature_map
-from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, start_kd
+from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
 from tests.test_cache_logits import cache_files, kill_mid_run, make_corpus
 
 # ----------------------------------------------------------------------------- the losses
@@ -302,6 +302,27 @@ def test_kill_and_resume_with_features_ends_where_an_uninterrupted_run_does(tmp_
     assert [m["step"] for m in metrics(out)] == list(range(1, 17))
     for key in ("loss", "feature"):
         assert [m[key] for m in metrics(out)] == pytest.approx([m[key] for m in metrics(reference)], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_with_features(tmp_path, caches, student2_config):
+    """torchrun, 2 gloo processes x 2 sequences == 1 process x 4: the projections are synchronised like the student."""
+    common = [
+        "train", "--from-cache", str(caches["int8"]), "--student", str(student2_config), "--feature-loss", "cosine",
+        "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1",
+    ]  # fmt: skip
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    assert run_kd_in_process(*common, "--out", str(single), "--batch-size", "4").returncode == 0
+    proc = run_torchrun(*common, "--out", str(double), "--batch-size", "2", port="29537")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in ("loss", "feature"):
+        assert [m[key] for m in metrics(double)] == pytest.approx([m[key] for m in metrics(single)], rel=1e-6)
+    want, got = load_file(str(single / "model.safetensors")), load_file(str(double / "model.safetensors"))
+    for key in want:  # up to the order of the gloo reduction (as tests/test_train.py's DDP test)
+        torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-5)
+    want, got = checkpoint_state(single)["features"], checkpoint_state(double)["features"]
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
