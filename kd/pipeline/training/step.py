@@ -31,7 +31,8 @@ class DistillStep(torch.nn.Module):
 
     forward(batch) -> LossParts with SUMS over the batch's targets. The teacher (online KD) is held
     outside the module's parameters: it is frozen, in eval mode and run under no_grad; so is a
-    hidden-state cache's teacher head (`cached_head`), attached to each batch's hidden rows.
+    hidden-state cache's teacher head (`cached_head`), attached to each batch's hidden rows. The
+    --feature-loss projections (`features`) are a submodule: DDP synchronises them and AdamW trains them.
     """
 
     def __init__(
