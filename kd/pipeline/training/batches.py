@@ -95,7 +95,7 @@ def collate(seqs: list[TrainSequence], pad_id: int = 0) -> Batch:
     token_weights = None
     if any(s.token_weights is not None for s in seqs):
         token_weights = torch.from_numpy(np.concatenate(weights))
-    return Batch(
+    batch = Batch(
         input_ids,
         attention,
         torch.from_numpy(np.concatenate(rows)),
@@ -103,16 +103,9 @@ def collate(seqs: list[TrainSequence], pad_id: int = 0) -> Batch:
         torch.from_numpy(np.concatenate(labels)),
         _collate_teacher([s.teacher for s in seqs]),
         token_weights,
-        teacher_features=_collate_features([s.teacher for s in seqs]),
     )
-
-
-def _collate_features(teachers: list) -> torch.Tensor | None:
-    """[M, N, d]: each cached intermediate layer's rows, sequences concatenated (hidden caches with layers)."""
-    if not teachers or not isinstance(teachers[0], HiddenTargets) or not teachers[0].layers:
-        return None
-    layers = sorted(teachers[0].layers)
-    return torch.from_numpy(np.stack([np.concatenate([t.layers[i] for t in teachers]) for i in layers]))
+    batch.teacher_features = _collate_features([s.teacher for s in seqs])  # --hidden-layers caches only
+    return batch
 
 
 def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | DenseTeacher | None:
@@ -147,3 +140,11 @@ def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | DenseTe
     return SampledTeacher(
         teacher_ids=torch.from_numpy(ids), teacher_counts=torch.from_numpy(counts), num_samples=num_samples
     )
+
+
+def _collate_features(teachers: list) -> torch.Tensor | None:
+    """[M, N, d]: each cached intermediate layer's rows, sequences concatenated (hidden caches with layers)."""
+    if not teachers or not isinstance(teachers[0], HiddenTargets) or not teachers[0].layers:
+        return None
+    layers = sorted(teachers[0].layers)
+    return torch.from_numpy(np.stack([np.concatenate([t.layers[i] for t in teachers]) for i in layers]))

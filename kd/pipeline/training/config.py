@@ -12,7 +12,6 @@ from typing import Any
 
 from kd.errors import KdError
 from kd.losses import LossConfig
-from kd.losses.features import FEATURE_LOSSES
 from kd.pipeline.models import check_dtype
 from kd.pipeline.tracking import REPORT_TARGETS
 from kd.pipeline.training.optim_settings import OptimizerSettings
@@ -169,6 +168,8 @@ class TrainConfig(OptimizerSettings):
             raise KdError(f"--report-to {self.report_to}: expected one of {', '.join(REPORT_TARGETS)}")
 
     def _check_features(self) -> None:
+        from kd.losses.features import FEATURE_LOSSES
+
         if self.feature_loss is None:
             if self.feature_map is not None or self.feature_weight != 1.0:
                 raise KdError("--feature-map and --feature-weight need --feature-loss mse|cosine")
