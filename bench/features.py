@@ -67,8 +67,11 @@ def main() -> None:
         common += ["--max-steps", str(args.max_steps)]
     features = ["--feature-loss", args.feature_loss, "--feature-weight", str(args.feature_weight)]
     features += ["--feature-map", args.feature_map] if args.feature_map else []
+    label = f"hidden+{args.feature_loss}-w{args.feature_weight:g}" + (
+        f"-map{args.feature_map}" if args.feature_map else ""
+    )
     students, seconds = {}, {}
-    for row, extra in (("hidden", []), ("hidden+features", features)):
+    for row, extra in (("hidden", []), (label, features)):
         out = work / f"seed{args.seed}" / f"student-{row}"
         seconds[row] = run_step(["train", *common, *extra, "--out", str(out)], out / "kd_training.json")
         students[row] = str(out)
@@ -79,13 +82,14 @@ def main() -> None:
         row: {key: scores.rows[i].get(key) for key in ("ce", "kl", "top1_agreement")} | {"train_seconds": seconds[row]}
         for i, row in enumerate(students)
     }
-    results["hidden+features"]["vs_hidden"] = {
+    results[label]["vs_hidden"] = {
         k: {f: v[f] for f in ("difference", "difference_ci", "verdict")} for k, v in vs.items()
     }
-    write_results("features-smoke" if args.smoke else "features", {"settings": vars(args), "rows": results})
-    print(f"{'row':16} {'CE':>7} {'KL':>7} {'top1':>6} {'train s':>8}")
+    name = "features-smoke" if args.smoke else "features" if label == "hidden+cosine-w1" else f"features-{label[7:]}"
+    write_results(name, {"settings": vars(args), "rows": results})
+    print(f"{'row':24} {'CE':>7} {'KL':>7} {'top1':>6} {'train s':>8}")
     for row, e in results.items():
-        print(f"{row:16} {e['ce']:7.3f} {e['kl']:7.3f} {e['top1_agreement']:6.3f} {e['train_seconds']:8.1f}")
+        print(f"{row:24} {e['ce']:7.3f} {e['kl']:7.3f} {e['top1_agreement']:6.3f} {e['train_seconds']:8.1f}")
     for metric, v in vs.items():
         lo, hi = v["difference_ci"]
         print(f"features − plain, {metric}: {v['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({v['verdict']})")

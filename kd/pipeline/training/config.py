@@ -48,7 +48,9 @@ class TrainConfig(OptimizerSettings):
     feature_loss: str | None = None
     """Feature distillation from a hidden cache made with --hidden-layers: mse or cosine between the student's
     hidden states at mapped layers, through a learned linear projection per pair (trained, checkpointed, not
-    exported), and the teacher's cached ones. Added to the logit loss; --alpha 1 keeps CE + features only."""
+    exported), and the teacher's cached ones. Added to the logit loss; --alpha 1 keeps CE + features only.
+    mse sees the raw states, large in deep layers (SmolLM2's layer 29: mean square ~1100; scale --feature-weight
+    down); cosine is scale-free."""
     feature_weight: float = 1.0
     """W: the loss gains W x (per-token feature loss, averaged over the mapped pairs)."""
     feature_map: str | None = None
