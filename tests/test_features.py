@@ -272,6 +272,23 @@ def test_feature_loss_alone_beside_ce_goes_down(tmp_path, caches, student2_confi
     assert logged[-1]["feature"] < 0.8 * logged[0]["feature"]
 
 
+def test_feature_loss_follows_the_global_normalisation(tmp_path, caches, student2_config):
+    """4 sequences x 1 step == 2 sequences x 2 accumulation steps: the feature sum is divided once, by the
+    step's global target count, like the logit loss (micro-batches of unequal target counts)."""
+    common = [
+        "train", "--from-cache", str(caches["int8"]), "--student", str(student2_config), "--feature-loss", "mse",
+        "--feature-weight", "0.1", "--max-steps", "2", "--learning-rate", "1e-3", "--seed", "3", "--log-every", "1",
+    ]  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_kd_in_process(*common, "--out", str(a), "--batch-size", "4").returncode == 0
+    assert run_kd_in_process(*common, "--out", str(b), "--batch-size", "2", "--accumulation-steps", "2").returncode == 0
+    assert [m["feature"] for m in metrics(b)] == pytest.approx([m["feature"] for m in metrics(a)], rel=1e-5)
+    want, got = checkpoint_state(a), checkpoint_state(b)
+    for part in ("model", "features"):
+        for key in want[part]:
+            torch.testing.assert_close(got[part][key], want[part][key], atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_kill_and_resume_with_features_ends_where_an_uninterrupted_run_does(tmp_path, caches, student2_config):
     common = [
