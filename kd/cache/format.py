@@ -54,6 +54,21 @@ column                    type                                    meaning
                                                                   (row = codes x scale)
 ========================  ======================================  ====================================
 
+With ``--hidden-layers 8,15`` a hidden shard also holds the teacher's hidden states at those intermediate
+layers (for feature distillation), one column per layer, encoded as ``teacher_hidden``:
+
+=============================  =================================  =========================================
+column                         type                               meaning
+=============================  =================================  =========================================
+``teacher_layer_<i>``          as ``teacher_hidden``              the output of decoder layer i (0-based:
+                                                                  the residual stream after block i, before
+                                                                  any final norm) at the same positions
+``teacher_layer_<i>_scale``    list<float32>                      int8: each row's scale
+=============================  =================================  =========================================
+
+The manifest's ``settings.hidden_layers`` lists them (absent: none) and ``settings.teacher_layers`` the
+teacher's depth.
+
 and, once per cache, the teacher's LM head (weight, bias) in ``teacher_head.safetensors`` beside the
 shards, its sha256 and the post-head logit transform (``{"scale": s, "softcap": c}``, the fields of
 kd.pipeline.heads.LogitTransform) in the manifest (kd/cache/teacher_head.py). Stage two recomputes
@@ -167,10 +182,12 @@ def schema(
     hidden_size: int = 0,
     hidden_encoding: str = "bf16",
     tempered: int = 0,
+    hidden_layers: tuple[int, ...] = (),
 ) -> pa.Schema:
     """The Arrow schema of a shard for these settings (the id coding travels as schema metadata).
 
     `tempered`: how many temperatures T != 1 get a tempered-tail column entry (top-k mode).
+    `hidden_layers`: intermediate teacher layers stored beside the final hidden state (hidden mode).
     """
     ids = id_type(vocab_size)
     fields = [
@@ -179,7 +196,7 @@ def schema(
         pa.field("loss_mask", pa.list_(pa.bool_())),
     ]
     if mode == "hidden":
-        return pa.schema(fields + hidden_fields(hidden_size, hidden_encoding))
+        return pa.schema(fields + hidden_fields(hidden_size, hidden_encoding, hidden_layers))
     if mode == "topk":
         value = {"q64": pa.uint16(), "sqrt8": pa.uint8(), "float32": pa.float32()}[value_encoding]
         tail = pa.float32() if value_encoding == "float32" else pa.uint16()
@@ -503,20 +520,31 @@ _HIDDEN_TYPES = {"bf16": pa.uint16(), "int8": pa.int8(), "float32": pa.float32()
 
 @dataclass
 class HiddenTargets:
-    """Hidden-state teacher data for the targets of one sequence: hidden[T, d] float32 (decoded)."""
+    """Hidden-state teacher data for the targets of one sequence: hidden[T, d] float32 (decoded).
+
+    layers: {i: [T, d] float32}, the outputs of intermediate decoder layers i at the same positions
+    (caches made with --hidden-layers; None otherwise)."""
 
     hidden: np.ndarray
+    layers: dict[int, np.ndarray] | None = None
 
 
-def hidden_fields(hidden_size: int, encoding: str) -> list[pa.Field]:
-    """The teacher columns of a hidden-state shard."""
+def layer_column(layer: int) -> str:
+    """The column holding intermediate layer `layer`'s states (its int8 scales: + ``_scale``)."""
+    return f"teacher_layer_{layer}"
+
+
+def hidden_fields(hidden_size: int, encoding: str, layers: tuple[int, ...] = ()) -> list[pa.Field]:
+    """The teacher columns of a hidden-state shard (final state, then each intermediate layer's)."""
     if encoding not in HIDDEN_ENCODINGS:
         raise ValueError(f"hidden encoding {encoding!r}: expected one of {HIDDEN_ENCODINGS}")
     if hidden_size < 1:
         raise ValueError(f"hidden size must be >= 1, got {hidden_size}")
-    fields = [pa.field("teacher_hidden", pa.list_(pa.list_(_HIDDEN_TYPES[encoding], hidden_size)))]
-    if encoding == "int8":
-        fields.append(pa.field("teacher_hidden_scale", pa.list_(pa.float32())))
+    fields = []
+    for name in ("teacher_hidden", *(layer_column(i) for i in layers)):
+        fields.append(pa.field(name, pa.list_(pa.list_(_HIDDEN_TYPES[encoding], hidden_size))))
+        if encoding == "int8":
+            fields.append(pa.field(f"{name}_scale", pa.list_(pa.float32())))
     return fields
 
 
@@ -565,16 +593,33 @@ def decode_hidden(stored: np.ndarray, encoding: str, scale: np.ndarray | None = 
 
 
 def hidden_columns(schema_: pa.Schema, targets: list[HiddenTargets]) -> list[pa.Array]:
-    """The teacher_hidden (and teacher_hidden_scale) columns of one record batch."""
+    """The teacher_hidden (and teacher_hidden_scale) columns of one record batch, then each stored layer's."""
     row_type = schema_.field("teacher_hidden").type.value_type
     d = row_type.list_size
     encoding = hidden_encoding_of(row_type.value_type)
     offsets = np.zeros(len(targets) + 1, dtype=np.int32)
     np.cumsum([len(t.hidden) for t in targets], out=offsets[1:])
-    rows = np.concatenate([np.asarray(t.hidden, dtype=np.float32).reshape(-1, d) for t in targets])
-    stored, scale = encode_hidden(rows, encoding)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), type=row_type.value_type), d)
-    columns = [pa.ListArray.from_arrays(pa.array(offsets), inner)]
-    if scale is not None:
-        columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(scale, type=pa.float32())))
+
+    def encoded(per_sequence: list[np.ndarray]) -> list[pa.Array]:
+        rows = np.concatenate([np.asarray(h, dtype=np.float32).reshape(-1, d) for h in per_sequence])
+        stored, scale = encode_hidden(rows, encoding)
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), type=row_type.value_type), d)
+        columns = [pa.ListArray.from_arrays(pa.array(offsets), inner)]
+        if scale is not None:
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(scale, type=pa.float32())))
+        return columns
+
+    columns = encoded([t.hidden for t in targets])
+    for layer in stored_layers(schema_):
+        if any(t.layers is None or layer not in t.layers for t in targets):
+            raise ValueError(f"the schema stores layer {layer}; the teacher gave no states for it")
+        columns += encoded([t.layers[layer] for t in targets])
     return columns
+
+
+def stored_layers(schema_: pa.Schema) -> tuple[int, ...]:
+    """The intermediate layers a hidden shard's schema holds, in column order."""
+    prefix = layer_column(0)[:-1]
+    return tuple(
+        int(name[len(prefix) :]) for name in schema_.names if name.startswith(prefix) and not name.endswith("_scale")
+    )

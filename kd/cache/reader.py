@@ -28,7 +28,9 @@ from kd.cache.format import (
     decode_tail,
     decode_topk_values,
     hidden_encoding_of,
+    layer_column,
     probability_order,
+    stored_layers,
 )
 from kd.cache.manifest import read_manifest
 from kd.cache.writer import sha256_file
@@ -152,6 +154,11 @@ class CacheReader:
                 f"cache is exact only at the temperatures it recorded; re-create it with "
                 f"`kd cache-logits --temperatures {held},{temperature:g}` or train at one of {held}"
             )
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Intermediate teacher layers a hidden cache holds (``kd cache-logits --hidden-layers``); () if none."""
+        return tuple(int(i) for i in self.settings.get("hidden_layers") or ())
 
     @property
     def shards(self) -> list[dict[str, Any]]:
@@ -303,17 +310,12 @@ def decode_table(
         for i in range(len(rows)):
             yield CachedSequence(int(rows[i]), input_ids[i], masks[i], None, weights[i])
     elif mode == "hidden":
-        h_off, h_val = _list_parts(table.column("teacher_hidden"))
-        d = h_val.type.list_size
-        encoding = hidden_encoding_of(h_val.type.value_type)
-        stored = h_val.flatten().to_numpy().reshape(-1, d)
-        scale = None
-        if "teacher_hidden_scale" in table.schema.names:
-            scale = _list_parts(table.column("teacher_hidden_scale"))[1].to_numpy()
-        hidden = decode_hidden(stored, encoding, scale)
+        h_off, hidden = _hidden_rows(table, "teacher_hidden")
+        layers = {layer: _hidden_rows(table, layer_column(layer))[1] for layer in stored_layers(table.schema)}
         for i in range(len(rows)):
             a, b = h_off[i], h_off[i + 1]
-            yield CachedSequence(int(rows[i]), input_ids[i], masks[i], HiddenTargets(hidden[a:b]))
+            teacher = HiddenTargets(hidden[a:b], {j: v[a:b] for j, v in layers.items()} if layers else None)
+            yield CachedSequence(int(rows[i]), input_ids[i], masks[i], teacher)
     elif mode == "topk":
         t_off, t_val = _list_parts(table.column("teacher_ids"))
         k = t_val.type.list_size
@@ -385,3 +387,14 @@ def decode_table(
             ids = [flat_ids[inner_off[j] : inner_off[j + 1]] for j in range(lo, hi)]
             counts = [flat_counts[count_off[j] : count_off[j + 1]] for j in range(lo, hi)]
             yield CachedSequence(int(rows[i]), input_ids[i], masks[i], SampledTargets(ids, counts))
+
+
+def _hidden_rows(table: pa.Table | pa.RecordBatch, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A hidden column (the final state's or a layer's) decoded: (per-sequence offsets, rows[N, d] float32)."""
+    offsets, values = _list_parts(table.column(column))
+    d = values.type.list_size
+    stored = values.flatten().to_numpy().reshape(-1, d)
+    scale = None
+    if f"{column}_scale" in table.schema.names:
+        scale = _list_parts(table.column(f"{column}_scale"))[1].to_numpy()
+    return offsets, decode_hidden(stored, hidden_encoding_of(values.type.value_type), scale)

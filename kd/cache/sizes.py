@@ -22,7 +22,9 @@ GROUPS = {
     "tempered tails": ("teacher_tempered_tail",),
     "tokens": ("row", "input_ids", "loss_mask", "token_weights"),
     "hidden": ("teacher_hidden", "teacher_hidden_scale"),
+    "hidden layers": (),  # every teacher_layer_<i> column (--hidden-layers), matched by prefix
 }
+LAYER_PREFIX = "teacher_layer_"
 
 
 def _ipc_size(batches: list[pa.RecordBatch], schema: pa.Schema) -> int:
@@ -43,7 +45,9 @@ def bytes_breakdown(reader: CacheReader, sample_shards: int | None = 4) -> dict[
         table = reader.read_table(shard, verify=False)
         sizes = {}
         for group, names in GROUPS.items():
-            present = [n for n in names if n in table.schema.names]
+            present = [
+                n for n in table.schema.names if n in names or (group == "hidden layers" and n.startswith(LAYER_PREFIX))
+            ]
             if not present:
                 sizes[group] = 0
                 continue

@@ -156,3 +156,5 @@ class LossParts:
     """Σ w·D at the configured temperature, without the T² factor (detached; 0 without a teacher)."""
     num_tokens: int
     weight_sum: float
+    feature: torch.Tensor | float = 0.0
+    """W·Σ feature loss (detached), when the trainer adds feature distillation (kd.losses.features); else 0."""

@@ -39,6 +39,7 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
         "temperatures": list(reader.temperatures) if settings["mode"] == "topk" else None,
         "hidden_encoding": settings.get("hidden_encoding"),
         "hidden_size": settings.get("hidden_size"),
+        "hidden_layers": settings.get("hidden_layers"),  # --hidden-layers (feature distillation); None: none
         "teacher_head": reader.manifest.get("teacher_head"),
         "corpus": settings["corpus"],
         "world_size": settings["world_size"],
@@ -78,7 +79,9 @@ def _mode_line(report: dict[str, Any]) -> str:
     if report["mode"] == "topk":
         return f"topk k={report['k']}"
     if report["mode"] == "hidden":
-        return f"hidden d={report['hidden_size']} ({report['hidden_encoding']}; exact full-vocabulary teacher)"
+        layers = report.get("hidden_layers")
+        extra = f"; layers {','.join(map(str, layers))} for --feature-loss" if layers else ""
+        return f"hidden d={report['hidden_size']} ({report['hidden_encoding']}; exact full-vocabulary teacher{extra})"
     return f"rs samples={report['num_samples']}"
 
 

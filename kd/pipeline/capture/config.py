@@ -39,6 +39,10 @@ class CacheConfig:
     hidden_encoding: str = "bf16"
     """With --store hidden: bf16 (relative error <= 2^-8 per number), int8 (per-row scale max|h|/127;
     half the bytes) or float32 (exact)."""
+    hidden_layers: str | None = None
+    """With --store hidden: also store the teacher's states at these intermediate layers, e.g. 8,15 (the
+    output of decoder layer i, 0-based, before any final norm), same encoding, for `kd train --feature-loss`.
+    Each layer costs as much as the final state. Transformers engine only."""
     sampling: str | None = None
     """``rs`` for random-sampling KD instead of top-k."""
     samples: int = 64
@@ -116,6 +120,8 @@ class CacheConfig:
             raise KdError(
                 f"--hidden-encoding {self.hidden_encoding}: expected one of {', '.join(fmt.HIDDEN_ENCODINGS)}"
             )
+        if self.hidden_layers is not None:
+            self._check_hidden_layers()
         if self.sampling not in (None, "rs"):
             raise KdError(f"--sampling {self.sampling}: the only sampling mode is 'rs'")
         if self.top_k < 1:
@@ -169,6 +175,18 @@ class CacheConfig:
         check_dtype(self.dtype)
         check_device(self.device)
 
+    def _check_hidden_layers(self) -> None:
+        if self.store != "hidden":
+            raise KdError("--hidden-layers needs --store hidden (the layers are stored beside the final hidden state)")
+        if self.engine == "vllm":
+            raise KdError("--hidden-layers needs --engine transformers (vLLM returns only the final hidden state)")
+        self.hidden_layers = ",".join(map(str, parse_layer_list(self.hidden_layers, "--hidden-layers")))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The intermediate layers to store (--hidden-layers), sorted; () if none."""
+        return parse_layer_list(self.hidden_layers, "--hidden-layers") if self.hidden_layers else ()
+
     @property
     def mode(self) -> str:
         if self.store == "hidden":
@@ -179,3 +197,14 @@ class CacheConfig:
     def tempered(self) -> tuple[float, ...]:
         """The requested temperatures other than 1 (a tempered tail each), sorted."""
         return tuple(t for t in fmt.parse_temperatures(self.temperatures) if t != 1.0)
+
+
+def parse_layer_list(text: str, flag: str) -> tuple[int, ...]:
+    """'15,8' -> (8, 15): sorted, unique, each >= 0 (the teacher's depth is checked once it is known)."""
+    try:
+        layers = {int(part) for part in str(text).split(",")}
+    except ValueError:
+        raise KdError(f"{flag} {text}: expected comma-separated layer indices such as 8,15") from None
+    if not layers or min(layers) < 0:
+        raise KdError(f"{flag} {text}: layer indices are >= 0 (0 is the first decoder layer)")
+    return tuple(sorted(layers))

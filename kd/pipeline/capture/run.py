@@ -58,6 +58,7 @@ def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
     tokenizer = load_tokenizer(source)
     vocab_size = _teacher_vocab_size(source)
     hidden_size = _teacher_hidden_size(source) if cfg.mode == "hidden" else 0
+    teacher_layers = _teacher_depth(source, cfg.layers) if cfg.layers else 0
     if cfg.mode == "topk" and cfg.top_k > vocab_size:
         raise KdError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary size ({vocab_size})")
     tokenizer_id = tokenizer_fingerprint(tokenizer)  # before the reader thread owns the tokenizer
@@ -85,7 +86,7 @@ def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
         if cfg.engine == "vllm":
             cfg = _resolve_vllm_scoring(cfg, source)
         out = Path(cfg.out)
-        settings = _settings(cfg, source, tokenizer_id, vocab_size, hidden_size)
+        settings = _settings(cfg, source, tokenizer_id, vocab_size, hidden_size, teacher_layers)
         held.append(claim_rank(out, cfg.rank))  # a second writer of this rank is refused, not interleaved
         manifest = open_or_create(out, _adopt_fingerprint(out, settings))
         done = {s["index"]: s for s in manifest["shards"] if s["rank"] == cfg.rank}
@@ -103,6 +104,7 @@ def _run(cfg: CacheConfig, held: list[IO[Any]]) -> dict[str, Any]:
             hidden_size=hidden_size,
             hidden_encoding=cfg.hidden_encoding,
             tempered=len(cfg.tempered),
+            hidden_layers=cfg.layers,
         )
         writer = BackgroundShardWriter(out, schema)
         capture = _Capture(cfg, source, schema, vocab_size, done, writer, residency, meter)
@@ -308,7 +310,9 @@ class _Capture:
     def _engine(self):
         """The teacher, loaded when the first window needs it (a fully reused cache never loads it)."""
         if self.engine is None:
-            spec = TargetSpec(self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed, self.cfg.tempered)
+            spec = TargetSpec(
+                self.cfg.mode, self.cfg.top_k, self.cfg.samples, self.cfg.seed, self.cfg.tempered, self.cfg.layers
+            )
             self.engine = _make_engine(self.cfg, self.source, spec)
             if self.engine.vocab_size != self.vocab_size:
                 raise KdError(
@@ -338,10 +342,15 @@ def _store_teacher_head(engine, out: Path, schema) -> None:
     save_teacher_head(out, weight, bias, transform)
 
 
-def _settings(cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int, hidden_size: int = 0) -> dict[str, Any]:
+def _settings(
+    cfg: CacheConfig, source, tokenizer_id: str, vocab_size: int, hidden_size: int = 0, teacher_layers: int = 0
+) -> dict[str, Any]:
     hidden = {"hidden_encoding": cfg.hidden_encoding, "hidden_size": hidden_size} if cfg.mode == "hidden" else {}
+    # Only when asked for, as --temperatures: caches without intermediate layers keep their settings (and resume).
+    layers = {"hidden_layers": list(cfg.layers), "teacher_layers": teacher_layers} if cfg.layers else {}
     return {
         **hidden,
+        **layers,
         "format_version": fmt.FORMAT_VERSION,
         "teacher": {
             "name": source.display_name,
@@ -418,6 +427,22 @@ def _teacher_hidden_size(source) -> int:
     config = AutoConfig.from_pretrained(hf_dir_for(source))
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.hidden_size)
+
+
+def _teacher_depth(source, layers: tuple[int, ...]) -> int:
+    """The teacher's number of decoder layers, once --hidden-layers is checked against it."""
+    from transformers import AutoConfig
+
+    from kd.pipeline.models import hf_dir_for
+
+    config = AutoConfig.from_pretrained(hf_dir_for(source))
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    depth = int(text_config.num_hidden_layers)
+    if max(layers) >= depth:
+        raise KdError(
+            f"--hidden-layers {','.join(map(str, layers))}: the teacher has {depth} decoder layers (0..{depth - 1})"
+        )
+    return depth
 
 
 def _resolve_vllm_scoring(cfg: CacheConfig, source) -> CacheConfig:

@@ -21,13 +21,20 @@ from kd.cache.writer import sha256_file
 from kd.pipeline.heads import LogitTransform
 
 
-def hidden_targets(hidden: torch.Tensor, counts: list[int]) -> list[HiddenTargets]:
-    """Split hidden[N, d] (the states before each target, sequences concatenated) per sequence, as float32.
+def hidden_targets(
+    hidden: torch.Tensor, counts: list[int], layers: dict[int, torch.Tensor] | None = None
+) -> list[HiddenTargets]:
+    """Split hidden[N, d] (the states before each target, sequences concatenated) per sequence, as float32,
+    with the intermediate layers' rows {i: [N, d]} (--hidden-layers) split alike.
 
     float32 holds any bf16/fp16 state exactly; the cache's encoding rounds it (kd.cache.format)."""
     rows = hidden.detach().float().cpu().numpy()
+    layer_rows = {i: h.detach().float().cpu().numpy() for i, h in (layers or {}).items()}
     bounds = np.cumsum([0, *counts])
-    return [HiddenTargets(rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [
+        HiddenTargets(rows[a:b], {i: h[a:b] for i, h in layer_rows.items()} if layers else None)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
 def save_teacher_head(

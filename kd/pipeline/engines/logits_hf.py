@@ -6,12 +6,15 @@ go on to the head (kd.pipeline.engines.head), so on chat data most of the lm_hea
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
 from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.pipeline.engines.head import head_chunk_rows, score_hidden
 from kd.pipeline.engines.hidden import hidden_targets
+from kd.pipeline.engines.layer_outputs import decoder_layer_list, layer_outputs
 from kd.pipeline.engines.teacher import SequenceToScore, TargetSpec
 from kd.pipeline.heads import LogitTransform, split_body_and_head
 from kd.pipeline.models import ModelSource, load_causal_lm
@@ -49,6 +52,14 @@ class TransformersTeacher:
     @torch.inference_mode()
     def hidden_at_targets(self, batch: list[SequenceToScore]) -> tuple[torch.Tensor, list[int]]:
         """Run the decoder body on a right-padded batch; hidden states of the positions before each target."""
+        hidden, counts, _ = self.states_at_targets(batch)
+        return hidden, counts
+
+    @torch.inference_mode()
+    def states_at_targets(
+        self, batch: list[SequenceToScore]
+    ) -> tuple[torch.Tensor, list[int], dict[int, torch.Tensor]]:
+        """hidden_at_targets, plus {i: [N, d]} the outputs of spec.hidden_layers at the same positions."""
         length = max(len(s.input_ids) for s in batch)
         pad = 0
         input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
@@ -62,20 +73,26 @@ class TransformersTeacher:
             rows.append(np.full(len(positions), b))
             cols.append(positions - 1)  # logits at t-1 predict token t
             counts.append(len(positions))
-        out = self.body(input_ids=input_ids.to(self.input_device), attention_mask=attention.to(self.input_device))
+        layers = decoder_layer_list(self.body, "--hidden-layers") if self.spec.hidden_layers else None
+        with layer_outputs(layers, self.spec.hidden_layers) if layers is not None else nullcontext({}) as caught:
+            out = self.body(input_ids=input_ids.to(self.input_device), attention_mask=attention.to(self.input_device))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         index_rows = torch.from_numpy(np.concatenate(rows)).to(hidden.device)
         index_cols = torch.from_numpy(np.concatenate(cols)).to(hidden.device)
-        return hidden[index_rows, index_cols], counts
+        # device_map="auto" spreads layers over GPUs: each layer's rows are gathered where its output is.
+        layer_rows = {
+            i: h[index_rows.to(h.device), index_cols.to(h.device)].to(hidden.device) for i, h in caught.items()
+        }
+        return hidden[index_rows, index_cols], counts, layer_rows
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.transform.apply(self.head(hidden.to(self.head.weight.device)))
 
     @torch.inference_mode()
     def score(self, batch: list[SequenceToScore]) -> list[TopKTargets | SampledTargets]:
-        hidden, counts = self.hidden_at_targets(batch)
+        hidden, counts, layer_rows = self.states_at_targets(batch)
         if self.spec.mode == "hidden":  # --store hidden: the head's input is the cache's teacher data
-            return hidden_targets(hidden, counts)
+            return hidden_targets(hidden, counts, layer_rows if self.spec.hidden_layers else None)
         return score_hidden(self, hidden, counts, self.spec, self.chunk_rows, seed_row=batch[0].row)
 
     def head_for_cache(self) -> tuple[torch.Tensor, torch.Tensor | None, LogitTransform]:

@@ -33,6 +33,8 @@ class TargetSpec:
     """Base seed of the rs draws (each batch derives its own from its first row)."""
     temperatures: tuple[float, ...] = ()
     """Temperatures T != 1 whose tempered tail log-mass to record per target (topk mode, head scoring)."""
+    hidden_layers: tuple[int, ...] = ()
+    """Intermediate decoder layers whose outputs to record beside the final state (hidden mode)."""
 
 
 @dataclass

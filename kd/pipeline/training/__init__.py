@@ -11,7 +11,7 @@ named steps), `setup` (data, teacher, student, wrapping), `inputs` (corpora, tag
 target-token batches and teacher signals), `order` (the data order, a pure function of seed and
 epoch), `stream` (the streaming loader with its prefetch thread), `prepared` (tokenized corpora for
 --data), `students` (building students, LoRA), `checkpoint` (atomic checkpoint files and RNG state),
-`sharding` (DDP/FSDP2).
+`sharding` (DDP/FSDP2), `features` (feature distillation: layer map and projections).
 
 May import: kd.cache, kd.losses, the shared pipeline modules, engines (the online teacher) and
 evaluation's held-out scoring; never capture, traces or onpolicy.

@@ -46,6 +46,9 @@ class Batch:
     token_weights: torch.Tensor | None
     teacher_rows: torch.Tensor | None = None
     """bool[N]: targets that have a teacher row (cross-tokenizer); None means all of them."""
+    teacher_features: torch.Tensor | None = None
+    """[M, N, d] float32: a hidden cache's intermediate layers (--hidden-layers, ascending) at each target's
+    position, for the feature loss; None when the cache has none."""
 
     @property
     def num_targets(self) -> int:
@@ -66,6 +69,7 @@ class Batch:
             teacher,
             None if self.token_weights is None else self.token_weights.to(device),
             None if self.teacher_rows is None else self.teacher_rows.to(device),
+            None if self.teacher_features is None else self.teacher_features.to(device),
         )
 
 
@@ -91,7 +95,7 @@ def collate(seqs: list[TrainSequence], pad_id: int = 0) -> Batch:
     token_weights = None
     if any(s.token_weights is not None for s in seqs):
         token_weights = torch.from_numpy(np.concatenate(weights))
-    return Batch(
+    batch = Batch(
         input_ids,
         attention,
         torch.from_numpy(np.concatenate(rows)),
@@ -100,6 +104,8 @@ def collate(seqs: list[TrainSequence], pad_id: int = 0) -> Batch:
         _collate_teacher([s.teacher for s in seqs]),
         token_weights,
     )
+    batch.teacher_features = _collate_features([s.teacher for s in seqs])  # --hidden-layers caches only
+    return batch
 
 
 def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | DenseTeacher | None:
@@ -134,3 +140,11 @@ def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | DenseTe
     return SampledTeacher(
         teacher_ids=torch.from_numpy(ids), teacher_counts=torch.from_numpy(counts), num_samples=num_samples
     )
+
+
+def _collate_features(teachers: list) -> torch.Tensor | None:
+    """[M, N, d]: each cached intermediate layer's rows, sequences concatenated (hidden caches with layers)."""
+    if not teachers or not isinstance(teachers[0], HiddenTargets) or not teachers[0].layers:
+        return None
+    layers = sorted(teachers[0].layers)
+    return torch.from_numpy(np.stack([np.concatenate([t.layers[i] for t in teachers]) for i in layers]))

@@ -45,6 +45,17 @@ class TrainConfig(OptimizerSettings):
     """forward_kl, reverse_kl, jsd or tvd."""
     jsd_beta: float = 0.5
     """beta of the generalized JSD."""
+    feature_loss: str | None = None
+    """Feature distillation from a hidden cache made with --hidden-layers: mse or cosine between the student's
+    hidden states at mapped layers, through a learned linear projection per pair (trained, checkpointed, not
+    exported), and the teacher's cached ones. Added to the logit loss; --alpha 1 keeps CE + features only.
+    mse sees the raw states, large in deep layers (SmolLM2's layer 29: mean square ~1100; scale --feature-weight
+    down); cosine is scale-free."""
+    feature_weight: float = 1.0
+    """W: the loss gains W x (per-token feature loss, averaged over the mapped pairs)."""
+    feature_map: str | None = None
+    """Student layer S onto cached teacher layer T, e.g. 0:8,3:15 (0-based decoder layers) [default: each cached
+    teacher layer t onto the student layer at the same relative depth, round((t+1)*Ls/Lt)-1]."""
     epochs: float = 1.0
     """Passes over the data (ignored with --max-steps)."""
     max_steps: int | None = None
@@ -105,6 +116,7 @@ class TrainConfig(OptimizerSettings):
         self._check_counts()
         self._check_optimizer()
         self._check_numbers()
+        self._check_features()
         self._check_out()
 
     def _check_sources(self) -> None:
@@ -156,6 +168,24 @@ class TrainConfig(OptimizerSettings):
         check_dtype(self.save_dtype, "--save-dtype")
         if self.report_to not in REPORT_TARGETS:
             raise KdError(f"--report-to {self.report_to}: expected one of {', '.join(REPORT_TARGETS)}")
+
+    def _check_features(self) -> None:
+        from kd.losses.features import FEATURE_LOSSES
+
+        if self.feature_loss is None:
+            if self.feature_map is not None or self.feature_weight != 1.0:
+                raise KdError("--feature-map and --feature-weight need --feature-loss mse|cosine")
+            return
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise KdError(f"--feature-loss {self.feature_loss}: expected one of {', '.join(FEATURE_LOSSES)}")
+        if not (self.feature_weight > 0 and math.isfinite(self.feature_weight)):
+            raise KdError(f"--feature-weight must be a finite number > 0, got {self.feature_weight}")
+        if self.from_cache is None:
+            raise KdError("--feature-loss needs --from-cache of a hidden cache made with --hidden-layers")
+        if self.cross_tokenizer:
+            raise KdError("--feature-loss with --cross-tokenizer: the teacher's positions are not the student's")
+        if self.fsdp:
+            raise KdError("--feature-loss with --fsdp is not supported yet; use DDP (drop --fsdp)")
 
     def _check_out(self) -> None:
         """--out holds config.yaml, checkpoints and the student: it must not be (inside) a cache kd reads."""

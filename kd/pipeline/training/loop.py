@@ -174,6 +174,7 @@ def step_metrics(
         "loss": float(sums[0]) / counts.normaliser,
         "ce": float(sums[1]) / counts.normaliser,
         "divergence": float(sums[2]) / counts.normaliser,
+        **({"feature": float(sums[3]) / counts.normaliser} if float(sums[3]) else {}),  # --feature-loss: W·mean
         "lr": lr,
         "grad_norm": norm_value(grad_norm),
         "step_seconds": time.perf_counter() - clock.step_start,

@@ -82,7 +82,14 @@ def restore(cfg: TrainConfig, out: Path, module, optimizer, fsdp: bool, plan: Ep
         if not (source / "state.pt").is_file():
             source = latest_checkpoint(source) or source
         state = load_checkpoint(source)
+        if ("features" in state) != (module.features is not None):  # AdamW's state covers other parameters
+            had = "with" if "features" in state else "without"
+            raise KdError(
+                f"--init-from {cfg.init_from}: the checkpoint was trained {had} --feature-loss, this run "
+                f"{'is not' if had == 'with' else 'is'}; give both runs the same --feature-loss and --feature-map"
+            )
         load_full_state(module, module.student, optimizer, state, fsdp)
+        load_feature_state(module, state, source)
         set_rng_state(rng_for_rank(state, env))
         base_step = int(state["step"])
     total_steps = base_step + run_steps
@@ -115,6 +122,7 @@ def resume_from(
             f"is {position.schedule_steps}; keep --max-steps as it was, or give --schedule-steps {int(saved_schedule)}"
         )
     load_full_state(module, module.student, optimizer, state, fsdp)
+    load_feature_state(module, state, checkpoint)
     set_rng_state(rng_for_rank(state, env))
     log(f"resumed from {checkpoint} (step {int(state['step'])})")
     return int(state["step"])
@@ -143,6 +151,8 @@ def save(
                 "step": step,
                 "model": model_state,
                 "optimizer": optimizer_state,
+                # --feature-loss projections (AdamW's state of them is in "optimizer"); absent without it.
+                **({"features": feature_state(module)} if module.features is not None else {}),
                 "rng": rng_states[0],
                 "rng_per_rank": rng_states,
                 "config_fingerprint": config_fingerprint(cfg),
@@ -159,3 +169,19 @@ def save(
     if env.world_size > 1:
         torch.distributed.barrier()
     return model_state
+
+
+def feature_state(module) -> dict[str, torch.Tensor]:
+    """The --feature-loss projections' weights as fp32 CPU tensors (they are replicated, never sharded)."""
+    return {k: v.detach().float().cpu() for k, v in module.features.state_dict().items()}
+
+
+def load_feature_state(module, state: dict[str, Any], checkpoint: Path) -> None:
+    """Restore the --feature-loss projections (a run with them only meets checkpoints with them: the
+    config fingerprint, and --init-from's check, see to that)."""
+    if module.features is None:
+        return
+    try:
+        module.features.load_state_dict(state["features"])
+    except RuntimeError as exc:
+        raise KdError(f"{checkpoint}: its feature projections do not fit this --feature-map ({exc})") from exc

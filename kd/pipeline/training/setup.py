@@ -19,6 +19,7 @@ from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, reso
 from kd.pipeline.training import crosstok
 from kd.pipeline.training.config import TrainConfig
 from kd.pipeline.training.distributed import DistEnv, autocast_dtype, init_distributed, resolve_device
+from kd.pipeline.training.features import FeatureProjections, build_feature_projections
 from kd.pipeline.training.hidden_teacher import CachedTeacherHead, load_cached_teacher_head
 from kd.pipeline.training.inputs import limited_units, open_data
 from kd.pipeline.training.optimizer import build_optimizer
@@ -50,6 +51,8 @@ class Run:
     """The teacher head of a hidden-state --from-cache (None for any other data)."""
     eval_head: CachedTeacherHead | None
     """The teacher head of a hidden-state --eval-cache."""
+    features: FeatureProjections | None
+    """--feature-loss: the projections student layer -> cached teacher layer (None without it)."""
     teacher_model: torch.nn.Module | None
     teacher_device: torch.device | None
     trainable: int
@@ -103,6 +106,10 @@ def set_up(cfg: TrainConfig) -> Run:
 
     if cfg.lora:
         student = apply_lora(student, cfg.lora)
+    # After the student: its random init draws what it draws without --feature-loss too.
+    features = build_feature_projections(cfg, reader, unwrap_causal_lm(student))
+    if features is not None:
+        features.to(device)
     student.train()
     trainable, total_params = count_parameters(student)
     return Run(
@@ -121,6 +128,7 @@ def set_up(cfg: TrainConfig) -> Run:
         eval_reader=eval_reader,
         cached_head=cached_head,
         eval_head=eval_head,
+        features=features,
         teacher_model=teacher_model,
         teacher_device=teacher_device,
         trainable=trainable,
@@ -194,7 +202,9 @@ def open_eval_set(cfg: TrainConfig, out: Path, tokenizer, fingerprint: str, env:
 def build_learner(run: Run) -> Learner:
     """The loss module over the student, replicated (DDP) or sharded (FSDP2) under torchrun, and AdamW."""
     cfg, env, device = run.cfg, run.env, run.device
-    module = DistillStep(run.student, cfg.loss_config(), run.teacher_model, run.teacher_device, run.cached_head)
+    module = DistillStep(
+        run.student, cfg.loss_config(), run.teacher_model, run.teacher_device, run.cached_head, run.features
+    )
     wrapped: torch.nn.Module = module
     fsdp = cfg.fsdp and env.world_size > 1
     if fsdp:

@@ -21,6 +21,7 @@ from kd.pipeline.heads import split_body_and_head
 from kd.pipeline.training import crosstok
 from kd.pipeline.training.batches import Batch
 from kd.pipeline.training.distributed import DistEnv, sum_over_ranks
+from kd.pipeline.training.features import FeatureProjections
 from kd.pipeline.training.hidden_teacher import CachedTeacherHead
 from kd.pipeline.training.stream import StepData
 
@@ -30,7 +31,8 @@ class DistillStep(torch.nn.Module):
 
     forward(batch) -> LossParts with SUMS over the batch's targets. The teacher (online KD) is held
     outside the module's parameters: it is frozen, in eval mode and run under no_grad; so is a
-    hidden-state cache's teacher head (`cached_head`), attached to each batch's hidden rows.
+    hidden-state cache's teacher head (`cached_head`), attached to each batch's hidden rows. The
+    --feature-loss projections (`features`) are a submodule: DDP synchronises them and AdamW trains them.
     """
 
     def __init__(
@@ -40,9 +42,11 @@ class DistillStep(torch.nn.Module):
         teacher=None,
         teacher_device: torch.device | None = None,
         cached_head: CachedTeacherHead | None = None,
+        features: FeatureProjections | None = None,
     ) -> None:
         super().__init__()
         self.student = student
+        self.features = features  # --feature-loss projections: trained and checkpointed with the student, not exported
         self.loss_config = loss_config
         self._teacher = [teacher] if teacher is not None else []  # a list hides it from Module/DDP
         self._cached_head = [cached_head] if cached_head is not None else []  # a hidden cache's head, frozen
@@ -53,7 +57,8 @@ class DistillStep(torch.nn.Module):
     def forward(self, batch: Batch):
         lm = unwrap_causal_lm(self.student)
         body, head, transform = split_body_and_head(lm)
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        with self.features.catch(body) if self.features is not None else contextlib.nullcontext({}) as states:
+            hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = hidden[batch.hidden_rows, batch.hidden_cols]
         teacher_signal = batch.teacher
         if self._cached_head:
@@ -89,6 +94,11 @@ class DistillStep(torch.nn.Module):
         )
         if self.loss_config.alpha == 1.0 and teacher_signal is not None:
             parts = self._with_logged_divergence(parts, hidden, head, transform, batch, teacher_signal)
+        if self.features is not None:
+            feature = self.features.loss_sum(
+                states, batch.hidden_rows, batch.hidden_cols, batch.teacher_features, batch.token_weights
+            )
+            parts = dataclasses.replace(parts, total=parts.total + feature, feature=feature.detach())
         return parts
 
     def _with_logged_divergence(self, parts, hidden, head, transform, batch: Batch, teacher_signal):
@@ -137,9 +147,9 @@ def forward_backward(
 ) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; gradients are left accumulated.
 
-    Returns the global sums [Σ total, Σ w·CE, Σ w·D] over the step, for logging.
+    Returns the global sums [Σ total, Σ w·CE, Σ w·D, Σ W·feature] over the step, for logging.
     """
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(4, dtype=torch.float64)
     last = len(data.micro_batches) - 1
     for micro, batch in enumerate(data.micro_batches):
         batch = batch.to(device)
@@ -157,6 +167,7 @@ def forward_backward(
             # by world_size to turn that average back into a sum.
             (parts.total * (env.world_size / counts.normaliser)).backward()
         sums += torch.tensor(
-            [float(parts.total.detach()), float(parts.ce), float(parts.divergence)], dtype=torch.float64
+            [float(parts.total.detach()), float(parts.ce), float(parts.divergence), float(parts.feature)],
+            dtype=torch.float64,
         )
     return sum_over_ranks(sums, env)
