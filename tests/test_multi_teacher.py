@@ -26,7 +26,7 @@ from kd.pipeline.training.multiteacher import CacheSet, TeacherCollator, check_s
 from kd.pipeline.training.order import EpochPlan, OrderSettings
 from kd.pipeline.training.stream import StepLoader
 from tests.conftest import build_tiny_model_dir
-from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, start_kd
+from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
 from tests.test_cache_logits import make_corpus
 from tests.test_train import assert_same_weights, metrics
 
@@ -212,3 +212,20 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, student_c
     assert [m["step"] for m in metrics(out) if "loss" in m] == list(range(1, 17))
     want = [m["loss"] for m in metrics(reference) if "loss" in m]
     assert [m["loss"] for m in metrics(out) if "loss" in m] == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, caches, student_config):
+    """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, both teachers in sum mode (DDP)."""
+    common = ["train", "--from-cache", str(caches["a"]), "--from-cache", str(caches["rs"]), "--student"]
+    common += [str(student_config), "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1"]
+    common += ["--teacher-weights", "0.6,0.4"]
+    single = tmp_path / "single"
+    assert run_kd_in_process(*common, "--out", str(single), "--batch-size", "4").returncode == 0
+    double = tmp_path / "ddp"
+    proc = run_torchrun(*common, "--out", str(double), "--batch-size", "2", port="29537")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = [m["loss"] for m in metrics(single) if "loss" in m]
+    assert len(want) == 3
+    assert [m["loss"] for m in metrics(double) if "loss" in m] == pytest.approx(want, rel=1e-6)
+    assert_same_weights(single, double, atol=2e-5)

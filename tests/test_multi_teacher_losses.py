@@ -189,3 +189,17 @@ def test_weights_are_normalised_and_must_be_positive():
     for bad in ([1.0, -1.0], [0.0, 1.0], [float("nan"), 1.0], [float("inf"), 1.0]):
         with pytest.raises(KdError, match="finite numbers > 0"):
             normalised_weights(bad)
+
+
+@pytest.mark.parametrize("mix", ["sum", "mixture"])
+def test_alpha_one_trains_on_ce_and_still_measures_the_divergence(mix):
+    hidden, weight, labels, logits = problem(5)
+    teachers = TeacherSet([topk(logits[0], 6), topk(logits[1], 4)], (0.5, 0.5), mix)
+    ce_only, ch, cw = loss_and_grads(hidden, weight, labels, None, LossConfig(alpha=1.0, chunk_size=4))
+    got, gh, gw = loss_and_grads(hidden, weight, labels, teachers, LossConfig(alpha=1.0, chunk_size=4))
+    kd_only, _, _ = loss_and_grads(hidden, weight, labels, teachers, LossConfig(alpha=0.0, chunk_size=4))
+    assert float(got.total.detach()) == pytest.approx(float(ce_only.total.detach()), rel=1e-12)
+    torch.testing.assert_close(gh, ch, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gw, cw, rtol=1e-12, atol=1e-14)
+    assert float(got.divergence) == pytest.approx(float(kd_only.divergence), rel=1e-12)
+    assert float(got.divergence) > 0

@@ -139,13 +139,22 @@ def teachers_loss_sum(
             token_weights=token_weights, student_logit_transform=student_logit_transform,
         )  # fmt: skip
 
+    alpha = config.alpha
+    if alpha == 1.0:
+        # CE alone is the loss; the divergences are measured anyway (no gradient), as for one teacher,
+        # so that the logged ones are real, not 0. Costs one more pass of the head per teacher.
+        with torch.no_grad():
+            measured, per_teacher = teachers_loss_sum(
+                student_hidden.detach(), student_head_weight.detach(),
+                None if student_head_bias is None else student_head_bias.detach(), labels, teachers,
+                dataclasses.replace(config, alpha=0.0), token_weights, student_logit_transform,
+            )  # fmt: skip
+        parts = one(teachers.teachers[0], config)
+        return dataclasses.replace(parts, divergence=measured.divergence), per_teacher
     if teachers.mix == "mixture":
         if not all(isinstance(t, SparseTeacher) for t in teachers.teachers):
             raise KdError("--teacher-mix mixture needs top-k caches; use --teacher-mix sum with RS caches")
         return one(mix_topk(teachers.teachers, teachers.weights), config), []  # type: ignore[arg-type]
-    alpha = config.alpha
-    if alpha == 1.0:  # no divergence in the loss: CE alone (as one teacher with --alpha 1)
-        return one(teachers.teachers[0], config), []
     # Teacher 0 carries the CE: c0·(a0·CE + (1−a0)·T²·D0) = α·CE + (1−α)·w0·T²·D0 with c0 = α + (1−α)·w0;
     # every other teacher adds (1−α)·w_j·T²·D_j through an α = 0 pass. One head pass per teacher.
     w0 = teachers.weights[0]
