@@ -2,13 +2,17 @@
 
 The caches must hold the same sequences: they were made by `kd cache-logits` over the same corpus
 (the corpus settings their manifests record: file fingerprint, format, limit, max length, overflow)
-with the student's tokenizer, and in the same layout (the same shards of the same record batches,
-which holds when they were written with the same --shard-tokens and number of ranks; each shard's
-rows_sha256 then proves that its rows, token ids and loss masks are the same). That check is one
-pass over the manifests, and it is what lets the loader read the caches side by side with no
-index: `CacheSet` stands in for the one cache reader of `StepLoader`, so the plan (a pure function
-of seed, epoch and the layout), resume and the memory bound are those of one cache; the loader
-holds each cache's copy of the record batches it holds today (J caches: J times the rows).
+with the student's tokenizer. Their layouts may differ (other --shard-tokens, another number of
+ranks): `CacheSet` stands in for the one cache reader of `StepLoader`, led by the first cache (the
+plan is a pure function of seed, epoch and its layout, so resume is exact as for one cache), and
+each other cache follows it by corpus row through a `RowIndex` (one column of every record batch,
+read once). Every decoded record is checked to carry the same token ids and loss mask in every cache.
+
+Memory: for each record batch of the first cache the loader holds, it holds the record batches of
+each other cache that contain its rows: with equal layouts the same one (J caches: J times one
+cache's rows); with other boundaries one or two more per cache (a batch straddling two of the
+first's is held for each); with another number of ranks (rank r takes rows r, r+W, ...), up to
+about W_other / W_first batches per batch of the first cache. `stats.max_held_rows` counts them all.
 
 `TeacherCollator` is the loader's collation hook (as crosstok.Aligner is for one cross-tokenizer
 cache): it collates each cache's teacher rows and hands the loss a `kd.losses.TeacherSet`.
@@ -23,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,16 +53,8 @@ def parse_teacher_weights(text: str | None, count: int) -> tuple[float, ...]:
     return tuple(w / total for w in weights)
 
 
-def _layout(reader: CacheReader) -> list[tuple[Any, ...]]:
-    """Each shard's place, rows and record batch sizes (and its rows' hash when the manifest has one)."""
-    return [
-        (s.get("rank"), s.get("index"), s["rows"], [b[0] for b in s.get("batches") or [[s["rows"]]]])
-        for s in reader.shards
-    ]
-
-
 def check_same_corpus(readers: list[CacheReader], names: list[str]) -> None:
-    """Refuse caches that do not hold the same sequences in the same layout (module docstring)."""
+    """Refuse caches of other corpora (the manifests' corpus settings) or of different tokenizers."""
     first, first_name = readers[0], names[0]
     for reader, name in zip(readers[1:], names[1:], strict=True):
         a, b = first.settings.get("corpus") or {}, reader.settings.get("corpus") or {}
@@ -74,44 +69,76 @@ def check_same_corpus(readers: list[CacheReader], names: list[str]) -> None:
                 f"--from-cache {first_name} and --from-cache {name} use different tokenizers; several "
                 "teachers need caches made with the student's tokenizer (with --cross-tokenizer: not supported yet)"
             )
-        hashes_differ = any(
-            x.get("rows_sha256") and y.get("rows_sha256") and x["rows_sha256"] != y["rows_sha256"]
-            for x, y in zip(first.shards, reader.shards, strict=False)
-        )
-        if _layout(first) != _layout(reader) or hashes_differ:
-            raise KdError(
-                f"--from-cache {first_name} and --from-cache {name} hold the corpus in different layouts "
-                f"(shard_tokens {first.settings.get('shard_tokens')} vs {reader.settings.get('shard_tokens')}, "
-                f"world_size {first.settings.get('world_size')} vs {reader.settings.get('world_size')}); "
-                "re-create one with the other's --shard-tokens and number of ranks"
-            )
+
+
+class RowIndex:
+    """Where each corpus row lies in one cache: (unit, position in it), from the caches' `row` column.
+
+    Built once per run from one column of every record batch (16 bytes per sequence); it lets a
+    cache of another layout (other --shard-tokens, other number of ranks) follow the first cache's.
+    """
+
+    def __init__(self, reader: CacheReader) -> None:
+        self.units = reader.units()
+        rows = reader.row_numbers(self.units)
+        flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        self.unit_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+        self.position = np.concatenate([np.arange(len(r)) for r in rows]) if rows else flat
+        self.order = np.argsort(flat, kind="stable")
+        self.sorted_rows = flat[self.order]
+
+    def missing(self, rows: np.ndarray) -> np.ndarray:
+        """The rows this cache does not hold."""
+        at = np.minimum(np.searchsorted(self.sorted_rows, rows), max(len(self.sorted_rows) - 1, 0))
+        return rows[(len(self.sorted_rows) == 0) | (self.sorted_rows[at] != rows)]
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit index, position in the unit) of each corpus row (all must be held: see `missing`)."""
+        found = self.order[np.searchsorted(self.sorted_rows, rows)]
+        return self.unit_of[found], self.position[found]
 
 
 @dataclass
 class UnitSet:
-    """One record batch of every cache (the same rows of the corpus)."""
+    """A record batch of the first cache and, per other cache, the record batches that hold its rows."""
 
-    batches: list[pa.RecordBatch]
+    first: pa.RecordBatch
+    others: list[dict[int, pa.RecordBatch]]
 
     @property
     def num_rows(self) -> int:
-        """Rows held in memory: every cache's copy (what the loader's memory bound counts)."""
-        return sum(b.num_rows for b in self.batches)
+        """Rows held in memory: every cache's batches (what the loader's memory bound counts)."""
+        return self.first.num_rows + sum(b.num_rows for held in self.others for b in held.values())
 
 
 class CacheSet:
     """Several caches of the same sequences read side by side, in the shape of one `CacheReader`.
 
-    `units()`, `sequence_lengths()`, `settings`, `dir` and `flag` are the first cache's (the
-    layouts are equal); `read_unit` reads the unit from every cache and `decode` returns the first
-    cache's sequences whose `teacher` is the tuple of every cache's teacher rows.
+    The first cache leads: `units()`, `sequence_lengths()`, `settings`, `dir` and `flag` are its own,
+    so the plan is one cache's. Each other cache follows by corpus row (`RowIndex`): `read_unit`
+    reads the first cache's record batch and, from each other cache, the record batches that hold
+    its rows (the same one when the layouts are equal; two or a few when their boundaries differ);
+    `decode` returns the first cache's sequences whose `teacher` is the tuple of every cache's rows,
+    after checking that every cache holds the same token ids and loss mask for each.
     """
 
-    def __init__(self, readers: list[CacheReader]) -> None:
+    def __init__(self, readers: list[CacheReader], names: list[str] | None = None) -> None:
         self.readers = readers
+        self.names = names or [str(r.dir) for r in readers]
         self.first = readers[0]
         self.dir, self.flag = self.first.dir, self.first.flag
         self.settings, self.manifest = self.first.settings, self.first.manifest
+        units = self.first.units()
+        self._first_rows = dict(zip(((u.shard, u.batch) for u in units), self.first.row_numbers(units), strict=True))
+        self.indexes = [RowIndex(reader) for reader in readers[1:]]
+        every = np.concatenate(list(self._first_rows.values()))
+        for index, name in zip(self.indexes, self.names[1:], strict=True):
+            lacking = index.missing(every)
+            if len(lacking):
+                raise KdError(
+                    f"--from-cache {name} lacks {len(lacking)} corpus rows that --from-cache {self.names[0]} "
+                    f"holds (first: {int(lacking[0])}); several teachers need caches of the same rows"
+                )
 
     @property
     def mode(self) -> str:
@@ -124,20 +151,32 @@ class CacheSet:
         return self.first.sequence_lengths(units)
 
     def read_unit(self, unit: CacheUnit) -> UnitSet:
-        return UnitSet([reader.read_unit(unit) for reader in self.readers])
+        rows = self._first_rows[(unit.shard, unit.batch)][: unit.rows]
+        others = []
+        for reader, index in zip(self.readers[1:], self.indexes, strict=True):
+            needed = np.unique(index.locate(rows)[0])
+            others.append({int(u): reader.read_unit(index.units[u]) for u in needed})
+        return UnitSet(self.first.read_unit(unit), others)
 
     def decode(self, batch: UnitSet, rows: np.ndarray | None = None) -> list[CachedSequence]:
-        decoded = [reader.decode(b, rows) for reader, b in zip(self.readers, batch.batches, strict=True)]
-        out = []
-        for seqs in zip(*decoded, strict=True):
-            head = seqs[0]
-            if any(s.row != head.row or len(s.input_ids) != len(head.input_ids) for s in seqs[1:]):
-                raise KdError(
-                    f"--from-cache: corpus row {head.row} differs between the caches; "
-                    "they do not hold the same sequences"
-                )
-            out.append(CachedSequence(head.row, head.input_ids, head.loss_mask, tuple(s.teacher for s in seqs)))
-        return out
+        seqs = self.first.decode(batch.first, rows)
+        corpus_rows = np.array([s.row for s in seqs], dtype=np.int64)
+        teachers = [[s.teacher] for s in seqs]
+        for reader, index, held, name in zip(self.readers[1:], self.indexes, batch.others, self.names[1:], strict=True):
+            units, positions = index.locate(corpus_rows)
+            for u in np.unique(units):
+                at = np.flatnonzero(units == u)
+                for i, other in zip(at, reader.decode(held[int(u)], positions[at]), strict=True):
+                    if not (
+                        np.array_equal(other.input_ids, seqs[i].input_ids)
+                        and np.array_equal(other.loss_mask, seqs[i].loss_mask)
+                    ):
+                        raise KdError(
+                            f"--from-cache {name}: corpus row {other.row} holds other tokens than in "
+                            f"--from-cache {self.names[0]}; several teachers need caches of the same sequences"
+                        )
+                    teachers[i].append(other.teacher)
+        return [CachedSequence(s.row, s.input_ids, s.loss_mask, tuple(t)) for s, t in zip(seqs, teachers, strict=True)]
 
     def close(self) -> None:
         for reader in self.readers:
@@ -204,7 +243,7 @@ def open_caches(cfg) -> CacheSet:
                 "use --teacher-mix sum"
             )
     check_same_corpus(readers, cfg.caches)
-    return CacheSet(readers)
+    return CacheSet(readers, cfg.caches)
 
 
 def check_student_tokenizer(cfg, caches: CacheSet, fingerprint: str) -> None:
