@@ -96,6 +96,12 @@ def test_sum_mode_is_the_weighted_sum_of_single_teacher_runs(tmp_path, caches, s
     assert abs(alone[0]["divergence"] - alone[1]["divergence"]) > 5e-5 * alone[0]["divergence"]
     config = (tmp_path / "both" / "config.yaml").read_text()
     assert "teacher_weights: 3,1" in config and str(caches["b"]) in config
+    # config.yaml reruns the same two-teacher training (the list of caches round-trips).
+    again = run_kd_in_process(
+        "train", "--config", str(tmp_path / "both" / "config.yaml"), "--out", str(tmp_path / "again")
+    )
+    assert again.returncode == 0, again.stderr
+    assert [m["loss"] for m in metrics(tmp_path / "again") if "loss" in m] == [both["loss"]]
 
 
 def test_a_mixture_of_a_cache_with_itself_is_that_cache(tmp_path, caches, student_config):
