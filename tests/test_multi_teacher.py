@@ -29,6 +29,7 @@ from kd.pipeline.training.stream import StepLoader
 from tests.conftest import build_tiny_model_dir
 from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
 from tests.test_cache_logits import make_corpus
+from tests.test_crosstok import gemma_student, gemma_tokenizer, gemma_tokenizer_dir, maps  # noqa: F401 - fixtures
 from tests.test_train import assert_same_weights, metrics
 
 
@@ -202,16 +203,45 @@ def test_refusals_are_one_line(tmp_path, caches, student_config):
     rs_pair = train_args(student_config, out, caches["a"], caches["rs"])
     assert_one_line_error(run_kd_in_process(*rs_pair, "--teacher-mix", "mixture"), "--teacher-mix mixture", "top-k")
     assert not (out / "config.yaml").exists(), "a refused run writes nothing"
-    # A cache in another tokenization than the student's: several teachers do not cross tokenizers yet.
+    # A cache in another tokenization than the student's needs --cross-tokenizer, and the sum mode.
     from types import SimpleNamespace
 
     readers = CacheSet([CacheReader(caches["a"]), CacheReader(caches["b"])])
-    cfg = SimpleNamespace(caches=[str(caches["a"]), str(caches["b"])], cross_tokenizer=True)
-    with pytest.raises(KdError, match="several teachers with --cross-tokenizer are not supported yet"):
-        check_student_tokenizer(cfg, readers, "another-tokenizer")
-    cfg.cross_tokenizer = False
+    cfg = SimpleNamespace(caches=[str(caches["a"]), str(caches["b"])], cross_tokenizer=False, teacher_mix="sum")
     with pytest.raises(KdError, match="pass --cross-tokenizer"):
         check_student_tokenizer(cfg, readers, "another-tokenizer")
+    cfg.cross_tokenizer, cfg.teacher_mix = True, "mixture"
+    with pytest.raises(KdError, match="--teacher-mix mixture across tokenizers is not supported yet"):
+        check_student_tokenizer(cfg, readers, "another-tokenizer")
+    cfg.teacher_mix = "sum"
+    check_student_tokenizer(cfg, readers, "another-tokenizer")  # accepted: each cache is aligned
+
+
+def test_teachers_across_tokenizers_sum_their_cross_tokenizer_runs(tmp_path, caches, gemma_student, maps):  # noqa: F811
+    """SmolLM2 caches -> a student with Gemma-3's tokenizer: each teacher aligned by text, then summed."""
+
+    def run(name: str, *cache_keys: str, extra: tuple[str, ...] = ()) -> dict:
+        args = ["train", *(x for k in cache_keys for x in ("--from-cache", str(caches[k])))]
+        args += ["--student", str(gemma_student), "--out", str(tmp_path / name), "--cross-tokenizer", "--alpha", "0.3"]
+        return first_step(
+            run_kd_in_process(*args, "--max-steps", "1", "--batch-size", "4", "--log-every", "1", "--json", *extra)
+        )
+
+    # Teacher B's rows come from a cache in another layout; each single run reads cache A's layout
+    # (B's "b" cache holds the same rows in it), so all four runs see the same first batch.
+    alone = [run("a", "a"), run("b", "b"), run("rs", "rs")]
+    three = run("three", "a", "other_layout", "rs", extra=("--teacher-weights", "2,1,1"))
+    want = 0.5 * alone[0]["loss"] + 0.25 * alone[1]["loss"] + 0.25 * alone[2]["loss"]
+    assert three["loss"] == pytest.approx(want, rel=1e-5)
+    for j in range(3):  # top-k, top-k in another layout, RS: each aligned as its single run
+        assert three[f"divergence_teacher_{j + 1}"] == pytest.approx(alone[j]["divergence"], rel=1e-5)
+        coverage = three[f"crosstok_target_coverage_teacher_{j + 1}"]
+        assert coverage == pytest.approx(alone[j]["crosstok_target_coverage"]) and 0.5 < coverage <= 1.0
+    refused = run_kd_in_process(
+        "train", "--from-cache", str(caches["a"]), "--from-cache", str(caches["b"]), "--student", str(gemma_student),
+        "--out", str(tmp_path / "refused"), "--cross-tokenizer", "--teacher-mix", "mixture",
+    )  # fmt: skip
+    assert_one_line_error(refused, "--teacher-mix mixture across tokenizers", "sum")
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, student_config):

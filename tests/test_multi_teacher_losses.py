@@ -203,3 +203,32 @@ def test_alpha_one_trains_on_ce_and_still_measures_the_divergence(mix):
     torch.testing.assert_close(gw, cw, rtol=1e-12, atol=1e-14)
     assert float(got.divergence) == pytest.approx(float(kd_only.divergence), rel=1e-12)
     assert float(got.divergence) > 0
+
+
+def test_teachers_on_some_targets_are_summed_where_they_cover():
+    """Cross-tokenizer teachers cover only their aligned targets: the divergence there, the CE everywhere."""
+    hidden, weight, labels, logits = problem(6)
+    rows = [torch.arange(N) % 2 == 0, torch.arange(N) < 7, None]
+    full = [topk(z, 5) for z in logits]
+
+    def covering(teacher: SparseTeacher, r: torch.Tensor | None) -> SparseTeacher:
+        if r is None:
+            return teacher
+        return SparseTeacher(teacher.teacher_ids[r], teacher.teacher_logprobs[r], teacher.teacher_tail_logmass[r])
+
+    teachers = [covering(t, r) for t, r in zip(full, rows, strict=True)]
+    weights = (0.5, 0.3, 0.2)
+    config = LossConfig(alpha=0.4, chunk_size=3)
+    got, gh, gw = loss_and_grads(hidden, weight, labels, TeacherSet(teachers, weights, "sum", rows=rows), config)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = 0.4 * distill_loss_sum(h, w, None, labels, None, config).total
+    kd = LossConfig(alpha=0.0, chunk_size=3)
+    for teacher, wj, r in zip(teachers, weights, rows, strict=True):
+        r = torch.ones(N, dtype=torch.bool) if r is None else r
+        want = want + 0.6 * wj * distill_loss_sum(h[r], w, None, labels[r], teacher, kd).total
+    want.backward()
+    assert float(got.total.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(KdError, match="mixture needs every teacher on every target"):
+        teachers_loss_sum(hidden, weight, None, labels, TeacherSet(teachers, weights, "mixture", rows=rows), config)

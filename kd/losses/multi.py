@@ -48,6 +48,9 @@ class TeacherSet:
     mix: str = "sum"
     tally: Callable[[list[torch.Tensor], float], None] | None = None
     """Called by the training step with each teacher's Σ w·D and the batch's Σ w (logging only)."""
+    rows: list[torch.Tensor | None] | None = None
+    """Per teacher, bool[N]: the targets its rows cover (a cross-tokenizer teacher's aligned targets;
+    None: all). teachers[j] then holds rows for those targets only, in order."""
 
     def __post_init__(self) -> None:
         if len(self.teachers) != len(self.weights):
@@ -60,7 +63,13 @@ class TeacherSet:
             type(t)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(t).items()})
             for t in self.teachers
         ]
-        return TeacherSet(moved, self.weights, self.mix, self.tally)
+        rows = None if self.rows is None else [None if r is None else r.to(device) for r in self.rows]
+        return TeacherSet(moved, self.weights, self.mix, self.tally, rows)
+
+    @property
+    def partial(self) -> bool:
+        """Whether some teacher covers only some of the targets."""
+        return self.rows is not None and any(r is not None for r in self.rows)
 
 
 def normalised_weights(weights: list[float] | tuple[float, ...]) -> tuple[float, ...]:
@@ -133,10 +142,13 @@ def teachers_loss_sum(
     each teacher's own Σ w·D_j (sum mode; empty for mixture), detached, for logging.
     """
 
-    def one(teacher: TeacherSignal | None, cfg: LossConfig) -> LossParts:
+    def one(teacher: TeacherSignal | None, cfg: LossConfig, hidden=None, targets=None, weights=None) -> LossParts:
+        """The single-teacher loss over all targets, or over the given subset of them."""
+        if hidden is None:
+            hidden, targets, weights = student_hidden, labels, token_weights
         return distill_loss_sum(
-            student_hidden, student_head_weight, student_head_bias, labels, teacher, cfg,
-            token_weights=token_weights, student_logit_transform=student_logit_transform,
+            hidden, student_head_weight, student_head_bias, targets, teacher, cfg,
+            token_weights=weights, student_logit_transform=student_logit_transform,
         )  # fmt: skip
 
     alpha = config.alpha
@@ -149,8 +161,10 @@ def teachers_loss_sum(
                 None if student_head_bias is None else student_head_bias.detach(), labels, teachers,
                 dataclasses.replace(config, alpha=0.0), token_weights, student_logit_transform,
             )  # fmt: skip
-        parts = one(teachers.teachers[0], config)
+        parts = one(None, config)  # Σ w·CE, the whole loss at α = 1
         return dataclasses.replace(parts, divergence=measured.divergence), per_teacher
+    if teachers.partial:
+        return _partial_loss_sum(one, student_hidden, labels, teachers, config, token_weights)
     if teachers.mix == "mixture":
         if not all(isinstance(t, SparseTeacher) for t in teachers.teachers):
             raise KdError("--teacher-mix mixture needs top-k caches; use --teacher-mix sum with RS caches")
@@ -169,3 +183,40 @@ def teachers_loss_sum(
         divergence = divergence + w * parts.divergence
         per_teacher.append(parts.divergence)
     return LossParts(total, first.ce, divergence, first.num_tokens, first.weight_sum), per_teacher
+
+
+def _partial_loss_sum(one, student_hidden, labels, teachers: TeacherSet, config: LossConfig, token_weights):
+    """Sum mode when teachers cover only some targets: α·Σ w·CE over all, (1−α)·T²·w_j·Σ w·D_j over teacher j's.
+
+    With one teacher this is the cross-tokenizer loss (`kd.pipeline.training.crosstok.loss_sum`).
+    One pass of the head for the CE, then one per teacher over its targets.
+    """
+    if teachers.mix == "mixture":
+        raise KdError(
+            "--teacher-mix mixture needs every teacher on every target; use --teacher-mix sum across tokenizers"
+        )
+    assert teachers.rows is not None
+    ce = one(None, config)  # total = Σ w·CE (no teacher: the CE is the whole loss)
+    alpha = config.alpha
+    total = alpha * ce.total
+    divergence = torch.zeros((), dtype=ce.divergence.dtype, device=ce.divergence.device)
+    per_teacher = []
+    kd_config = dataclasses.replace(config, alpha=0.0)
+    for teacher, w, rows in zip(teachers.teachers, teachers.weights, teachers.rows, strict=True):
+        if rows is None:
+            parts = one(teacher, kd_config)
+        elif not bool(rows.any()):  # GPU sync: no target of this batch has this teacher's distribution
+            per_teacher.append(torch.zeros_like(divergence))
+            continue
+        else:
+            parts = one(
+                teacher,
+                kd_config,
+                student_hidden[rows],
+                labels[rows],
+                None if token_weights is None else token_weights[rows],
+            )
+        total = total + (1.0 - alpha) * w * parts.total
+        divergence = divergence + w * parts.divergence
+        per_teacher.append(parts.divergence)
+    return LossParts(total, ce.ce, divergence, ce.num_tokens, ce.weight_sum), per_teacher

@@ -2,11 +2,11 @@
 
 The caches must hold the same sequences: they were made by `kd cache-logits` over the same corpus
 (the corpus settings their manifests record: file fingerprint, format, limit, max length, overflow)
-with the student's tokenizer. Their layouts may differ (other --shard-tokens, another number of
-ranks): `CacheSet` stands in for the one cache reader of `StepLoader`, led by the first cache (the
-plan is a pure function of seed, epoch and its layout, so resume is exact as for one cache), and
-each other cache follows it by corpus row through a `RowIndex` (one column of every record batch,
-read once). Every decoded record is checked to carry the same token ids and loss mask in every cache.
+in the student's tokenizer (with --cross-tokenizer, in any). Their layouts may differ (other
+--shard-tokens, another number of ranks): `CacheSet` stands in for the one cache reader of
+`StepLoader`, led by the first cache (the plan is a pure function of seed, epoch and its layout, so
+resume is exact as for one cache), and each other cache follows it by corpus row through a
+`RowIndex` (one column of every record batch, read once).
 
 Memory: for each record batch of the first cache the loader holds, it holds the record batches of
 each other cache that contain its rows: with equal layouts the same one (J caches: J times one
@@ -14,27 +14,32 @@ cache's rows); with other boundaries one or two more per cache (a batch straddli
 first's is held for each); with another number of ranks (rank r takes rows r, r+W, ...), up to
 about W_other / W_first batches per batch of the first cache. `stats.max_held_rows` counts them all.
 
-`TeacherCollator` is the loader's collation hook (as crosstok.Aligner is for one cross-tokenizer
-cache): it collates each cache's teacher rows and hands the loss a `kd.losses.TeacherSet`.
+`TeacherCollator` is the loader's hook (in the place of crosstok.Aligner for one cache): each
+cache's record becomes the student's sequence (as it is, or aligned by text with --cross-tokenizer
+when the cache's tokenizer is another, crosstok.Aligner), every cache must give the same student
+tokens for the row (else a one-line error at that step: other text, e.g. another chat template),
+and collation hands the loss a `kd.losses.TeacherSet`: each teacher's rows, and for an aligned
+teacher the targets they cover (the divergence to it is taken there, as for one cross-tokenizer
+cache; the CE on every target).
 
-Not supported yet, each refused in one line: caches whose tokenizer is not the student's (several
-teachers with --cross-tokenizer), hidden-state caches, and --teacher-mix mixture of RS caches or
-at --temperature != 1.
+Not supported yet, each refused in one line: hidden-state caches, --teacher-mix mixture of RS caches,
+at --temperature != 1, or across tokenizers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from kd.cache.format import SampledTargets, TopKTargets, target_positions
 from kd.cache.reader import CachedSequence, CacheReader, CacheUnit
 from kd.errors import KdError
-from kd.losses import TeacherSet
-from kd.pipeline.training.batches import Batch, collate, collate_teacher
+from kd.losses import SampledTeacher, TeacherSet
+from kd.pipeline.training.batches import Batch, TrainSequence, collate, collate_teacher
 
 
 def parse_teacher_weights(text: str | None, count: int) -> tuple[float, ...]:
@@ -53,8 +58,9 @@ def parse_teacher_weights(text: str | None, count: int) -> tuple[float, ...]:
     return tuple(w / total for w in weights)
 
 
-def check_same_corpus(readers: list[CacheReader], names: list[str]) -> None:
-    """Refuse caches of other corpora (the manifests' corpus settings) or of different tokenizers."""
+def check_same_corpus(readers: list[CacheReader], names: list[str], cross_tokenizer: bool = False) -> None:
+    """Refuse caches of other corpora (the manifests' corpus settings), or of different tokenizers
+    unless --cross-tokenizer aligns each to the student's."""
     first, first_name = readers[0], names[0]
     for reader, name in zip(readers[1:], names[1:], strict=True):
         a, b = first.settings.get("corpus") or {}, reader.settings.get("corpus") or {}
@@ -64,10 +70,10 @@ def check_same_corpus(readers: list[CacheReader], names: list[str]) -> None:
                 f"--from-cache {first_name} and --from-cache {name} cover different corpora (corpus {key}: "
                 f"{a.get(key)!r} vs {b.get(key)!r}); several teachers need caches of the same corpus"
             )
-        if first.settings["tokenizer_fingerprint"] != reader.settings["tokenizer_fingerprint"]:
+        if not cross_tokenizer and first.settings["tokenizer_fingerprint"] != reader.settings["tokenizer_fingerprint"]:
             raise KdError(
                 f"--from-cache {first_name} and --from-cache {name} use different tokenizers; several "
-                "teachers need caches made with the student's tokenizer (with --cross-tokenizer: not supported yet)"
+                "teachers need caches made with the student's tokenizer, or --cross-tokenizer"
             )
 
 
@@ -159,24 +165,17 @@ class CacheSet:
         return UnitSet(self.first.read_unit(unit), others)
 
     def decode(self, batch: UnitSet, rows: np.ndarray | None = None) -> list[CachedSequence]:
+        """The first cache's sequences; each one's `teacher` is the tuple of every cache's record of that row."""
         seqs = self.first.decode(batch.first, rows)
         corpus_rows = np.array([s.row for s in seqs], dtype=np.int64)
-        teachers = [[s.teacher] for s in seqs]
-        for reader, index, held, name in zip(self.readers[1:], self.indexes, batch.others, self.names[1:], strict=True):
+        records: list[list[CachedSequence]] = [[s] for s in seqs]
+        for reader, index, held in zip(self.readers[1:], self.indexes, batch.others, strict=True):
             units, positions = index.locate(corpus_rows)
             for u in np.unique(units):
                 at = np.flatnonzero(units == u)
                 for i, other in zip(at, reader.decode(held[int(u)], positions[at]), strict=True):
-                    if not (
-                        np.array_equal(other.input_ids, seqs[i].input_ids)
-                        and np.array_equal(other.loss_mask, seqs[i].loss_mask)
-                    ):
-                        raise KdError(
-                            f"--from-cache {name}: corpus row {other.row} holds other tokens than in "
-                            f"--from-cache {self.names[0]}; several teachers need caches of the same sequences"
-                        )
-                    teachers[i].append(other.teacher)
-        return [CachedSequence(s.row, s.input_ids, s.loss_mask, tuple(t)) for s, t in zip(seqs, teachers, strict=True)]
+                    records[i].append(other)
+        return [CachedSequence(s.row, s.input_ids, s.loss_mask, tuple(r)) for s, r in zip(seqs, records, strict=True)]
 
     def close(self) -> None:
         for reader in self.readers:
@@ -188,13 +187,15 @@ class TeacherStats:
 
     `metrics()` gives ``divergence_teacher_J`` (J = 1, 2... in --from-cache order): this rank's
     Σ w·D_J / Σ w since the previous call, the weighted mean of that teacher's divergence over the
-    steps between two log lines (it is not all-reduced: under DDP it is rank 0's share).
+    steps between two log lines (it is not all-reduced: under DDP it is rank 0's share); and for a
+    cache aligned across tokenizers its coverage, ``crosstok_*_teacher_J`` (crosstok.AlignStats).
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, aligners: list | None = None) -> None:
         self._sums = np.zeros(count)
         self._weight = 0.0
         self._lock = threading.Lock()
+        self.aligners = aligners or [None] * count
 
     def tally(self, per_teacher: list, weight_sum: float) -> None:
         if not per_teacher:  # mixture mode: one divergence, logged as `divergence`
@@ -204,30 +205,107 @@ class TeacherStats:
             self._weight += float(weight_sum)
 
     def metrics(self) -> dict[str, float]:
+        out = {
+            f"{key}_teacher_{j + 1}": value
+            for j, aligner in enumerate(self.aligners)
+            if aligner is not None
+            for key, value in aligner.stats.metrics().items()
+        }
         with self._lock:
-            if self._weight == 0.0:
-                return {}
-            out = {f"divergence_teacher_{j + 1}": float(d) / self._weight for j, d in enumerate(self._sums)}
+            if self._weight > 0.0:
+                out.update({f"divergence_teacher_{j + 1}": float(d) / self._weight for j, d in enumerate(self._sums)})
             self._sums[:] = 0.0
             self._weight = 0.0
         return out
 
 
-class TeacherCollator:
-    """The loader's hook for several caches: sequences pass through; collation builds a TeacherSet."""
+@dataclass
+class MultiSequence(TrainSequence):
+    """A student sequence with every teacher's rows: teachers[j] holds rows for the targets where rows[j]
+    is True (None: every target), in target order."""
 
-    def __init__(self, weights: tuple[float, ...], mix: str) -> None:
+    teachers: tuple = ()
+    rows: tuple = ()
+
+
+def take_rows(teacher: TopKTargets | SampledTargets, index: np.ndarray) -> TopKTargets | SampledTargets:
+    """The rows `index` of one sequence's teacher data."""
+    if isinstance(teacher, TopKTargets):
+        tempered = None if teacher.tempered_tails is None else teacher.tempered_tails[index]
+        return TopKTargets(
+            teacher.ids[index], teacher.logprobs[index], teacher.tail[index], tempered, teacher.temperatures
+        )
+    return SampledTargets([teacher.ids[i] for i in index], [teacher.counts[i] for i in index])
+
+
+def onto_targets(teacher, rows: np.ndarray | None, loss_mask: np.ndarray, reference_mask: np.ndarray):
+    """Teacher rows over the targets of `loss_mask` -> (rows, bool mask) over the targets of `reference_mask`.
+
+    Two alignments of one text can mark slightly different student targets (each teacher's target
+    spans decide them): a reference target keeps this teacher's row only where it is a target here too.
+    """
+    reference, own = target_positions(reference_mask), target_positions(loss_mask)
+    covered = np.ones(len(own), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    if len(own) == 0:
+        return take_rows(teacher, np.zeros(0, dtype=np.int64)), np.zeros(len(reference), dtype=bool)
+    at = np.minimum(np.searchsorted(own, reference), len(own) - 1)
+    has = (own[at] == reference) & covered[at]
+    return take_rows(teacher, (np.cumsum(covered) - 1)[at[has]]), has
+
+
+class TeacherCollator:
+    """The loader's hook for several caches: each cache's record becomes the student's sequence (aligned
+    by text where its tokenizer differs: crosstok.Aligner), the sequences are checked to agree, and
+    collation builds a TeacherSet."""
+
+    def __init__(self, weights: tuple[float, ...], mix: str, aligners: list | None = None) -> None:
         self.weights = weights
         self.mix = mix
-        self.stats = TeacherStats(len(weights))
+        self.aligners = aligners or [None] * len(weights)
+        self.stats = TeacherStats(len(weights), self.aligners)
 
-    def __call__(self, seqs: list[CachedSequence]) -> list[CachedSequence]:
-        return seqs
+    def __call__(self, seqs: list[CachedSequence]) -> list[MultiSequence]:
+        return [self.student_sequence(s) for s in seqs]
 
-    def collate(self, seqs: list[CachedSequence], pad_id: int = 0) -> Batch:
-        batch = collate([dataclasses.replace(s, teacher=None) for s in seqs], pad_id)  # tokens and targets once
-        teachers = [collate_teacher([s.teacher[j] for s in seqs]) for j in range(len(self.weights))]
-        batch.teacher = TeacherSet(teachers, self.weights, self.mix, self.stats.tally)  # type: ignore[arg-type]
+    def student_sequence(self, record: CachedSequence) -> MultiSequence:
+        """One corpus row: every cache's record, in the student's tokens, with each teacher's rows."""
+        views = []
+        for seq, aligner in zip(record.teacher, self.aligners, strict=True):
+            if aligner is None:
+                views.append((seq.input_ids, seq.loss_mask, seq.teacher, None))
+            else:
+                aligned = aligner.align(seq.input_ids, seq.loss_mask, seq.teacher)
+                views.append((aligned.input_ids, aligned.loss_mask, aligned.teacher, aligned.teacher_rows))
+        ids, mask = views[0][0], views[0][1]
+        teachers, rows = [], []
+        for j, (own_ids, own_mask, teacher, covered) in enumerate(views):
+            if not np.array_equal(own_ids, ids):
+                raise KdError(
+                    f"--from-cache: corpus row {record.row} is another token sequence for the student from cache "
+                    f"{j + 1} than from cache 1 (other text: another chat template, or truncation); several "
+                    "teachers need caches of the same text"
+                )
+            if not np.array_equal(own_mask, mask):
+                teacher, covered = onto_targets(teacher, covered, own_mask, mask)
+            teachers.append(teacher)
+            rows.append(covered)
+        return MultiSequence(ids, mask, None, None, tuple(teachers), tuple(rows))
+
+    def collate(self, seqs: list[MultiSequence], pad_id: int = 0) -> Batch:
+        batch = collate(seqs, pad_id)  # tokens and targets once (the sequences' own `teacher` is None)
+        teachers, rows = [], []
+        for j, aligner in enumerate(self.aligners):
+            teacher = collate_teacher([s.teachers[j] for s in seqs])
+            if aligner is not None and aligner.num_samples and isinstance(teacher, SampledTeacher):
+                teacher.num_samples = aligner.num_samples  # draws that map nowhere were dropped, not renormalised
+            teachers.append(teacher)
+            if all(s.rows[j] is None for s in seqs):
+                rows.append(None)
+            else:
+                parts = [np.ones(s.num_targets, dtype=bool) if s.rows[j] is None else s.rows[j] for s in seqs]
+                rows.append(torch.from_numpy(np.concatenate(parts)))
+        partial = None if all(r is None for r in rows) else rows
+        batch.teacher = TeacherSet(teachers, self.weights, self.mix, self.stats.tally, partial)  # type: ignore[arg-type]
         return batch
 
 
@@ -242,27 +320,28 @@ def open_caches(cfg) -> CacheSet:
                 f"--from-cache {path}: --teacher-mix mixture needs top-k caches, this one is {reader.mode}; "
                 "use --teacher-mix sum"
             )
-    check_same_corpus(readers, cfg.caches)
+    check_same_corpus(readers, cfg.caches, cfg.cross_tokenizer)
     return CacheSet(readers, cfg.caches)
 
 
 def check_student_tokenizer(cfg, caches: CacheSet, fingerprint: str) -> None:
-    """Every cache must be in the student's tokenization (several teachers do not cross tokenizers yet)."""
+    """A cache in another tokenization than the student's needs --cross-tokenizer (and the sum mode)."""
     for reader, path in zip(caches.readers, cfg.caches, strict=True):
         theirs = reader.settings["tokenizer_fingerprint"]
         if theirs == fingerprint:
             continue
-        if cfg.cross_tokenizer:
+        if not cfg.cross_tokenizer:
             raise KdError(
-                f"--from-cache {path}: made with another tokenizer than the student's; --cross-tokenizer "
-                "takes one cache (several teachers with --cross-tokenizer are not supported yet)"
+                f"--from-cache {path}: the cache was made with another tokenizer ({theirs}) than the "
+                f"student's ({fingerprint}); pass --cross-tokenizer to align the two by text"
             )
-        raise KdError(
-            f"--from-cache {path}: the cache was made with another tokenizer ({theirs}) than the "
-            f"student's ({fingerprint}); pass --cross-tokenizer to align the two by text (one cache)"
-        )
+        if cfg.teacher_mix == "mixture":
+            raise KdError(
+                f"--from-cache {path}: --teacher-mix mixture across tokenizers is not supported yet "
+                "(a teacher covers only the targets aligned to it); use --teacher-mix sum"
+            )
 
 
-def collator_for(cfg) -> TeacherCollator:
-    """The loader's hook for several caches, with the normalised --teacher-weights."""
-    return TeacherCollator(parse_teacher_weights(cfg.teacher_weights, len(cfg.caches)), cfg.teacher_mix)
+def collator_for(cfg, aligners: list | None = None) -> TeacherCollator:
+    """The loader's hook for several caches, with the normalised --teacher-weights and each cache's aligner."""
+    return TeacherCollator(parse_teacher_weights(cfg.teacher_weights, len(cfg.caches)), cfg.teacher_mix, aligners)

@@ -151,9 +151,8 @@ def check_cache(cfg: TrainConfig, reader: CacheReader, tokenizer: Any, fingerpri
     are checked one by one, and their collation hook is returned (training/multiteacher.py)."""
     if isinstance(reader, multiteacher.CacheSet):
         multiteacher.check_student_tokenizer(cfg, reader, fingerprint)
-        for one in reader.readers:
-            check_cache(cfg, one, tokenizer, fingerprint)
-        return multiteacher.collator_for(cfg)
+        aligners = [check_cache(cfg, one, tokenizer, fingerprint) for one in reader.readers]
+        return multiteacher.collator_for(cfg, aligners)
     aligner = None
     if reader.settings["tokenizer_fingerprint"] != fingerprint:
         if not cfg.cross_tokenizer:
