@@ -6,7 +6,8 @@ Loader: a top-64 and an RS-64 cache of the embedded SmolLM2-135M-Instruct over t
 GSM8K train records (made once with `kd cache-logits`, kept in bench/out/multi-teacher-*). The
 streaming loader's producer work (read each record batch, decode, collate --batch-size sequences)
 is timed for the top-64 cache alone and for both caches read side by side (`CacheSet` +
-`TeacherCollator`, what `--from-cache A --from-cache B` runs). targets/s counts the targets
+`TeacherCollator`, what `--from-cache A --from-cache B` runs), and both aligned to a student with
+Gemma-3's tokenizer (`--cross-tokenizer`; the student's targets). targets/s counts the targets
 handed to the loss. Loss step: forward + backward of the fused head (SmolLM2-135M's shape: hidden
 576, vocabulary 49,152) on --tokens targets against one top-64 teacher, two in `sum` mode and two
 in `mixture` mode (random teachers whose top-64 ids mostly differ: the union is ~128 wide).
@@ -27,7 +28,9 @@ from common import REPO, WORK, kd_env, require_gsm8k, write_results
 
 from kd.cache.reader import CacheReader
 from kd.losses import LossConfig, SparseTeacher, TeacherSet, distill_loss_sum, teachers_loss_sum
+from kd.pipeline.models import gemma3_gguf_path, gguf_tokenizer_dir, load_tokenizer
 from kd.pipeline.training.batches import collate
+from kd.pipeline.training.crosstok import aligner_for
 from kd.pipeline.training.multiteacher import CacheSet, TeacherCollator
 
 
@@ -41,10 +44,12 @@ def make_cache(gsm8k: Path, rows: int, name: str, *extra: str) -> Path:
 
 
 def loader_rate(reader, collator, batch_size: int) -> tuple[float, int]:
-    """Targets/s of read + decode + collate over every record batch (the producer thread's work)."""
+    """Targets/s of read + decode (+ hook) + collate over every record batch (the producer thread's work)."""
     targets, started = 0, time.perf_counter()
     for unit in reader.units():
         seqs = reader.decode(reader.read_unit(unit))
+        if collator is not None:
+            seqs = collator(seqs)  # the loader's hook: every cache's record as the student's sequence
         for i in range(0, len(seqs), batch_size):
             part = seqs[i : i + batch_size]
             targets += (collator.collate(part) if collator else collate(part)).num_targets
@@ -88,12 +93,19 @@ def main() -> None:
     both = CacheSet([topk, rs])
     collator = TeacherCollator((0.5, 0.5), "sum")
 
-    one_rate, two_rate = [], []
+    from transformers import AutoTokenizer
+
+    gemma = AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(gemma3_gguf_path())))
+    crossed = TeacherCollator((0.5, 0.5), "sum", [aligner_for(r, gemma, load_tokenizer) for r in (topk, rs)])
+
+    one_rate, two_rate, cross_rate = [], [], []
     for _ in range(args.rounds):
         rate, targets = loader_rate(topk, None, args.batch_size)
         one_rate.append(rate)
         rate, both_targets = loader_rate(both, collator, args.batch_size)
         two_rate.append(rate)
+        rate, student_targets = loader_rate(both, crossed, args.batch_size)
+        cross_rate.append(rate)
     assert targets == both_targets
 
     vocab, hidden_size, k = 49152, 576, 64
@@ -113,6 +125,9 @@ def main() -> None:
         "loader_targets_per_second_one_cache": statistics.median(one_rate),
         "loader_targets_per_second_two_caches": statistics.median(two_rate),
         "loader_ratio": statistics.median(t / o for t, o in zip(two_rate, one_rate, strict=True)),
+        "student_targets_gemma3": student_targets,
+        "loader_targets_per_second_two_caches_to_gemma3": statistics.median(cross_rate),
+        **{f"gemma3_{k}": v for k, v in crossed.stats.metrics().items() if k.startswith("crosstok")},
         "loss_tokens": args.tokens,
         **{f"loss_step_seconds_{name}": statistics.median(s) for name, s in seconds.items()},
         "threads": torch.get_num_threads(),
