@@ -124,8 +124,9 @@ class CacheSet:
     so the plan is one cache's. Each other cache follows by corpus row (`RowIndex`): `read_unit`
     reads the first cache's record batch and, from each other cache, the record batches that hold
     its rows (the same one when the layouts are equal; two or a few when their boundaries differ);
-    `decode` returns the first cache's sequences whose `teacher` is the tuple of every cache's rows,
-    after checking that every cache holds the same token ids and loss mask for each.
+    `decode` returns the first cache's sequences whose `teacher` is the tuple of every cache's record
+    of that corpus row (`TeacherCollator` turns them into the student's sequence and checks that
+    they agree).
     """
 
     def __init__(self, readers: list[CacheReader], names: list[str] | None = None) -> None:
