@@ -224,6 +224,15 @@ class CacheReader:
         Reads only that column (Arrow decompresses nothing else), opening each shard once, and does
         not count as the shard's first open: its checksum is still checked when training reads it.
         """
+        return self._one_column(
+            units, "input_ids", lambda column, rows: np.diff(column.offsets.to_numpy())[:rows].astype(np.int32)
+        )
+
+    def row_numbers(self, units: list[CacheUnit]) -> list[np.ndarray]:
+        """Corpus row number of each sequence of each unit, from the `row` column alone (as `sequence_lengths`)."""
+        return self._one_column(units, "row", lambda column, rows: column.to_numpy()[:rows].astype(np.int64))
+
+    def _one_column(self, units: list[CacheUnit], name: str, take) -> list[np.ndarray]:
         by_shard: dict[int, list[int]] = {}
         for i, unit in enumerate(units):
             by_shard.setdefault(unit.shard, []).append(i)
@@ -234,11 +243,10 @@ class CacheReader:
             if problem:
                 raise KdError(f"{problem}; re-create the cache")
             with pa.memory_map(str(self.dir / shard["file"])) as source:
-                field = pa.ipc.open_file(source).schema.get_field_index("input_ids")
+                field = pa.ipc.open_file(source).schema.get_field_index(name)
                 reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[field]))
                 for i in indices:
-                    offsets = reader.get_batch(units[i].batch).column(0).offsets.to_numpy()
-                    out[i] = np.diff(offsets)[: units[i].rows].astype(np.int32)
+                    out[i] = take(reader.get_batch(units[i].batch).column(0), units[i].rows)
         return out
 
     def read_table(self, shard: dict[str, Any], verify: bool = True) -> pa.Table:

@@ -27,8 +27,9 @@ what a CE chunk costs plus O(chunk · K) (measured in bench/head_loss_speed.py; 
 
 Layout: ``signals`` (teacher signals, LossConfig), ``divergences`` (bucket divergences and maps),
 ``fused`` (the closed-form per-chunk loss), ``reference`` (the autograd reference), ``head`` (the
-fused head over chunks). Imports: torch and ``kd.errors`` only — nothing of ``kd.pipeline`` or
-``kd.stages`` (tests/test_layering.py checks it): losses are pure functions.
+fused head over chunks), ``multi`` (several teachers: a weighted sum of divergences, or a mixture).
+Imports: torch and ``kd.errors`` only — nothing of ``kd.pipeline`` or ``kd.stages``
+(tests/test_layering.py checks it): losses are pure functions.
 """
 
 from kd.losses.divergences import (
@@ -40,6 +41,7 @@ from kd.losses.divergences import (
 )
 from kd.losses.fused import ChunkLoss, ChunkSums, fused_chunk_loss, tail_guard
 from kd.losses.head import FusedHeadLoss, distill_loss_sum, head_loss_sum
+from kd.losses.multi import TEACHER_MIXES, TeacherSet, mix_topk, normalised_weights, teachers_loss_sum
 from kd.losses.reference import autograd_chunk_loss
 from kd.losses.signals import (
     DIVERGENCES,
@@ -58,6 +60,7 @@ __all__ = [
     "DIVERGENCES",
     "LOG_FLOOR",
     "MAX_FOREIGN_TEACHER_MASS",
+    "TEACHER_MIXES",
     "ChunkLoss",
     "ChunkSums",
     "DenseTeacher",
@@ -67,6 +70,7 @@ __all__ = [
     "LossParts",
     "SampledTeacher",
     "SparseTeacher",
+    "TeacherSet",
     "TeacherSignal",
     "autograd_chunk_loss",
     "bucket_divergence",
@@ -75,7 +79,10 @@ __all__ = [
     "fold_out_of_vocab",
     "fused_chunk_loss",
     "head_loss_sum",
+    "mix_topk",
+    "normalised_weights",
     "retemper_sparse",
     "student_buckets",
     "tail_guard",
+    "teachers_loss_sum",
 ]

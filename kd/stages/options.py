@@ -69,6 +69,8 @@ def _option_type(annotation: Any) -> tuple[type | None, bool]:
         return list, False
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if list[str] in args and set(args) <= {list[str], str}:  # repeatable; one value stays a string
+            return list, False
         if len(args) == 1 and args[0] in (str, int, float, bool):
             return args[0], True
         return None, True

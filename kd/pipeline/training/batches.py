@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kd.cache.format import HiddenTargets, SampledTargets, TopKTargets, target_positions
-from kd.losses import DenseTeacher, SampledTeacher, SparseTeacher
+from kd.losses import DenseTeacher, SampledTeacher, SparseTeacher, TeacherSet
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Batch:
     hidden_rows: torch.Tensor
     hidden_cols: torch.Tensor
     labels: torch.Tensor
-    teacher: SparseTeacher | SampledTeacher | DenseTeacher | None
+    teacher: SparseTeacher | SampledTeacher | DenseTeacher | TeacherSet | None
     """A hidden-state cache gives a DenseTeacher of hidden rows only: the head is attached where the
     loss runs (kd.pipeline.training.hidden_teacher), loaded once per run, never per batch."""
     token_weights: torch.Tensor | None
@@ -56,7 +56,9 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         teacher = self.teacher
-        if teacher is not None:
+        if isinstance(teacher, TeacherSet):  # several teachers (training/multiteacher.py)
+            teacher = teacher.to(device)
+        elif teacher is not None:
             teacher = type(teacher)(
                 **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(teacher).items()}
             )
@@ -101,14 +103,15 @@ def collate(seqs: list[TrainSequence], pad_id: int = 0) -> Batch:
         torch.from_numpy(np.concatenate(rows)),
         torch.from_numpy(np.concatenate(cols)),
         torch.from_numpy(np.concatenate(labels)),
-        _collate_teacher([s.teacher for s in seqs]),
+        collate_teacher([s.teacher for s in seqs]),
         token_weights,
     )
     batch.teacher_features = _collate_features([s.teacher for s in seqs])  # --hidden-layers caches only
     return batch
 
 
-def _collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | DenseTeacher | None:
+def collate_teacher(teachers: list) -> SparseTeacher | SampledTeacher | DenseTeacher | None:
+    """One teacher's rows of a micro-batch's sequences, concatenated in target order."""
     if teachers[0] is None:
         return None
     if isinstance(teachers[0], HiddenTargets):

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import KdError
-from kd.losses import LossConfig
+from kd.losses import TEACHER_MIXES, LossConfig
 from kd.pipeline.models import check_dtype
 from kd.pipeline.tracking import REPORT_TARGETS
+from kd.pipeline.training.multiteacher import parse_teacher_weights
 from kd.pipeline.training.optim_settings import OptimizerSettings
 
 
@@ -23,8 +24,9 @@ class TrainConfig(OptimizerSettings):
 
     out: str
     """Output dir: final student (HF format), checkpoints/, metrics.jsonl, config.yaml."""
-    from_cache: str | None = None
-    """Cache written by `kd cache-logits`: cached KD."""
+    from_cache: list[str] | str | None = None
+    """Cache written by `kd cache-logits`: cached KD. Give it more than once to distil several teachers
+    (caches of the same corpus; see --teacher-weights and --teacher-mix)."""
     teacher: str | None = None
     """Live teacher for online KD (with --data and --alpha < 1), or the model --student-from-teacher cuts."""
     data: str | None = None
@@ -77,6 +79,12 @@ class TrainConfig(OptimizerSettings):
     float32. bfloat16 halves a CPU-trained student on disk; checkpoints keep the training dtype (exact resume)."""
     cross_tokenizer: bool = False
     """Train a student whose tokenizer differs from the cache's teacher, aligned by text (training/crosstok.py)."""
+    teacher_weights: str | None = None
+    """With several --from-cache: each teacher's weight in their order, e.g. 0.7,0.3; positive, divided by
+    their sum (7,3 is 0.7,0.3) [default: equal]."""
+    teacher_mix: str = "sum"
+    """With several --from-cache: sum (the weighted sum of each teacher's divergence) or mixture (the
+    divergence to the weighted mixture of the teachers, on the union of their top-k; top-k caches, T = 1)."""
     eval_cache: str | None = None
     """Held-out cache: CE, KL to teacher, top-1 agreement, ECE."""
     eval_data: str | None = None
@@ -112,7 +120,10 @@ class TrainConfig(OptimizerSettings):
 
     def __post_init__(self) -> None:
         # Every flag is checked here, before kd/stages/train.py writes anything to --out.
+        if isinstance(self.from_cache, list):  # one --from-cache stays the string it always was
+            self.from_cache = (self.from_cache[0] if len(self.from_cache) == 1 else self.from_cache) or None
         self._check_sources()
+        self._check_teachers()
         self._check_counts()
         self._check_optimizer()
         self._check_numbers()
@@ -132,6 +143,19 @@ class TrainConfig(OptimizerSettings):
             raise KdError("--fsdp with --lora is not supported; LoRA students are small enough for DDP")
         if self.eval_cache is not None and self.eval_data is not None:
             raise KdError("--eval-cache and --eval-data are exclusive")
+
+    def _check_teachers(self) -> None:
+        """--teacher-weights and --teacher-mix (kd/pipeline/training/multiteacher.py)."""
+        if self.teacher_mix not in TEACHER_MIXES:
+            raise KdError(f"--teacher-mix {self.teacher_mix}: expected one of {', '.join(TEACHER_MIXES)}")
+        if self.teacher_weights is not None and self.from_cache is None:
+            raise KdError("--teacher-weights weighs the teachers of several --from-cache caches; give them")
+        parse_teacher_weights(self.teacher_weights, len(self.caches) or 1)
+        if len(self.caches) > 1 and self.teacher_mix == "mixture" and self.temperature != 1.0:
+            raise KdError(
+                f"--teacher-mix mixture is taken at --temperature 1 (got {self.temperature:g}); "
+                "use --teacher-mix sum to distil several teachers at another temperature"
+            )
 
     def _check_counts(self) -> None:
         for name, value in (
@@ -190,7 +214,7 @@ class TrainConfig(OptimizerSettings):
     def _check_out(self) -> None:
         """--out holds config.yaml, checkpoints and the student: it must not be (inside) a cache kd reads."""
         out = Path(self.out).resolve()
-        for flag, cache in (("--from-cache", self.from_cache), ("--eval-cache", self.eval_cache)):
+        for flag, cache in [*(("--from-cache", c) for c in self.caches), ("--eval-cache", self.eval_cache)]:
             # Only a real cache (a manifest) is guarded here; of anything else the reader says "not a kd cache".
             if (
                 cache is not None
@@ -198,6 +222,13 @@ class TrainConfig(OptimizerSettings):
                 and out.is_relative_to(Path(cache).resolve())
             ):
                 raise KdError(f"--out {self.out} is {flag} {cache} or inside it; write the student elsewhere")
+
+    @property
+    def caches(self) -> list[str]:
+        """The --from-cache caches, in order (empty without one)."""
+        if self.from_cache is None:
+            return []
+        return [self.from_cache] if isinstance(self.from_cache, str) else list(self.from_cache)
 
     @property
     def mode(self) -> str:

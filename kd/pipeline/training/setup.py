@@ -16,7 +16,7 @@ from kd.cache.reader import CacheReader, CacheUnit
 from kd.errors import KdError
 from kd.pipeline.evaluation.sequences import unwrap_causal_lm
 from kd.pipeline.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
-from kd.pipeline.training import crosstok
+from kd.pipeline.training import crosstok, multiteacher
 from kd.pipeline.training.config import TrainConfig
 from kd.pipeline.training.distributed import DistEnv, autocast_dtype, init_distributed, resolve_device
 from kd.pipeline.training.features import FeatureProjections, build_feature_projections
@@ -78,7 +78,9 @@ def set_up(cfg: TrainConfig) -> Run:
     np.random.seed(cfg.seed)
     out = Path(cfg.out)
 
-    reader = CacheReader(cfg.from_cache) if cfg.from_cache else None
+    reader = CacheReader(cfg.from_cache) if isinstance(cfg.from_cache, str) else None
+    if len(cfg.caches) > 1:  # several teachers: the caches read side by side as one
+        reader = multiteacher.open_caches(cfg)
     teacher_source = teacher_source_of(cfg, reader)
     student, tokenizer_source, layers = build_student(
         cfg.student, teacher_source if cfg.student_from_teacher else None, cfg.layers, str(device)
@@ -151,9 +153,14 @@ def teacher_source_of(cfg: TrainConfig, reader: CacheReader | None) -> ModelSour
     return teacher_source
 
 
-def check_cache(cfg: TrainConfig, reader: CacheReader, tokenizer: Any, fingerprint: str) -> crosstok.Aligner | None:
+def check_cache(cfg: TrainConfig, reader: CacheReader, tokenizer: Any, fingerprint: str) -> Any:
     """The cache must hold what --divergence needs and come from the student's tokenizer, unless
-    --cross-tokenizer aligns it to the student's by text: then the aligner is returned."""
+    --cross-tokenizer aligns it to the student's by text: then the aligner is returned. Several caches
+    are checked one by one, and their collation hook is returned (training/multiteacher.py)."""
+    if isinstance(reader, multiteacher.CacheSet):
+        multiteacher.check_student_tokenizer(cfg, reader, fingerprint)
+        aligners = [check_cache(cfg, one, tokenizer, fingerprint) for one in reader.readers]
+        return multiteacher.collator_for(cfg, aligners)
     aligner = None
     if reader.settings["tokenizer_fingerprint"] != fingerprint:
         if not cfg.cross_tokenizer:

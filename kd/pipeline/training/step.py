@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kd.losses import DenseTeacher, LossConfig, distill_loss_sum
+from kd.losses import DenseTeacher, LossConfig, TeacherSet, distill_loss_sum, teachers_loss_sum
 from kd.pipeline.evaluation.sequences import unwrap_causal_lm
 from kd.pipeline.heads import split_body_and_head
 from kd.pipeline.training import crosstok
@@ -77,6 +77,14 @@ class DistillStep(torch.nn.Module):
                 teacher_head_bias=None if teacher_head.bias is None else teacher_head.bias.to(hidden.device),
                 teacher_logit_transform=teacher_transform,
             )
+        if isinstance(teacher_signal, TeacherSet):  # several caches (training/multiteacher.py)
+            parts, per_teacher = teachers_loss_sum(
+                hidden, head.weight, head.bias, batch.labels, teacher_signal, self.loss_config,
+                batch.token_weights, transform,
+            )  # fmt: skip
+            if teacher_signal.tally is not None:
+                teacher_signal.tally(per_teacher, parts.weight_sum)
+            return parts
         if batch.teacher_rows is not None:  # cross-tokenizer: the divergence only where aligned
             return crosstok.loss_sum(
                 distill_loss_sum, hidden, head.weight, head.bias, batch.labels, teacher_signal,
