@@ -135,3 +135,27 @@ def test_tag_weighted_ce_is_logged_as_a_weighted_mean(tmp_path: Path, student_co
     assert proc.returncode == 0, proc.stderr[-2000:]
     (step,) = [m for m in metrics(out) if "loss" in m]
     assert step["ce"] == pytest.approx(step["loss"], rel=1e-6)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_setting_existed(tmp_path, cache, student_config):  # noqa: F811
+    """A run checkpointed by an older kd (its settings lack one added since) resumes when the new setting is
+    at its default, and is still refused when the new setting is not: an upgrade mid-run keeps its steps."""
+    out = tmp_path / "o"
+    common = ["train", "--from-cache", str(cache), "--student", str(student_config), "--out", str(out)]
+    common += ["--batch-size", "2", "--save-every", "1"]
+    assert run_kd_in_process(*common, "--max-steps", "1").returncode == 0
+    path = out / "checkpoints" / "step-0000001" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    settings = json.loads(state["config_fingerprint"])
+
+    def save_without(*keys: str) -> None:
+        state["config_fingerprint"] = json.dumps({k: v for k, v in settings.items() if k not in keys}, sort_keys=True)
+        torch.save(state, path)
+
+    save_without("batch_size")  # missing, and this run's --batch-size 2 is not the default: not the same run
+    proc = run_kd_in_process(*common, "--max-steps", "1", "--resume")
+    assert_one_line_error(proc, "--resume", "different settings")
+    save_without("teacher_mix", "teacher_weights", "feature_loss")  # a checkpoint of kd before these existed
+    proc = run_kd_in_process(*common, "--max-steps", "1", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stderr

@@ -15,7 +15,7 @@ Steps are counted globally: a run that starts --init-from a checkpoint at step B
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,19 @@ def config_fingerprint(cfg: TrainConfig) -> str:
     return json.dumps(relevant, sort_keys=True)
 
 
+def same_settings(saved_fingerprint: str, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's settings are this run's. A setting the checkpoint lacks was added to kd
+    after it was written; that run used what is now the setting's default, so a rerun with the default
+    is the same run and resumes (a kd upgrade mid-run keeps its finished steps)."""
+    if saved_fingerprint == config_fingerprint(cfg):
+        return True
+    saved = json.loads(saved_fingerprint)
+    current = json.loads(config_fingerprint(cfg))
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    added = {k for k in current.keys() - saved.keys() if k in defaults and current[k] == defaults[k]}
+    return saved == {k: v for k, v in current.items() if k not in added}
+
+
 def rng_for_rank(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     """This rank's RNG state from a checkpoint: its own when the checkpoint has one per rank of the same
     world size, else rank 0's (a checkpoint from another world size, or from before per-rank states)."""
@@ -108,7 +121,7 @@ def resume_from(
         log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
         return position.start_step
     state = load_checkpoint(checkpoint)
-    if state["config_fingerprint"] != config_fingerprint(cfg):
+    if not same_settings(state["config_fingerprint"], cfg):
         raise KdError(f"--resume: {checkpoint} was written with different settings; use another --out")
     if state.get("data", {}).get("plan") not in (None, plan.fingerprint()):
         raise KdError(
