@@ -72,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", default="0,29", help="teacher layers the student is cut from (2: cheap steps)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=3, help="3: 64 steps over 192 problems")
     parser.add_argument("--alpha", type=float, default=0.0, help="CE weight of the KD rows")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--generate", type=int, default=0, help="answer accuracy on N test problems")
@@ -128,6 +128,11 @@ def main() -> None:
               "--shuffle-window", "100000"]  # fmt: skip
     if args.max_steps:
         common += ["--max-steps", str(args.max_steps)]
+    # students are reused by folder: the folder names the budget, so another budget trains afresh
+    budget = (
+        f"n{args.train_rows}-len{args.max_seq_len}-L{args.layers.replace(',', '_')}-ep{args.epochs:g}"
+        f"-bs{args.batch_size}-lr{args.learning_rate:g}-a{args.alpha:g}-steps{args.max_steps or 'all'}"
+    )
     per_seed = {}
     for seed in seeds:
         students = {}
@@ -135,7 +140,7 @@ def main() -> None:
             cache, alpha = LADDER[row]
             online = ["--teacher", "smollm2-135m-instruct", "--data", train, *limit]
             source = ["--from-cache", str(work / f"cache-{cache}")] if cache else online
-            out = work / f"seed{seed}" / f"student-{row}"
+            out = work / budget / f"seed{seed}" / f"student-{row}"
             run_step(
                 ["train", *source, *common, "--seed", str(seed), "--alpha", str(args.alpha if alpha is None else alpha),
                  "--out", str(out)],
