@@ -266,17 +266,18 @@ class TeacherCollator:
         self.stats = TeacherStats(len(weights), self.aligners)
 
     def __call__(self, seqs: list[CachedSequence]) -> list[MultiSequence]:
-        return [self.student_sequence(s) for s in seqs]
-
-    def student_sequence(self, record: CachedSequence) -> MultiSequence:
-        """One corpus row: every cache's record, in the student's tokens, with each teacher's rows."""
-        views = []
-        for seq, aligner in zip(record.teacher, self.aligners, strict=True):
+        per_cache = []  # [cache][record] -> (ids, loss mask, teacher rows, covered targets | None)
+        for j, aligner in enumerate(self.aligners):
+            records = [s.teacher[j] for s in seqs]
             if aligner is None:
-                views.append((seq.input_ids, seq.loss_mask, seq.teacher, None))
-            else:
-                aligned = aligner.align(seq.input_ids, seq.loss_mask, seq.teacher)
-                views.append((aligned.input_ids, aligned.loss_mask, aligned.teacher, aligned.teacher_rows))
+                per_cache.append([(r.input_ids, r.loss_mask, r.teacher, None) for r in records])
+            else:  # a cache in another tokenizer: the whole record batch aligned at once (Aligner.align_many)
+                aligned = aligner.align_many([(r.input_ids, r.loss_mask, r.teacher) for r in records])
+                per_cache.append([(a.input_ids, a.loss_mask, a.teacher, a.teacher_rows) for a in aligned])
+        return [self.student_sequence(s, [views[i] for views in per_cache]) for i, s in enumerate(seqs)]
+
+    def student_sequence(self, record: CachedSequence, views: list[tuple]) -> MultiSequence:
+        """One corpus row from every cache's view of it (the student's tokens, each teacher's rows)."""
         ids, mask = views[0][0], views[0][1]
         teachers, rows = [], []
         for j, (own_ids, own_mask, teacher, covered) in enumerate(views):
