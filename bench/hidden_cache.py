@@ -1,6 +1,7 @@
 """Hidden-state caches (issue 22): bytes per target token, reconstruction KL, hidden-KD step cost.
 
     .venv/bin/python bench/hidden_cache.py [--rows 100] [--rounds 5] [--threads 1] [--data gsm8k/train.jsonl]
+    .venv/bin/python bench/hidden_cache.py --memory     # only part 4 (seconds; no caches needed)
 
 1. Caches the embedded SmolLM2-135M-Instruct teacher (d = 576, V = 49,152) over the first --rows
    GSM8K train problems (targets: the answers) as top-64 (the default cache) and as hidden states
@@ -12,12 +13,18 @@
    weights, fp32), interleaved rounds: CE only, top-64 KD + CE, hidden-cache KD + CE (the teacher
    head's matmul inside the fused loss), medians; and the FLOPs the teacher head adds, divided by
    those of the student's step.
+4. Peak memory of that head + loss step above its inputs, per mode, each mode in a fresh process
+   (peak RSS, `ru_maxrss`, minus the RSS once the inputs exist), ÷ CE's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -107,13 +114,62 @@ def head_loss_times(rounds: int, n: int = 1024, vocab: int = 49152, width: int =
     return {k: {"seconds": v, "over_ce": v / medians["ce"]} for k, v in medians.items()}
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_memory_child(mode: str, n: int = 1024, vocab: int = 49152, width: int = 576) -> None:
+    """One head + loss step of `mode` in this (fresh) process; prints its peak RSS above the inputs.
+
+    The top-64 rows are random (sorted, normalised) rather than cut from full teacher logits, so that
+    no [n, V] tensor exists before the step: the process's peak is the step's."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, width, generator=g).requires_grad_(True)
+    weight = (torch.randn(vocab, width, generator=g) * 0.05).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    signal = None
+    if mode == "top64":
+        values = torch.log_softmax(torch.randn(n, 65, generator=g), dim=-1).sort(dim=-1, descending=True).values
+        signal = SparseTeacher(torch.randint(0, vocab, (n, 64), generator=g), values[:, :64], values[:, 64])
+    elif mode == "hidden":
+        signal = DenseTeacher(teacher_hidden=torch.randn(n, width, generator=g),
+                              teacher_head_weight=torch.randn(vocab, width, generator=g) * 0.05)  # fmt: skip
+    base = _rss_bytes()
+    distill_loss_sum(hidden, weight, None, labels, signal, LossConfig(alpha=0.5, chunk_size=n)).total.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"mode": mode, "above_inputs_bytes": peak - base}))
+
+
+def head_loss_peak_memory() -> dict:
+    """Part 4: each mode in its own process (a process's peak RSS never comes down)."""
+    out = {}
+    for mode in ("ce", "top64", "hidden"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-of", mode], capture_output=True, text=True, check=True
+        )
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["above_inputs_bytes"]
+    return {m: {"bytes": b, "over_ce": b / out["ce"]} for m, b in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", help="GSM8K train.jsonl elsewhere than ../shared/data/gsm8k")
+    parser.add_argument("--memory", action="store_true", help="only the peak memory part (4)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # the child process of part 4
     args = parser.parse_args()
+    if args.memory_of:
+        return peak_memory_child(args.memory_of)
+    if args.memory:
+        memory = head_loss_peak_memory()
+        for name, row in memory.items():
+            print(f"{name:8s} peak above inputs {row['bytes'] / 2**20:8.1f} MiB  / CE {row['over_ce']:.3f}")
+        write_results("hidden_cache_memory", memory)
+        return None
     torch.set_num_threads(args.threads)
     sizes = cache_sizes(args.rows, args.data)
     kl = reconstruction_kl(sizes["dir"])

@@ -330,7 +330,9 @@ def _dense_chunk_loss(
     temperature = config.temperature
     vocab = logits.shape[1]
     with torch.no_grad():
-        teacher_logprobs = torch.log_softmax(checked_teacher_logits(teacher, lo, hi, vocab) / temperature, dim=1)
+        teacher_logits = checked_teacher_logits(teacher, lo, hi, vocab)
+        teacher_logprobs = torch.log_softmax(teacher_logits / temperature if temperature != 1.0 else teacher_logits, 1)
+        del teacher_logits  # one [n, V] buffer fewer at the peak (a hidden cache's logits are made here)
     if config.divergence == "forward_kl" and temperature == 1.0 and bool(torch.isfinite(teacher_logprobs).all()):
         return _dense_forward_kl_at_t1(logits, labels, teacher_logprobs, config, w, ce_scale, need_grad)
     student_logprobs = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
@@ -371,13 +373,14 @@ def _dense_forward_kl_at_t1(
     half the [n, V] passes: at T = 1 the student's softmax serves CE and KD alike, its log-softmax gives
     CE without a separate log-sum-exp, and p = exp(teacher) serves the divergence and its gradient.
 
-    The teacher's log-probs must be finite (no -inf padding ids); the caller checks.
+    The teacher's log-probs must be finite (no -inf padding ids); the caller checks. They are
+    overwritten (the divergence's terms are formed in their buffer): the caller made them for this call.
     Gradient: w·(q − onehot)·ce_scale − kd_scale·w·(p − q·Σp), as the general path's.
     """
     student_logprobs = torch.log_softmax(logits, dim=1)
     ce_sum = -(student_logprobs.gather(1, labels[:, None])[:, 0] * w).sum()
     p = teacher_logprobs.exp()
-    div_sum = ((teacher_logprobs - student_logprobs).mul_(p).sum(dim=1) * w).sum()
+    div_sum = (teacher_logprobs.sub_(student_logprobs).mul_(p).sum(dim=1) * w).sum()
     total = ce_scale * ce_sum + (1.0 - config.alpha) * div_sum
     if not need_grad:
         return ChunkSums(total, ce_sum, div_sum, None)
