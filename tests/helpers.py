@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,10 +148,24 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def start_kd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `kd ARGS` in the background (for kill tests)."""
+    """Start `kd ARGS` in the background (for kill and Ctrl-C tests).
+
+    SIGINT goes back to its default in the child: a suite started in the background by a
+    non-interactive shell (`make test &`) inherits SIGINT ignored, and Python keeps an ignored SIGINT
+    ignored, so a Ctrl-C test would see its signal do nothing."""
     return subprocess.Popen(
-        kd_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or kd_env(), cwd=REPO
+        kd_cmd(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or kd_env(),
+        cwd=REPO,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
