@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +201,16 @@ def run_torchrun(*args: str, nproc: int = 2, port: str = "29500", timeout: float
         env=kd_env(OMP_NUM_THREADS="1"),
         cwd=REPO,
     )
+
+
+def kill_train_at_first_checkpoint(common: list[str], out: Path, timeout: float = 300) -> None:
+    """Start `kd COMMON --out OUT`, SIGKILL it once its first checkpoint exists, and check it died
+    before finishing (the kill -9 half of every stage-two resume test)."""
+    proc = start_kd(*common, "--out", str(out))
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/state.pt")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "killed too late"

@@ -15,8 +15,6 @@ process (tests/helpers.py: run_kd_in_process).
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,13 @@ from safetensors.torch import load_file
 from kd.cache.reader import CacheReader
 from kd.losses.features import feature_loss_sum
 from kd.pipeline.training.features import default_feature_map
-from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
+from tests.helpers import (
+    assert_one_line_error,
+    kill_train_at_first_checkpoint,
+    run_kd,
+    run_kd_in_process,
+    run_torchrun,
+)
 from tests.test_cache_logits import cache_files, kill_mid_run, make_corpus
 
 # ----------------------------------------------------------------------------- the losses
@@ -300,14 +304,7 @@ def test_kill_and_resume_with_features_ends_where_an_uninterrupted_run_does(tmp_
     assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
 
     out = tmp_path / "killed"
-    proc = start_kd(*common, "--out", str(out))
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/state.pt")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.safetensors").exists(), "killed too late"
+    kill_train_at_first_checkpoint(common, out)
 
     resumed = run_kd(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr

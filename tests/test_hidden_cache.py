@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,13 @@ from kd.losses import DenseTeacher, LossConfig, autograd_chunk_loss, distill_los
 from kd.pipeline.capture import CacheConfig, run_cache_logits
 from kd.pipeline.training.batches import TrainSequence, collate
 from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
-from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
+from tests.helpers import (
+    assert_one_line_error,
+    kill_train_at_first_checkpoint,
+    run_kd,
+    run_kd_in_process,
+    run_torchrun,
+)
 from tests.test_cache_logits import cache_files, kill_mid_run, make_corpus
 from tests.test_losses import dense_reference
 from tests.test_train import assert_same_weights, metrics, sharded_common
@@ -356,14 +360,7 @@ def test_kill_and_resume_of_stage_two_from_a_hidden_cache(tmp_path, caches, stud
     reference = tmp_path / "reference"
     assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
     out = tmp_path / "killed"
-    proc = start_kd(*common, "--out", str(out))
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/state.pt")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.safetensors").exists(), "killed too late"
+    kill_train_at_first_checkpoint(common, out)
     resumed = run_kd(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr

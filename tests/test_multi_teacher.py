@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,13 @@ from kd.pipeline.training.multiteacher import CacheSet, TeacherCollator, check_s
 from kd.pipeline.training.order import EpochPlan, OrderSettings
 from kd.pipeline.training.stream import StepLoader
 from tests.conftest import build_tiny_model_dir
-from tests.helpers import assert_one_line_error, run_kd, run_kd_in_process, run_torchrun, start_kd
+from tests.helpers import (
+    assert_one_line_error,
+    kill_train_at_first_checkpoint,
+    run_kd,
+    run_kd_in_process,
+    run_torchrun,
+)
 from tests.test_cache_logits import make_corpus
 from tests.test_crosstok import gemma_student, gemma_tokenizer, gemma_tokenizer_dir, maps  # noqa: F401 - fixtures
 from tests.test_train import assert_same_weights, metrics
@@ -260,14 +264,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, student_c
     assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
 
     out = tmp_path / "killed"
-    proc = start_kd(*common, "--out", str(out))
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/state.pt")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.safetensors").exists(), "killed too late"
+    kill_train_at_first_checkpoint(common, out)
 
     resumed = run_kd(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr

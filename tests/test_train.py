@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, assert_one_line_error, kd_env, run_kd, run_kd_in_process, start_kd
+from tests.helpers import (
+    REPO,
+    assert_one_line_error,
+    kd_env,
+    kill_train_at_first_checkpoint,
+    run_kd,
+    run_kd_in_process,
+)
 from tests.test_cache_logits import make_corpus
 
 
@@ -233,14 +238,7 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tmp_path, cache, s
     assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
 
     out = tmp_path / "killed"
-    proc = start_kd(*common, "--out", str(out))
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/state.pt")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.safetensors").exists(), "killed too late"
+    kill_train_at_first_checkpoint(common, out)
 
     resumed = run_kd(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
