@@ -81,6 +81,29 @@ def test_gemma_tokenizer_adds_its_bos(gemma_tokenizer):
     assert gemma_tokenizer.bos_token == "<bos>"
 
 
+def test_the_whole_gemma3_model_converts_and_sees_its_bos(gemma_tokenizer_dir):
+    """`--teacher gemma-3-270m`: the GGUF becomes an HF directory whose tokenizer adds <bos>, and whose
+    weights give the logits transformers' own GGUF loading gives (the conversion loses nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    from kd.pipeline.models import hf_dir_for, load_causal_lm, load_tokenizer, resolve_model
+
+    source = resolve_model("gemma-3-270m")
+    converted = Path(hf_dir_for(source))
+    assert json.loads((converted / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    tokenizer = load_tokenizer(source)
+    with_bos = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    assert with_bos[0, 0] == 2 == tokenizer.bos_token_id
+    model = load_causal_lm(source, dtype="float32", device="cpu").eval()
+    gguf = Path(source.path)
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = model(with_bos, labels=with_bos)
+        assert torch.equal(ours.logits, direct(with_bos).logits)
+        without = model(with_bos[:, 1:], labels=with_bos[:, 1:]).loss
+    assert ours.loss < without - 0.5  # a Gemma model must see its BOS (measured: 3.1 vs 5.2 nats on GSM8K text)
+
+
 @pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
 @pytest.mark.parametrize("answer", TEXTS)
 def test_alignment_on_real_text(direction, answer, smollm2_tokenizer, gemma_tokenizer, maps):
