@@ -171,6 +171,33 @@ def test_hand_checked_example(smollm2_tokenizer, gemma_tokenizer, maps):
 
 
 @pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
+def test_a_text_record_gives_the_student_the_sequence_of_its_own_tokenizer(
+    direction, smollm2_tokenizer, gemma_tokenizer, maps
+):
+    """A plain-text record (BOS? + text + EOS, every token a target) aligns onto exactly what the student's
+    tokenizer makes of the same text: its BOS, its tokens, its EOS, which gets the teacher's EOS row."""
+    teacher, student = (
+        (smollm2_tokenizer, gemma_tokenizer) if direction == "smol->gemma" else (gemma_tokenizer, smollm2_tokenizer)
+    )
+    aligner = Aligner(teacher, student, maps[direction])
+    for text in TEXTS:
+        ids = np.array(teacher(text)["input_ids"] + [teacher.eos_token_id], dtype=np.int64)
+        mask = np.ones(len(ids), dtype=np.uint8)
+        positions = target_positions(mask)
+        rows = uniform_topk(ids, mask)
+        rows.ids[-1, 1] = teacher.eos_token_id  # the EOS row also lists EOS in a second slot
+        seq = aligner.align(ids, mask, rows)
+        own = student(text)["input_ids"] + [student.eos_token_id]
+        assert seq.input_ids.tolist() == own
+        first = len(aligner.student_prefix) + 1  # the text's first token: no teacher position predicted it
+        assert seq.loss_mask[first:].all() and target_positions(seq.loss_mask)[-1] == len(own) - 1
+        assert seq.teacher_rows[-1]  # the student's EOS has the teacher's EOS row
+        last = seq.teacher.ids[-1][np.isfinite(seq.teacher.logprobs[-1])]
+        assert last[0] == student.eos_token_id and np.exp(seq.teacher.logprobs[-1][0]) == pytest.approx(0.4)
+        assert len(seq.teacher.ids) == int(seq.teacher_rows.sum()) <= len(positions)
+
+
+@pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
 def test_vocab_map_against_brute_force(direction, smollm2_tokenizer, gemma_tokenizer, maps):
     teacher, student = (
         (smollm2_tokenizer, gemma_tokenizer) if direction == "smol->gemma" else (gemma_tokenizer, smollm2_tokenizer)
@@ -184,6 +211,9 @@ def test_vocab_map_against_brute_force(direction, smollm2_tokenizer, gemma_token
     for t in sample:
         t = int(t)
         text = teacher.decode([t])
+        if t == teacher.eos_token_id:  # by its role, not its text: end of text in both vocabularies
+            assert vocab_map[t] == student.eos_token_id
+            continue
         if t in unmapped or not text or "\ufffd" in text:
             assert vocab_map[t] == -1, (t, text)
             continue
@@ -329,6 +359,55 @@ def test_cross_tokenizer_training_run(smol_cache, gemma_student, maps, tmp_path)
     rows = [m for m in logged if "loss" in m]
     assert len(rows) == 3 and all("crosstok_target_coverage" in m for m in rows)
     assert all(np.isfinite(m["loss"]) and m["divergence"] > 0 for m in rows)
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory) -> Path:
+    """Plain-text records (every token a target): the same text for teachers of both tokenizers."""
+    path = tmp_path_factory.mktemp("xtext") / "text.jsonl"
+    rows = [f"Question: Sam has {a} pens and gets {b} more.\nAnswer: {a} + {b} = {a + b}." for a, b in
+            [(3, 4), (12, 345), (7, 70), (1, 9), (40, 2), (5, 55)]] + TEXTS  # fmt: skip
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_caches(tmp_path_factory, text_corpus, tiny_model_dir, gemma_student) -> dict[str, Path]:
+    """top-16 caches of `text_corpus` by a SmolLM2-tokenizer teacher and by a Gemma-3-tokenizer one."""
+    root = tmp_path_factory.mktemp("xtext-caches")
+    out = {}
+    for name, teacher in (("smol", tiny_model_dir), ("gemma", gemma_student)):
+        out[name] = root / name
+        proc = run_kd_in_process(
+            "cache-logits", "--teacher", str(teacher), "--data", str(text_corpus), "--out", str(out[name]),
+            "--top-k", "16",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("caches", [["gemma"], ["smol", "gemma"]], ids=["gemma-cache", "smol-and-gemma-caches"])
+def test_a_smollm2_student_trains_from_a_gemma3_cache_alone_and_beside_a_smollm2_one(
+    caches, text_caches, tiny_model_dir, tmp_path
+):
+    """The reverse direction: a Gemma-3-tokenizer teacher's cache serves a SmolLM2-tokenizer student, on its
+    own and as the second of two teachers (same text: both caches give the student one sequence per row)."""
+    out = tmp_path / "student"
+    args = ["train", "--student", str(tiny_model_dir), "--out", str(out), "--cross-tokenizer", "--json"]
+    args += ["--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--learning-rate", "1e-3"]
+    for name in caches:
+        args += ["--from-cache", str(text_caches[name])]
+    proc = run_kd_in_process(*args)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["steps"] == 3
+    coverage = summary["crosstok_target_coverage" + ("" if len(caches) == 1 else "_teacher_2")]
+    assert 0.8 < coverage <= 1.0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [m for m in logged if "loss" in m]
+    assert len(rows) == 3 and all(np.isfinite(m["loss"]) and m["divergence"] > 0 for m in rows)
+    if len(caches) == 2:
+        assert all(m["divergence_teacher_1"] > 0 and m["divergence_teacher_2"] > 0 for m in rows)
 
 
 def test_a_cache_whose_teacher_is_gone_is_refused_in_one_line(smollm2_tokenizer, tmp_path):

@@ -13,16 +13,19 @@ is served by three pure steps (numpy + tokenizers; no model), run on the loader'
    that text, as text: the student sees exactly what the teacher saw. A student token is a target
    when its first character lies in a teacher target's span; it gets the teacher distribution of
    the teacher target that starts at the same character, and CE only when none does (or that
-   teacher token has no text in the student's vocabulary). Known limit: offsets are in characters,
+   teacher token has no text in the student's vocabulary). A record that closes with the teacher's
+   EOS closes with the student's EOS (not the characters of the teacher's EOS name), which gets the
+   teacher's EOS row, so a text corpus gives the student the same sequence from a cache in its own
+   tokenizer and from one in another (several teachers need that). Known limit: offsets are in characters,
    so the later byte pieces of a character that byte-level BPE splits (many Chinese characters,
    emoji) have no start of their own and get CE only, even with the same tokenizer on both sides.
 3. **Vocabulary map.** Teacher id t counts towards the student token its text starts with: the first
    student id of the student's tokenization of t's text; ids with no text (special tokens, partial
-   UTF-8 bytes) map to -1 and their mass joins the tail. Computed once per tokenizer pair and kept
-   in ``$KD_HOME/crosstok/``; the identical tokenizer maps to the identity. The cached top-k of an
-   aligned position becomes a row over student ids (duplicates merged by log-sum-exp, width K kept,
-   -inf padding), so the existing fused loss runs unchanged; RS draws are mapped and merged the
-   same way (unmapped draws are dropped).
+   UTF-8 bytes) map to -1 and their mass joins the tail, except the EOS (the student's EOS).
+   Computed once per tokenizer pair and kept in ``$KD_HOME/crosstok/``; the identical tokenizer maps
+   to the identity. The cached top-k of an aligned position becomes a row over student ids
+   (duplicates merged by log-sum-exp, width K kept, -inf padding), so the existing fused loss runs
+   unchanged; RS draws are mapped and merged the same way (unmapped draws are dropped).
 
 The divergence is computed on aligned targets only (`loss_sum`); CE covers every student target.
 """
@@ -67,7 +70,11 @@ def vocab_texts(tokenizer) -> list[str | None]:
 
 
 def build_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
-    """map[teacher id] = first student id of the student's tokenization of its text, or -1 (int64)."""
+    """map[teacher id] = first student id of the student's tokenization of its text, or -1 (int64).
+
+    One special token maps by its role rather than its text: the teacher's EOS is the student's EOS
+    (a record's end of text, `Aligner`), so "stop here" keeps its meaning across vocabularies.
+    """
     if tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(student_tokenizer):
         return np.arange(len(teacher_tokenizer), dtype=np.int64)
     texts = vocab_texts(teacher_tokenizer)
@@ -77,12 +84,14 @@ def build_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     for i, enc in zip(have, encoded, strict=True):
         if enc.ids:
             out[i] = enc.ids[0]
+    if teacher_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
+        out[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
     return out
 
 
 def cached_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     """`build_vocab_map`, computed once per tokenizer pair and kept under ``$KD_HOME/crosstok``."""
-    key = f"{tokenizer_fingerprint(teacher_tokenizer)}-to-{tokenizer_fingerprint(student_tokenizer)}.npy"
+    key = f"{tokenizer_fingerprint(teacher_tokenizer)}-to-{tokenizer_fingerprint(student_tokenizer)}-v2.npy"
     path = kd_home() / "crosstok" / key
     if path.is_file():
         return np.load(path)
@@ -192,6 +201,8 @@ class Aligner:
         self.student = student_tokenizer.backend_tokenizer
         self.teacher_prefix = leading_special_ids(teacher_tokenizer)
         self.student_prefix = leading_special_ids(student_tokenizer)
+        self.teacher_eos = teacher_tokenizer.eos_token_id
+        self.student_eos = student_tokenizer.eos_token_id
         self.vocab_map = cached_vocab_map(teacher_tokenizer, student_tokenizer) if vocab_map is None else vocab_map
         self.identity = np.array_equal(self.vocab_map, np.arange(len(self.vocab_map)))
         """Same tokenizer on both sides: teacher rows pass through untouched (bit-identical loss)."""
@@ -204,10 +215,26 @@ class Aligner:
         return self._spans(body, skip, text, self.teacher.encode(text, add_special_tokens=False))
 
     def _body(self, input_ids: np.ndarray) -> tuple[list[int], int]:
-        """The teacher ids after its own leading specials, and how many were skipped."""
+        """The teacher ids between its leading specials and a closing EOS, and how many leading ones were skipped."""
         ids = [int(i) for i in input_ids]
         skip = len(self.teacher_prefix) if ids[: len(self.teacher_prefix)] == self.teacher_prefix else 0
-        return ids[skip:], skip
+        end = len(ids) - 1 if self._ends_with_eos(ids) and len(ids) - 1 >= skip else len(ids)
+        return ids[skip:end], skip
+
+    def _ends_with_eos(self, ids) -> bool:
+        """Whether a record closes with the teacher's EOS that the student's EOS then stands for.
+
+        Why: decoded as text, the teacher's EOS would reach the student as the characters of its name
+        ("<eos>"), and a same-tokenizer cache of the same text would give the student other tokens
+        than a cross-tokenizer one (several teachers need one student sequence per record).
+        """
+        return (
+            self.student_eos is not None
+            and self.teacher_eos is not None
+            and not self.identity
+            and len(ids) > 0
+            and int(ids[-1]) == self.teacher_eos
+        )
 
     @staticmethod
     def _spans(body: list[int], skip: int, text: str, enc) -> tuple[str, np.ndarray, np.ndarray, int] | None:
@@ -254,12 +281,14 @@ class Aligner:
     def _plan(self, input_ids, loss_mask, spans, text: str, enc):
         """(student ids, student loss mask, aligned per student target, teacher row per aligned target)."""
         t_targets = target_positions(loss_mask)
+        closing = spans is not None and self._ends_with_eos(input_ids)  # teacher EOS -> student EOS
         if spans is None:
             masked = np.zeros(len(text) + 1, dtype=bool)
             start_of, target_of = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         else:
             _, starts, ends, skip = spans
-            ordinal = np.flatnonzero(t_targets - skip >= 0)  # index among the teacher's targets
+            inside = (t_targets - skip >= 0) & (t_targets - skip < len(starts))
+            ordinal = np.flatnonzero(inside)  # index among the teacher's targets
             b = t_targets[ordinal] - skip
             # characters covered by a teacher target: +1 at each start, -1 at each end, cumulated
             edges = np.zeros(len(text) + 2, dtype=np.int64)
@@ -271,24 +300,31 @@ class Aligner:
         s_ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
         s_starts = np.r_[0, s_ends[:-1]] if len(s_ends) else s_ends
         prefix = len(self.student_prefix)
-        s_ids = np.array(self.student_prefix + list(enc.ids), dtype=np.int64)
+        suffix = [self.student_eos] if closing else []
+        s_ids = np.array(self.student_prefix + list(enc.ids) + suffix, dtype=np.int64)
         s_mask = np.zeros(len(s_ids), dtype=np.uint8)
         # A token of zero width is a later byte of the character the token before it started
         # (byte-level BPE splits a Chinese character or an emoji into 2-4 ids): it is a target
         # with that token, and never aligned (its "start" is the next character's).
         width = s_ends > s_starts
         owner = np.maximum.accumulate(np.where(width, np.arange(len(s_ends)), 0)) if len(s_ends) else s_ends
-        s_mask[prefix:] = masked[s_starts[owner]] if len(s_ends) else 0
+        s_mask[prefix : prefix + len(s_ends)] = masked[s_starts[owner]] if len(s_ends) else 0
+        eos_is_target = closing and len(t_targets) > 0 and t_targets[-1] == len(input_ids) - 1
+        if closing:
+            s_mask[-1] = eos_is_target
         s_mask[0] = 0  # position 0 predicts nothing
         s_targets = target_positions(s_mask)
+        body_targets = len(s_targets) - int(eos_is_target and len(s_ids) > 1)
         rows = np.full(len(s_targets), -1, dtype=np.int64)
-        if len(start_of):
-            at = s_targets - prefix
+        if len(start_of) and body_targets:
+            at = s_targets[:body_targets] - prefix
             k = np.minimum(np.searchsorted(start_of, s_starts[at]), len(start_of) - 1)
             j = target_of[k]
             teacher_target_ids = np.asarray(input_ids, dtype=np.int64)[t_targets]
             hit = width[at] & (start_of[k] == s_starts[at]) & (self.vocab_map[teacher_target_ids[j]] >= 0)
-            rows = np.where(hit, j, -1)
+            rows[:body_targets] = np.where(hit, j, -1)
+        if eos_is_target and len(s_ids) > 1 and self.vocab_map[self.teacher_eos] >= 0:
+            rows[-1] = len(t_targets) - 1  # the teacher's EOS row, its EOS mass now on the student's EOS
         aligned = rows >= 0
         return s_ids, s_mask, aligned, rows[aligned]
 
