@@ -438,7 +438,7 @@ def test_a_hidden_state_cache_is_refused_in_one_line(smollm2_tokenizer, tmp_path
     assert "\n" not in str(info.value)
 
 
-def test_eval_scores_a_student_against_a_cache_of_another_tokenizer(smol_cache, gemma_student, tmp_path):
+def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(smol_cache, gemma_student, tmp_path):
     """`kd eval --cache SMOL_CACHE --model GEMMA_STUDENT --cross-tokenizer`: KL and agreement on the aligned
     targets only (a dense bucket reference recomputed here), CE on every student target, coverage stated."""
     from transformers import AutoModelForCausalLM
@@ -485,3 +485,14 @@ def test_eval_scores_a_student_against_a_cache_of_another_tokenizer(smol_cache, 
     assert got["ce"] == pytest.approx(ce / targets, rel=1e-5)
     assert got["kl"] == pytest.approx(kl / aligned, rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(agree / aligned)
+
+    # `kd compare --cross-tokenizer`: the same figures per model, paired over the same aligned targets.
+    args = ["compare", str(gemma_student), str(gemma_student), "--cache", str(smol_cache), "--json"]
+    assert_one_line_error(run_kd_in_process(*args), "another tokenizer", "--cross-tokenizer")
+    proc = run_kd_in_process(*args, "--cross-tokenizer", "--bootstrap", "100")
+    assert proc.returncode == 0, proc.stderr
+    compared = json.loads(proc.stdout)
+    for row in compared["models"]:
+        assert row["kl"] == pytest.approx(got["kl"], rel=1e-6) and row["ce"] == pytest.approx(got["ce"], rel=1e-6)
+        assert row["crosstok_target_coverage"] == pytest.approx(got["crosstok_target_coverage"])
+    assert compared["comparisons"][0]["metrics"]["kl"]["difference"] == 0.0

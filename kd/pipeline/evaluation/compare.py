@@ -71,6 +71,10 @@ class CompareConfig:
     """Held-out corpus (any kd data format): scored with --teacher live, and the prompts of --generate."""
     cache: str | None = None
     """Held-out cache from `kd cache-logits` (the sequences, and the teacher's log-probs for KL and agreement)."""
+    cross_tokenizer: bool = False
+    """--cache was made by a teacher with another tokenizer than the models' (which must share one): each
+    record is re-tokenized by the models' tokenizer (as `kd train --cross-tokenizer` does); KL and
+    agreement on the aligned targets, CE on all, and the coverage (crosstok_*) reported."""
     teacher: str | None = None
     """Teacher run live over --data for KL and agreement (without --cache)."""
     data_format: str | None = None
@@ -111,6 +115,8 @@ class CompareConfig:
             raise KdError("give --cache HELD_OUT_CACHE or --data HELD_OUT (with --teacher T/ for KL and agreement)")
         if self.cache is not None and self.teacher is not None:
             raise KdError("--cache already holds the teacher's log-probs; drop --teacher")
+        if self.cross_tokenizer and self.cache is None:
+            raise KdError("--cross-tokenizer applies to --cache (a held-out cache made with another tokenizer)")
         if (self.generate or self.samples_at) and self.data is None:
             raise KdError("--generate and --samples-at need --data (prompts with reference answers)")
         if self.bootstrap < 100:
@@ -177,13 +183,26 @@ def load_compared_model(model: ComparedModel, device: str):
 # ----------------------------------------------------------------------------- sequences
 
 
-def _sequences(cfg: CompareConfig, tokenizer, device: str) -> Iterable[TrainSequence] | list[TrainSequence]:
-    """The held-out sequences every model is scored on (a fresh stream per call for a cache)."""
+def _sequences(cfg: CompareConfig, tokenizer, device: str, aligned: dict | None = None) -> Iterable[TrainSequence]:
+    """The held-out sequences every model is scored on (a fresh stream per call for a cache).
+
+    With --cross-tokenizer the cache's records are aligned onto `tokenizer` a batch at a time, and the
+    aligner's coverage counts are left in `aligned["aligner"]` for the caller to report.
+    """
     if cfg.cache:
         from kd.cache.reader import CacheReader
 
         reader = CacheReader(cfg.cache, flag="--cache")
-        return itertools.islice(reader.iter_sequences(), cfg.limit)
+        seqs = itertools.islice(reader.iter_sequences(), cfg.limit)
+        if cfg.cross_tokenizer and reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            from kd.pipeline.evaluation.model_eval import aligned_stream
+            from kd.pipeline.training.crosstok import aligner_for
+
+            aligner = aligner_for(reader, tokenizer, load_tokenizer, flag="--cache")
+            if aligned is not None:
+                aligned["aligner"] = aligner
+            return aligned_stream(seqs, aligner, cfg.batch_size)
+        return seqs
     seqs = []
     for example in iter_examples(cfg.data, cfg.data_format, cfg.limit):
         tokenized = tokenize_example(example, tokenizer, cfg.max_seq_len)
@@ -214,11 +233,19 @@ def _check_tokenizers(cfg: CompareConfig, models: list[ComparedModel]) -> Any:
         from kd.cache.reader import CacheReader
 
         expected = CacheReader(cfg.cache, flag="--cache").settings["tokenizer_fingerprint"]
+        if cfg.cross_tokenizer:
+            expected = prints[0]  # every model reads the cache's text re-tokenized one way
         for model, fingerprint in zip(models, prints, strict=True):
+            if fingerprint != expected and cfg.cross_tokenizer:
+                raise KdError(
+                    f"{model.spec}: uses another tokenizer than the baseline {models[0].spec}; --cross-tokenizer "
+                    "pairs models that share one tokenizer (the cache's may differ)"
+                )
             if fingerprint != expected:
                 raise KdError(
                     f"{model.spec}: uses another tokenizer than --cache {cfg.cache} was made with; "
-                    "paired per-token figures need one tokenization (a cache made with this model's tokenizer)"
+                    "paired per-token figures need one tokenization (a cache made with this model's tokenizer, "
+                    "or --cross-tokenizer to score it on the targets the two tokenizations share)"
                 )
     else:
         for model, fingerprint in zip(models[1:], prints[1:], strict=True):
@@ -310,7 +337,8 @@ def score_models(cfg: CompareConfig) -> Scores:
     for model, tokenizer in zip(models, tokenizers, strict=True):
         log(f"[bold]scoring {model.spec}[/bold]")
         lm = load_compared_model(model, device)
-        seqs = fixed if fixed is not None else _sequences(cfg, tokenizer, device)
+        aligned: dict[str, Any] = {}
+        seqs = fixed if fixed is not None else _sequences(cfg, tokenizer, device, aligned)
         metrics, seq = score_sequences(lm, seqs, cfg.batch_size, device=device, teacher_head=teacher_head)
         if not metrics["tokens"]:
             raise KdError(f"{cfg.cache or cfg.data}: no target tokens to score")
@@ -319,6 +347,7 @@ def score_models(cfg: CompareConfig) -> Scores:
             "parameters": sum(p.numel() for p in lm.parameters()),
             "size_bytes": model.checkpoint.stat().st_size if model.checkpoint else model_size_bytes(model.source),
             **metrics,
+            **(aligned["aligner"].stats.metrics() if "aligner" in aligned else {}),
         }
         if cfg.generate:
             started = time.perf_counter()
