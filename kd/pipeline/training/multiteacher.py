@@ -22,8 +22,10 @@ and collation hands the loss a `kd.losses.TeacherSet`: each teacher's rows, and 
 teacher the targets they cover (the divergence to it is taken there, as for one cross-tokenizer
 cache; the CE on every target).
 
-Not supported yet, each refused in one line: hidden-state caches, --teacher-mix mixture of RS caches,
-at --temperature != 1, or across tokenizers.
+--teacher-mix mixture works on every path the sum does (top-k and RS caches, same or cross
+tokenizer, any --temperature a top-k cache recorded; the rules: kd/losses/mixture.py). Refused in
+one line: hidden-state caches (several teachers need top-k or rs caches), and an RS cache with
+another --divergence than forward_kl or at --temperature != 1, as for one RS cache.
 """
 
 from __future__ import annotations
@@ -317,17 +319,12 @@ def open_caches(cfg) -> CacheSet:
     for reader, path in zip(readers, cfg.caches, strict=True):
         if reader.mode not in ("topk", "rs"):
             raise KdError(f"--from-cache {path}: several teachers need top-k or rs caches, not a {reader.mode} cache")
-        if cfg.teacher_mix == "mixture" and reader.mode != "topk":
-            raise KdError(
-                f"--from-cache {path}: --teacher-mix mixture needs top-k caches, this one is {reader.mode}; "
-                "use --teacher-mix sum"
-            )
     check_same_corpus(readers, cfg.caches, cfg.cross_tokenizer)
     return CacheSet(readers, cfg.caches)
 
 
 def check_student_tokenizer(cfg, caches: CacheSet, fingerprint: str) -> None:
-    """A cache in another tokenization than the student's needs --cross-tokenizer (and the sum mode)."""
+    """A cache in another tokenization than the student's needs --cross-tokenizer."""
     for reader, path in zip(caches.readers, cfg.caches, strict=True):
         theirs = reader.settings["tokenizer_fingerprint"]
         if theirs == fingerprint:
@@ -336,11 +333,6 @@ def check_student_tokenizer(cfg, caches: CacheSet, fingerprint: str) -> None:
             raise KdError(
                 f"--from-cache {path}: the cache was made with another tokenizer ({theirs}) than the "
                 f"student's ({fingerprint}); pass --cross-tokenizer to align the two by text"
-            )
-        if cfg.teacher_mix == "mixture":
-            raise KdError(
-                f"--from-cache {path}: --teacher-mix mixture across tokenizers is not supported yet "
-                "(a teacher covers only the targets aligned to it); use --teacher-mix sum"
             )
 
 
