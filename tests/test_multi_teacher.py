@@ -8,7 +8,7 @@ Checked: the sum mode's loss at the first step is the weighted sum of the single
 is that cache; the loader reads the caches side by side in the single cache's order with bounded
 memory; RS and top-k caches combine in either mode; a mixture of a cache with itself across
 tokenizers is that cache's cross-tokenizer run; the one-line refusals; kill -9 and --resume equal
-an uninterrupted run (a real process).
+an uninterrupted run (a real process); 2 DDP ranks log each teacher's divergence as 1 process does.
 The losses themselves: tests/test_multi_teacher_losses.py.
 """
 
@@ -282,7 +282,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, student_c
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, caches, student_config):
-    """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, both teachers in sum mode (DDP)."""
+    """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, both teachers in sum mode (DDP):
+    the losses, the weights and each teacher's logged divergence."""
     common = ["train", "--from-cache", str(caches["a"]), "--from-cache", str(caches["rs"]), "--student"]
     common += [str(student_config), "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1"]
     common += ["--teacher-weights", "0.6,0.4"]
@@ -295,3 +296,7 @@ def test_two_processes_match_one(tmp_path, caches, student_config):
     assert len(want) == 3
     assert [m["loss"] for m in metrics(double) if "loss" in m] == pytest.approx(want, rel=1e-6)
     assert_same_weights(single, double, atol=2e-5)
+    # Each teacher's logged divergence is over both ranks' targets, as `divergence` is.
+    for key in ("divergence", "divergence_teacher_1", "divergence_teacher_2"):
+        want = [m[key] for m in metrics(single) if "loss" in m]
+        assert [m[key] for m in metrics(double) if "loss" in m] == pytest.approx(want, rel=1e-6), key
