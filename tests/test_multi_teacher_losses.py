@@ -36,6 +36,7 @@ from kd.losses import (
     normalised_weights,
     teachers_loss_sum,
 )
+from kd.losses.mixture import mixed_teacher
 
 N, H, V = 10, 16, 40
 
@@ -393,6 +394,15 @@ def test_a_mixture_at_another_temperature_uses_the_recorded_tempered_tails():
         assert float(got.total.detach()) == pytest.approx(float(alone.total.detach()), rel=1e-10)
         torch.testing.assert_close(gh, ah, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(gw, aw, rtol=1e-9, atol=1e-12)
+    # The mixed teacher handed to the loss is one at T only: its T = 1 tail is never read.
+    mixed, _, _ = mixed_teacher(
+        [teacher, tempered_topk(logits[1], 4, (2.0,))], (0.5, 0.5), None, N, 2.0, V, torch.float64
+    )
+    poisoned = dataclasses.replace(mixed, teacher_tail_logmass=torch.full((N,), float("nan"), dtype=torch.float64))
+    clean, ch, cw = loss_and_grads(hidden, weight, labels, mixed, config)
+    got, gh, gw = loss_and_grads(hidden, weight, labels, poisoned, config)
+    assert float(got.total.detach()) == float(clean.total.detach())
+    assert bool(gh.equal(ch)) and bool(gw.equal(cw))
     untempered = TeacherSet([teacher, topk(logits[1], 6)], (0.5, 0.5), "mixture")
     with pytest.raises(KdError, match="the cache holds no tempered tail for it"):
         teachers_loss_sum(hidden, weight, None, labels, untempered, config)
