@@ -6,10 +6,17 @@
 K < V it equals a brute-force bucket mixture built id by id (the rule: an id a teacher does not
 list counts in that teacher's tail); mixing a teacher with itself is that teacher; the sum mode is
 the weighted sum of single-teacher losses (gradients included, top-k and RS teachers alike).
+
+The mixture on every path (kd/losses/mixture.py), against a dense mixture built by hand on the full
+vocabulary (`dense_mixture_loss`): teachers that cover only some targets (the teachers present,
+weights renormalised), at T = 2 (each teacher tempered, then mixed), RS teachers (counts/N, dropped
+draws lowering the row's mass) with top-k ones; one RS teacher has the RS loss's gradient; at T = 2
+the recorded tempered tails are the single-teacher loss's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -24,10 +31,12 @@ from kd.losses import (
     SparseTeacher,
     TeacherSet,
     distill_loss_sum,
+    divergence,
     mix_topk,
     normalised_weights,
     teachers_loss_sum,
 )
+from kd.losses.mixture import mixed_teacher
 
 N, H, V = 10, 16, 40
 
@@ -180,8 +189,6 @@ def test_sum_mode_takes_top_k_and_rs_teachers_together():
         sum(w * float(s[0].total.detach()) for w, s in zip(weights, singles, strict=True)), rel=1e-10
     )
     torch.testing.assert_close(gh, sum(w * s[1] for w, s in zip(weights, singles, strict=True)), rtol=1e-9, atol=1e-12)
-    with pytest.raises(KdError, match="--teacher-mix mixture needs top-k caches"):
-        teachers_loss_sum(hidden, weight, None, labels, TeacherSet(teachers, weights, "mixture"), config)
 
 
 def test_weights_are_normalised_and_must_be_positive():
@@ -230,5 +237,172 @@ def test_teachers_on_some_targets_are_summed_where_they_cover():
     assert float(got.total.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     torch.testing.assert_close(gh, h.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gw, w.grad, rtol=1e-9, atol=1e-12)
-    with pytest.raises(KdError, match="mixture needs every teacher on every target"):
-        teachers_loss_sum(hidden, weight, None, labels, TeacherSet(teachers, weights, "mixture", rows=rows), config)
+
+
+# ----------------------------------------------------------------------------- mixture mode on every path
+
+
+def covering(teacher: SparseTeacher | SampledTeacher, rows: torch.Tensor | None):
+    """A teacher's rows at the targets `rows` covers only, as a cross-tokenizer cache hands them out."""
+    if rows is None:
+        return teacher
+    return type(teacher)(**{k: (v[rows] if torch.is_tensor(v) else v) for k, v in vars(teacher).items()})
+
+
+def dense_rs(teacher: SampledTeacher) -> torch.Tensor:
+    """An RS teacher's empirical distribution counts/num_samples over the vocabulary [N, V]."""
+    counts = teacher.teacher_counts.double() / teacher.num_samples
+    return torch.zeros(teacher.teacher_ids.shape[0], V, dtype=torch.float64).scatter_add_(
+        1, teacher.teacher_ids, counts
+    )
+
+
+def dense_mixture_loss(hidden, weight, labels, teacher_probs, rows, weights, config):
+    """The mixture mode by hand on the full vocabulary, by autograd: α·Σ CE + (1−α)·T²·Σ_i M_i·D(m_i/M_i ‖ q_i).
+
+    teacher_probs[j][N, V]: teacher j's distribution at T on every target (a sub-probability for RS
+    rows with dropped draws); at target i, m_i mixes the teachers whose rows[j] covers i (None: all)
+    with their weights renormalised over them, M_i its total; targets no teacher covers: CE only.
+    """
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logits = h @ w.T
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    student = F.log_softmax(logits / config.temperature, dim=-1)
+    div = logits.new_zeros(())
+    for i in range(N):
+        here = [j for j, r in enumerate(rows) if r is None or bool(r[i])]
+        if not here:
+            continue
+        m = sum(weights[j] / sum(weights[k] for k in here) * teacher_probs[j][i] for j in here)
+        mass = m.sum()
+        div = div + mass * divergence((m / mass).log()[None], student[i : i + 1], config.divergence)[0]
+    total = config.alpha * ce + (1.0 - config.alpha) * config.temperature**2 * div
+    total.backward()
+    return float(total.detach()), float(div.detach()), h.grad, w.grad
+
+
+def assert_matches_dense(got, gh, gw, ref):
+    total, div, rh, rw = ref
+    assert float(got.total.detach()) == pytest.approx(total, rel=1e-10)
+    assert float(got.divergence) == pytest.approx(div, rel=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-12)
+
+
+# Teacher 0 on even targets, 1 on targets 0-3, 2 on 3-7: targets with two, one (1, 5, 7) and no (9) teacher.
+PARTIAL_ROWS = [torch.arange(N) % 2 == 0, torch.arange(N) < 4, (torch.arange(N) >= 3) & (torch.arange(N) < 8)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_mixture_across_tokenizers_is_the_mixture_of_the_teachers_present(name, temperature):
+    """Partial coverage: at each target the teachers present, weights renormalised; at T: each teacher tempered."""
+    hidden, weight, labels, logits = problem(7)
+    weights = (0.5, 0.3, 0.2)
+    teachers = [covering(topk(z, V), r) for z, r in zip(logits, PARTIAL_ROWS, strict=True)]  # K = V: exact
+    config = LossConfig(alpha=0.3, temperature=temperature, divergence=name, chunk_size=4)
+    got = loss_and_grads(hidden, weight, labels, TeacherSet(teachers, weights, "mixture", rows=PARTIAL_ROWS), config)
+    dense = [F.softmax(z / temperature, dim=-1) for z in logits]
+    assert_matches_dense(*got, dense_mixture_loss(hidden, weight, labels, dense, PARTIAL_ROWS, weights, config))
+
+
+def test_mixture_with_every_target_covered_is_the_mixture_path():
+    hidden, weight, labels, logits = problem(8)
+    teachers, weights = [topk(logits[0], 5), topk(logits[1], 3)], (0.6, 0.4)
+    config = LossConfig(alpha=0.4, chunk_size=3)
+    whole, wh, ww = loss_and_grads(hidden, weight, labels, TeacherSet(teachers, weights, "mixture"), config)
+    every = [torch.ones(N, dtype=torch.bool)] * 2
+    got, gh, gw = loss_and_grads(hidden, weight, labels, TeacherSet(teachers, weights, "mixture", rows=every), config)
+    assert float(got.total.detach()) == pytest.approx(float(whole.total.detach()), rel=1e-10)
+    assert float(got.divergence) == pytest.approx(float(whole.divergence), rel=1e-10)
+    torch.testing.assert_close(gh, wh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, ww, rtol=1e-9, atol=1e-12)
+
+
+def dropped(teacher: SampledTeacher) -> SampledTeacher:
+    """An RS teacher whose most drawn id of every other row maps to no student id (cross-tokenizer):
+    those draws are gone, num_samples is kept (crosstok.map_sampled)."""
+    counts = teacher.teacher_counts.clone()
+    counts[::2, 0] = 0.0
+    return SampledTeacher(teacher.teacher_ids, counts, teacher.num_samples)
+
+
+def test_a_mixture_of_one_rs_teacher_has_the_rs_loss_gradient():
+    """Same tokenizer: the RS loss minus the draws' entropy. Across tokenizers, dropped draws and all:
+    the single cross-tokenizer RS loss (α·CE everywhere, the RS loss on the covered targets)."""
+    hidden, weight, labels, logits = problem(9)
+    rs = sampled(logits[0], 16, seed=1)
+    config = LossConfig(alpha=0.3, chunk_size=4)
+    single, sh, sw = loss_and_grads(hidden, weight, labels, rs, config)
+    got, gh, gw = loss_and_grads(hidden, weight, labels, TeacherSet([rs], (1.0,), "mixture"), config)
+    torch.testing.assert_close(gh, sh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, sw, rtol=1e-9, atol=1e-12)
+    p = dense_rs(rs)
+    entropy = float(-(p * torch.where(p > 0, p.log(), 0.0)).sum())
+    assert float(got.divergence) == pytest.approx(float(single.divergence) - entropy, rel=1e-10)
+
+    rows, lossy = PARTIAL_ROWS[2], dropped(rs)
+    got, gh, gw = loss_and_grads(
+        hidden, weight, labels, TeacherSet([covering(lossy, rows)], (1.0,), "mixture", rows=[rows]), config
+    )
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = 0.3 * distill_loss_sum(h, w, None, labels, None, config).total
+    want = want + 0.7 * distill_loss_sum(h[rows], w, None, labels[rows], covering(lossy, rows), LossConfig(0.0)).total
+    want.backward()
+    torch.testing.assert_close(gh, h.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_mixture_of_rs_and_top_k_teachers_against_a_dense_reference():
+    """RS (draws partly dropped) with top-k teachers, some covering only some targets."""
+    hidden, weight, labels, logits = problem(10)
+    rs = dropped(sampled(logits[0], 16, seed=2))
+    weights = (0.3, 0.5, 0.2)
+    rows = [None, PARTIAL_ROWS[1], PARTIAL_ROWS[2]]  # the RS teacher on every target
+    teachers = [rs, covering(topk(logits[1], V), rows[1]), covering(topk(logits[2], V), rows[2])]
+    config = LossConfig(alpha=0.2, chunk_size=4)
+    got = loss_and_grads(hidden, weight, labels, TeacherSet(teachers, weights, "mixture", rows=rows), config)
+    dense = [dense_rs(rs), F.softmax(logits[1], dim=-1), F.softmax(logits[2], dim=-1)]
+    assert_matches_dense(*got, dense_mixture_loss(hidden, weight, labels, dense, rows, weights, config))
+    # As for one RS teacher: forward KL at T = 1 only.
+    mixed = TeacherSet(teachers, weights, "mixture", rows=rows)
+    with pytest.raises(KdError, match="--divergence reverse_kl needs teacher log-probabilities"):
+        teachers_loss_sum(hidden, weight, None, labels, mixed, LossConfig(divergence="reverse_kl"))
+    with pytest.raises(KdError, match="--temperature must be 1 with an RS cache"):
+        teachers_loss_sum(hidden, weight, None, labels, mixed, LossConfig(temperature=2.0))
+
+
+def tempered_topk(teacher_logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> SparseTeacher:
+    """A top-k teacher with the tempered tails stage one records (`kd cache-logits --temperatures`)."""
+    teacher = topk(teacher_logits, k)
+    tails = [
+        torch.logsumexp(F.log_softmax(teacher_logits / t, dim=-1).scatter(1, teacher.teacher_ids, float("-inf")), -1)
+        for t in temperatures
+    ]
+    return dataclasses.replace(teacher, teacher_tempered_tails=torch.stack(tails, 1), teacher_temperatures=temperatures)
+
+
+def test_a_mixture_at_another_temperature_uses_the_recorded_tempered_tails():
+    """K < V at T = 2: one teacher, or a teacher mixed with itself, is the single-teacher loss at T = 2
+    (which re-tempers from the recorded tail); without the recorded tail it is refused the same way."""
+    hidden, weight, labels, logits = problem(11)
+    teacher = tempered_topk(logits[0], 6, (1.0, 2.0))
+    config = LossConfig(alpha=0.3, temperature=2.0, chunk_size=4)
+    alone, ah, aw = loss_and_grads(hidden, weight, labels, teacher, config)
+    for mixed in (TeacherSet([teacher], (1.0,), "mixture"), TeacherSet([teacher, teacher], (0.3, 0.7), "mixture")):
+        got, gh, gw = loss_and_grads(hidden, weight, labels, mixed, config)
+        assert float(got.total.detach()) == pytest.approx(float(alone.total.detach()), rel=1e-10)
+        torch.testing.assert_close(gh, ah, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gw, aw, rtol=1e-9, atol=1e-12)
+    # The mixed teacher handed to the loss is one at T only: its T = 1 tail is never read.
+    mixed, _, _ = mixed_teacher(
+        [teacher, tempered_topk(logits[1], 4, (2.0,))], (0.5, 0.5), None, N, 2.0, V, torch.float64
+    )
+    poisoned = dataclasses.replace(mixed, teacher_tail_logmass=torch.full((N,), float("nan"), dtype=torch.float64))
+    clean, ch, cw = loss_and_grads(hidden, weight, labels, mixed, config)
+    got, gh, gw = loss_and_grads(hidden, weight, labels, poisoned, config)
+    assert float(got.total.detach()) == float(clean.total.detach())
+    assert bool(gh.equal(ch)) and bool(gw.equal(cw))
+    untempered = TeacherSet([teacher, topk(logits[1], 6)], (0.5, 0.5), "mixture")
+    with pytest.raises(KdError, match="the cache holds no tempered tail for it"):
+        teachers_loss_sum(hidden, weight, None, labels, untempered, config)

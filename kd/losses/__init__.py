@@ -27,7 +27,8 @@ what a CE chunk costs plus O(chunk · K) (measured in bench/head_loss_speed.py; 
 
 Layout: ``signals`` (teacher signals, LossConfig), ``divergences`` (bucket divergences and maps),
 ``fused`` (the closed-form per-chunk loss), ``reference`` (the autograd reference), ``head`` (the
-fused head over chunks), ``multi`` (several teachers: a weighted sum of divergences, or a mixture).
+fused head over chunks), ``multi`` (several teachers: a weighted sum of divergences, or a mixture),
+``mixture`` (the mixture of several teachers as one sparse teacher).
 Imports: torch and ``kd.errors`` only — nothing of ``kd.pipeline`` or ``kd.stages``
 (tests/test_layering.py checks it): losses are pure functions.
 """
@@ -41,7 +42,8 @@ from kd.losses.divergences import (
 )
 from kd.losses.fused import ChunkLoss, ChunkSums, fused_chunk_loss, tail_guard
 from kd.losses.head import FusedHeadLoss, distill_loss_sum, head_loss_sum
-from kd.losses.multi import TEACHER_MIXES, TeacherSet, mix_topk, normalised_weights, teachers_loss_sum
+from kd.losses.mixture import mix_topk
+from kd.losses.multi import TEACHER_MIXES, TeacherSet, normalised_weights, teachers_loss_sum
 from kd.losses.reference import autograd_chunk_loss
 from kd.losses.signals import (
     DIVERGENCES,

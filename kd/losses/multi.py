@@ -6,18 +6,13 @@ meaning and one teacher of weight 1 is the single-teacher loss):
 - ``sum``: α·CE + (1−α)·T²·Σ_j w_j·D(teacher_j ‖ student). Each teacher's signal goes through the
   single-teacher loss (`distill_loss_sum`) unchanged, so every divergence and cache type valid for
   one teacher is valid here; it costs one pass of the head per teacher.
-- ``mixture``: α·CE + (1−α)·T²·D(Σ_j w_j·teacher_j ‖ student), for top-k teachers. `mix_topk` builds the
-  mixture on the union of the teachers' cached ids plus one tail bucket; then the single-teacher
-  loss runs on it (one pass of the head).
-
-The mixture's approximation. A top-k teacher j knows p_j(x) only for the ids it lists; its tail
-mass t_j = 1 − Σ listed p_j is spread over every other id in an unknown way. For an id x that
-teacher i lists and teacher j does not, the rule here counts w_j·p_j(x) in the **tail bucket**
-(where teacher j put it): the mixture lists x with Σ_{j lists x} w_j·p_j(x), and its tail is
-Σ_j w_j·t_j. That is a proper distribution over (union ids + tail), exact on every bucket whose
-teachers all list it, and it never invents mass. The error against the true mixture on such an id
-is w_j·p_j(x) ≤ w_j·min(listed p_j) (x ranks below teacher j's k-th id), moved between x's bucket
-and the tail. The student is compared bucket by bucket, its tail being its mass outside the union.
+- ``mixture``: α·CE + (1−α)·T²·D(Σ_j w_j·teacher_j ‖ student). `kd.losses.mixture` builds the mixture
+  on the union of the teachers' listed ids plus one tail bucket, then the single-teacher loss runs
+  on it (one pass of the head; two with teachers across tokenizers or RS teachers). It takes top-k
+  and RS teachers, teachers that cover only some targets (across tokenizers: at each target the
+  teachers present, weights renormalised over them) and any temperature (the mixture of the
+  tempered teachers); the rules, and what is refused (RS at T ≠ 1 or with another divergence than
+  forward KL, as for one RS teacher), are in that module's docstring.
 
 Imports: torch and kd.losses only (tests/test_layering.py).
 """
@@ -31,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from kd.errors import KdError
-from kd.losses.divergences import retemper_sparse
 from kd.losses.head import distill_loss_sum
+from kd.losses.mixture import mixture_loss_sum
 from kd.losses.signals import LossConfig, LossParts, SampledTeacher, SparseTeacher, TeacherSignal
 
 TEACHER_MIXES = ("sum", "mixture")
@@ -80,52 +75,6 @@ def normalised_weights(weights: list[float] | tuple[float, ...]) -> tuple[float,
     return tuple(w / total for w in weights)
 
 
-def mix_topk(teachers: list[SparseTeacher], weights: tuple[float, ...] | list[float]) -> SparseTeacher:
-    """The weighted mixture of top-k teachers on the union of their ids plus a tail (rule: module docstring).
-
-    teachers[j]: teacher_ids[N, K_j], teacher_logprobs[N, K_j] (-inf: empty slot), teacher_tail_logmass[N];
-    weights[j] >= 0 summing to 1 -> SparseTeacher with ids[N, Σ K_j] (each valid id once; empty slots
-    -inf, pointing at id 0), logprobs in descending order, the mixed tail. Each teacher is first
-    renormalised (listed + tail = 1, which removes value quantisation's drift). Mixed in fp64.
-    Tempered tails are not carried: a mixture is taken at T = 1 (training refuses it at T ≠ 1).
-    """
-    if len(teachers) != len(weights):
-        raise ValueError(f"{len(teachers)} teachers, {len(weights)} weights")
-    probs, ids, tails = [], [], []
-    for teacher, w in zip(teachers, weights, strict=True):
-        logp, tail = retemper_sparse(
-            teacher.teacher_logprobs.double(), teacher.teacher_tail_logmass.double(), 1.0
-        )  # normalised: Σ listed + tail = 1
-        probs.append(logp.exp() * w)  # 0 on empty slots
-        tails.append(tail.exp() * w)
-        ids.append(teacher.teacher_ids.long())
-    p = torch.cat(probs, dim=1)
-    cat_ids = torch.cat(ids, dim=1)
-    # Empty slots sort last (an id above every real one) and carry 0 probability.
-    sentinel = int(cat_ids.max()) + 1 if cat_ids.numel() else 1
-    keyed = torch.where(p > 0, cat_ids, torch.full_like(cat_ids, sentinel))
-    sorted_ids, order = keyed.sort(dim=1)
-    sorted_p = p.gather(1, order)
-    # One group per distinct id of a row: ids that several teachers list add their w_j·p_j.
-    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
-    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    group = starts.long().cumsum(dim=1) - 1
-    mixed_p = torch.zeros_like(sorted_p).scatter_add_(1, group, sorted_p)
-    mixed_ids = torch.zeros_like(sorted_ids).scatter_(1, group, sorted_ids)
-    real = (mixed_p > 0) & (mixed_ids != sentinel)
-    mixed_ids = torch.where(real, mixed_ids, torch.zeros_like(mixed_ids))
-    mixed_lp = torch.where(real, mixed_p.log(), torch.full_like(mixed_p, float("-inf")))
-    mixed_lp, by_prob = mixed_lp.sort(dim=1, descending=True)  # probability order, as readers hand rows out
-    mixed_ids = mixed_ids.gather(1, by_prob)
-    tail = torch.stack(tails, dim=0).sum(dim=0)
-    dtype = teachers[0].teacher_logprobs.dtype
-    return SparseTeacher(
-        teacher_ids=mixed_ids,
-        teacher_logprobs=mixed_lp.to(dtype),
-        teacher_tail_logmass=tail.log().to(dtype),
-    )
-
-
 def teachers_loss_sum(
     student_hidden: torch.Tensor,
     student_head_weight: torch.Tensor,
@@ -163,12 +112,14 @@ def teachers_loss_sum(
             )  # fmt: skip
         parts = one(None, config)  # Σ w·CE, the whole loss at α = 1
         return dataclasses.replace(parts, divergence=measured.divergence), per_teacher
+    if teachers.mix == "mixture":
+        parts = mixture_loss_sum(
+            one, student_hidden, labels, teachers.teachers, teachers.weights, teachers.rows, config,  # type: ignore[arg-type]
+            token_weights, student_head_weight.shape[0],
+        )  # fmt: skip
+        return parts, []
     if teachers.partial:
         return _partial_loss_sum(one, student_hidden, labels, teachers, config, token_weights)
-    if teachers.mix == "mixture":
-        if not all(isinstance(t, SparseTeacher) for t in teachers.teachers):
-            raise KdError("--teacher-mix mixture needs top-k caches; use --teacher-mix sum with RS caches")
-        return one(mix_topk(teachers.teachers, teachers.weights), config), []  # type: ignore[arg-type]
     # Teacher 0 carries the CE: c0·(a0·CE + (1−a0)·T²·D0) = α·CE + (1−α)·w0·T²·D0 with c0 = α + (1−α)·w0;
     # every other teacher adds (1−α)·w_j·T²·D_j through an α = 0 pass. One head pass per teacher.
     w0 = teachers.weights[0]
@@ -191,10 +142,6 @@ def _partial_loss_sum(one, student_hidden, labels, teachers: TeacherSet, config:
     With one teacher this is the cross-tokenizer loss (`kd.pipeline.training.crosstok.loss_sum`).
     One pass of the head for the CE, then one per teacher over its targets.
     """
-    if teachers.mix == "mixture":
-        raise KdError(
-            "--teacher-mix mixture needs every teacher on every target; use --teacher-mix sum across tokenizers"
-        )
     assert teachers.rows is not None
     ce = one(None, config)  # total = Σ w·CE (no teacher: the CE is the whole loss)
     alpha = config.alpha

@@ -84,7 +84,7 @@ class TrainConfig(OptimizerSettings):
     their sum (7,3 is 0.7,0.3) [default: equal]."""
     teacher_mix: str = "sum"
     """With several --from-cache: sum (the weighted sum of each teacher's divergence) or mixture (the
-    divergence to the weighted mixture of the teachers, on the union of their top-k; top-k caches, T = 1)."""
+    divergence to the weighted mixture of the teachers, on the union of their cached ids)."""
     eval_cache: str | None = None
     """Held-out cache: CE, KL to teacher, top-1 agreement, ECE."""
     eval_data: str | None = None
@@ -151,11 +151,6 @@ class TrainConfig(OptimizerSettings):
         if self.teacher_weights is not None and self.from_cache is None:
             raise KdError("--teacher-weights weighs the teachers of several --from-cache caches; give them")
         parse_teacher_weights(self.teacher_weights, len(self.caches) or 1)
-        if len(self.caches) > 1 and self.teacher_mix == "mixture" and self.temperature != 1.0:
-            raise KdError(
-                f"--teacher-mix mixture is taken at --temperature 1 (got {self.temperature:g}); "
-                "use --teacher-mix sum to distil several teachers at another temperature"
-            )
 
     def _check_counts(self) -> None:
         for name, value in (

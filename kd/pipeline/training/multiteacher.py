@@ -22,8 +22,10 @@ and collation hands the loss a `kd.losses.TeacherSet`: each teacher's rows, and 
 teacher the targets they cover (the divergence to it is taken there, as for one cross-tokenizer
 cache; the CE on every target).
 
-Not supported yet, each refused in one line: hidden-state caches, --teacher-mix mixture of RS caches,
-at --temperature != 1, or across tokenizers.
+--teacher-mix mixture works on every path the sum does (top-k and RS caches, same or cross
+tokenizer, any --temperature a top-k cache recorded; the rules: kd/losses/mixture.py). Refused in
+one line: hidden-state caches (several teachers need top-k or rs caches), and an RS cache with
+another --divergence than forward_kl or at --temperature != 1, as for one RS cache.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from kd.cache.reader import CachedSequence, CacheReader, CacheUnit
 from kd.errors import KdError
 from kd.losses import SampledTeacher, TeacherSet
 from kd.pipeline.training.batches import Batch, TrainSequence, collate, collate_teacher
+from kd.pipeline.training.distributed import DistEnv, sum_over_ranks
 
 
 def parse_teacher_weights(text: str | None, count: int) -> tuple[float, ...]:
@@ -186,17 +189,20 @@ class CacheSet:
 class TeacherStats:
     """Each teacher's divergence (sum mode), summed by the training step and read by the metrics.
 
-    `metrics()` gives ``divergence_teacher_J`` (J = 1, 2... in --from-cache order): this rank's
-    Σ w·D_J / Σ w since the previous call, the weighted mean of that teacher's divergence over the
-    steps between two log lines (it is not all-reduced: under DDP it is rank 0's share); and for a
-    cache aligned across tokenizers its coverage, ``crosstok_*_teacher_J`` (crosstok.AlignStats).
+    `metrics()` gives ``divergence_teacher_J`` (J = 1, 2... in --from-cache order): Σ w·D_J / Σ w
+    since the previous call, over every rank (the sums and weights are added over ranks as the step's
+    `divergence` is, `sum_over_ranks`), the weighted mean of that teacher's divergence over the steps
+    between two log lines; and for a cache aligned across tokenizers its coverage,
+    ``crosstok_*_teacher_J`` (crosstok.AlignStats, this rank's records).
     """
 
-    def __init__(self, count: int, aligners: list | None = None) -> None:
+    def __init__(self, count: int, aligners: list | None = None, env: DistEnv | None = None) -> None:
         self._sums = np.zeros(count)
         self._weight = 0.0
         self._lock = threading.Lock()
         self.aligners = aligners or [None] * count
+        self.env = env
+        """The ranks the sums are added over (None: one process)."""
 
     def tally(self, per_teacher: list, weight_sum: float) -> None:
         if not per_teacher:  # mixture mode: one divergence, logged as `divergence`
@@ -206,6 +212,7 @@ class TeacherStats:
             self._weight += float(weight_sum)
 
     def metrics(self) -> dict[str, float]:
+        """Collective under DDP: every rank calls it at the same steps (the loop's log steps)."""
         out = {
             f"{key}_teacher_{j + 1}": value
             for j, aligner in enumerate(self.aligners)
@@ -213,10 +220,15 @@ class TeacherStats:
             for key, value in aligner.stats.metrics().items()
         }
         with self._lock:
-            if self._weight > 0.0:
-                out.update({f"divergence_teacher_{j + 1}": float(d) / self._weight for j, d in enumerate(self._sums)})
+            sums = torch.tensor([*self._sums, self._weight], dtype=torch.float64)
             self._sums[:] = 0.0
             self._weight = 0.0
+        if self.env is not None:
+            # Every rank takes part whatever its own weight (a rank with none still adds its zeros).
+            sums = sum_over_ranks(sums, self.env)
+        weight = float(sums[-1])
+        if weight > 0.0:
+            out.update({f"divergence_teacher_{j + 1}": float(d) / weight for j, d in enumerate(sums[:-1])})
         return out
 
 
@@ -259,11 +271,13 @@ class TeacherCollator:
     by text where its tokenizer differs: crosstok.Aligner), the sequences are checked to agree, and
     collation builds a TeacherSet."""
 
-    def __init__(self, weights: tuple[float, ...], mix: str, aligners: list | None = None) -> None:
+    def __init__(
+        self, weights: tuple[float, ...], mix: str, aligners: list | None = None, env: DistEnv | None = None
+    ) -> None:
         self.weights = weights
         self.mix = mix
         self.aligners = aligners or [None] * len(weights)
-        self.stats = TeacherStats(len(weights), self.aligners)
+        self.stats = TeacherStats(len(weights), self.aligners, env)
 
     def __call__(self, seqs: list[CachedSequence]) -> list[MultiSequence]:
         per_cache = []  # [cache][record] -> (ids, loss mask, teacher rows, covered targets | None)
@@ -317,17 +331,12 @@ def open_caches(cfg) -> CacheSet:
     for reader, path in zip(readers, cfg.caches, strict=True):
         if reader.mode not in ("topk", "rs"):
             raise KdError(f"--from-cache {path}: several teachers need top-k or rs caches, not a {reader.mode} cache")
-        if cfg.teacher_mix == "mixture" and reader.mode != "topk":
-            raise KdError(
-                f"--from-cache {path}: --teacher-mix mixture needs top-k caches, this one is {reader.mode}; "
-                "use --teacher-mix sum"
-            )
     check_same_corpus(readers, cfg.caches, cfg.cross_tokenizer)
     return CacheSet(readers, cfg.caches)
 
 
 def check_student_tokenizer(cfg, caches: CacheSet, fingerprint: str) -> None:
-    """A cache in another tokenization than the student's needs --cross-tokenizer (and the sum mode)."""
+    """A cache in another tokenization than the student's needs --cross-tokenizer."""
     for reader, path in zip(caches.readers, cfg.caches, strict=True):
         theirs = reader.settings["tokenizer_fingerprint"]
         if theirs == fingerprint:
@@ -337,13 +346,10 @@ def check_student_tokenizer(cfg, caches: CacheSet, fingerprint: str) -> None:
                 f"--from-cache {path}: the cache was made with another tokenizer ({theirs}) than the "
                 f"student's ({fingerprint}); pass --cross-tokenizer to align the two by text"
             )
-        if cfg.teacher_mix == "mixture":
-            raise KdError(
-                f"--from-cache {path}: --teacher-mix mixture across tokenizers is not supported yet "
-                "(a teacher covers only the targets aligned to it); use --teacher-mix sum"
-            )
 
 
-def collator_for(cfg, aligners: list | None = None) -> TeacherCollator:
-    """The loader's hook for several caches, with the normalised --teacher-weights and each cache's aligner."""
-    return TeacherCollator(parse_teacher_weights(cfg.teacher_weights, len(cfg.caches)), cfg.teacher_mix, aligners)
+def collator_for(cfg, aligners: list | None = None, env: DistEnv | None = None) -> TeacherCollator:
+    """The loader's hook for several caches, with the normalised --teacher-weights, each cache's aligner and
+    the ranks whose per-teacher divergences the metrics add up."""
+    weights = parse_teacher_weights(cfg.teacher_weights, len(cfg.caches))
+    return TeacherCollator(weights, cfg.teacher_mix, aligners, env)

@@ -95,7 +95,7 @@ def set_up(cfg: TrainConfig) -> Run:
     fingerprint = tokenizer_fingerprint(tokenizer)
     aligner = None
     if reader is not None:
-        aligner = check_cache(cfg, reader, tokenizer, fingerprint)
+        aligner = check_cache(cfg, reader, tokenizer, fingerprint, env)
         train_reader, train_flag = reader, "--from-cache"
     else:
         train_reader = open_data(cfg.data, "--data", out, "train", tokenizer, cfg, env, weighted=True)
@@ -153,14 +153,17 @@ def teacher_source_of(cfg: TrainConfig, reader: CacheReader | None) -> ModelSour
     return teacher_source
 
 
-def check_cache(cfg: TrainConfig, reader: CacheReader, tokenizer: Any, fingerprint: str) -> Any:
+def check_cache(
+    cfg: TrainConfig, reader: CacheReader, tokenizer: Any, fingerprint: str, env: DistEnv | None = None
+) -> Any:
     """The cache must hold what --divergence needs and come from the student's tokenizer, unless
     --cross-tokenizer aligns it to the student's by text: then the aligner is returned. Several caches
-    are checked one by one, and their collation hook is returned (training/multiteacher.py)."""
+    are checked one by one, and their collation hook is returned (training/multiteacher.py; its
+    per-teacher metrics are added over the ranks of `env`)."""
     if isinstance(reader, multiteacher.CacheSet):
         multiteacher.check_student_tokenizer(cfg, reader, fingerprint)
         aligners = [check_cache(cfg, one, tokenizer, fingerprint) for one in reader.readers]
-        return multiteacher.collator_for(cfg, aligners)
+        return multiteacher.collator_for(cfg, aligners, env)
     aligner = None
     if reader.settings["tokenizer_fingerprint"] != fingerprint:
         if not cfg.cross_tokenizer:
