@@ -251,6 +251,36 @@ def test_map_topk_against_a_dense_reference():
     assert np.all(mapped <= listed + 1e-12)
 
 
+def test_tempered_tails_follow_the_ids_that_join_the_tail():
+    """At τ = 2 the mapped rows re-tempered (`retemper_sparse`) are the dense tempered teacher on the student's
+    ids, when the map is injective on the row: unmapped ids' tempered share has moved into the tail."""
+    from kd.losses.divergences import retemper_sparse
+    from kd.pipeline.training.crosstok import map_tempered_tails
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (5, 12))
+    vocab_map = np.array([3, -1, 0, 7, -1, 1, 2, 4, 5, -1, 6, 8])
+    k, tau = 6, 2.0
+    ids = np.argsort(-z, axis=1)[:, :k]
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    lp = np.take_along_axis(logp, ids, 1)
+    tail = np.log(1 - np.exp(lp).sum(1))
+    tempered = z / tau - np.log(np.exp(z / tau).sum(1, keepdims=True))
+    outside = np.ones_like(z, dtype=bool)
+    np.put_along_axis(outside, ids, False, 1)
+    tail_tau = np.log(np.where(outside, np.exp(tempered), 0).sum(1))[:, None]
+    new_tails = map_tempered_tails(ids, lp, tail_tau, (tau,), vocab_map)
+    s_ids, s_lp, s_tail, _, _ = map_topk(ids, lp, tail, vocab_map)
+    got, got_tail = retemper_sparse(torch.from_numpy(s_lp).double(), torch.from_numpy(s_tail).double(), tau,
+                                    torch.from_numpy(new_tails[:, 0]).double())  # fmt: skip
+    inverse = {int(s): t for t, s in enumerate(vocab_map) if s >= 0}
+    for n in range(len(z)):
+        keep = np.isfinite(s_lp[n])
+        want = [tempered[n, inverse[int(i)]] for i in s_ids[n][keep]]
+        assert np.allclose(got[n][torch.from_numpy(keep)].numpy(), want, atol=1e-9)
+        assert np.exp(float(got_tail[n])) == pytest.approx(1 - np.exp(want).sum(), abs=1e-9)
+
+
 def test_sampled_rows_are_mapped_and_merged(smollm2_tokenizer):
     vocab_map = np.array([0, 0, 1, -1, 2])
     aligner = Aligner(smollm2_tokenizer, smollm2_tokenizer, vocab_map=vocab_map)
@@ -380,20 +410,25 @@ def text_caches(tmp_path_factory, text_corpus, tiny_model_dir, gemma_student) ->
         out[name] = root / name
         proc = run_kd_in_process(
             "cache-logits", "--teacher", str(teacher), "--data", str(text_corpus), "--out", str(out[name]),
-            "--top-k", "16",
+            "--top-k", "16", "--temperatures", "1,2",
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
     return out
 
 
-@pytest.mark.parametrize("caches", [["gemma"], ["smol", "gemma"]], ids=["gemma-cache", "smol-and-gemma-caches"])
+@pytest.mark.parametrize(
+    "caches, extra",
+    [(["gemma"], []), (["smol", "gemma"], []), (["smol", "gemma"], ["--teacher-mix", "mixture", "--temperature", "2"])],
+    ids=["gemma-cache", "smol-and-gemma-caches", "mixture-at-T2"],
+)
 def test_a_smollm2_student_trains_from_a_gemma3_cache_alone_and_beside_a_smollm2_one(
-    caches, text_caches, tiny_model_dir, tmp_path
+    caches, extra, text_caches, tiny_model_dir, tmp_path
 ):
     """The reverse direction: a Gemma-3-tokenizer teacher's cache serves a SmolLM2-tokenizer student, on its
-    own and as the second of two teachers (same text: both caches give the student one sequence per row)."""
+    own and as the second of two teachers (same text: both caches give the student one sequence per row),
+    summed or mixed (at T = 2: the cross-tokenizer rows carry their tempered tails)."""
     out = tmp_path / "student"
-    args = ["train", "--student", str(tiny_model_dir), "--out", str(out), "--cross-tokenizer", "--json"]
+    args = ["train", "--student", str(tiny_model_dir), "--out", str(out), "--cross-tokenizer", "--json", *extra]
     args += ["--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--learning-rate", "1e-3"]
     for name in caches:
         args += ["--from-cache", str(text_caches[name])]
@@ -406,7 +441,7 @@ def test_a_smollm2_student_trains_from_a_gemma3_cache_alone_and_beside_a_smollm2
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [m for m in logged if "loss" in m]
     assert len(rows) == 3 and all(np.isfinite(m["loss"]) and m["divergence"] > 0 for m in rows)
-    if len(caches) == 2:
+    if len(caches) == 2 and not extra:
         assert all(m["divergence_teacher_1"] > 0 and m["divergence_teacher_2"] > 0 for m in rows)
 
 

@@ -145,6 +145,36 @@ def map_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_map:
     return out_ids, out_lp, out_tail, mapped_prob, listed_prob
 
 
+def map_tempered_tails(
+    ids: np.ndarray, logprobs: np.ndarray, tempered_tails: np.ndarray, temperatures, vocab_map: np.ndarray
+) -> np.ndarray:
+    """The tempered tails [N, M] of teacher rows once their unmapped ids have joined the tail.
+
+    At τ the cached ids share 1 − tail_τ in proportion to p^(1/τ) (`retemper_sparse`), so an id that
+    maps to no student token adds that share to the tail at τ, as `map_topk` adds its p at τ = 1
+    (the rule of `fold_out_of_vocab` for ids beyond a student's vocabulary). Ids that merge into one
+    student id are re-tempered as one bucket by the loss: their tempered share is exact only when
+    each student id receives one teacher id (the usual case: the vocabulary map is nearly injective
+    on a top-k row).
+    """
+    lp = logprobs.astype(np.float64)
+    valid = np.isfinite(lp)
+    unmapped = valid & (vocab_map[ids.astype(np.int64)] < 0)
+    out = tempered_tails.astype(np.float64).copy()
+    if not unmapped.any():
+        return tempered_tails
+    for m, temperature in enumerate(temperatures):
+        scaled = np.where(valid, lp / temperature, -np.inf)
+        top = np.max(scaled, axis=1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)
+        weights = np.exp(scaled - top)
+        share = np.where(unmapped, weights, 0.0).sum(1) / np.maximum(weights.sum(1), 1e-300)
+        tail = np.exp(np.minimum(out[:, m], 0.0))
+        with np.errstate(divide="ignore"):
+            out[:, m] = np.log(tail + (1.0 - tail) * share)
+    return out.astype(tempered_tails.dtype)
+
+
 def map_sampled(ids: list[np.ndarray], counts: list[np.ndarray], vocab_map: np.ndarray):
     """RS rows: map ids, sum counts of ids that merge, drop draws that map nowhere."""
     out_ids, out_counts, mapped, total = [], [], 0.0, 0.0
@@ -336,15 +366,26 @@ class Aligner:
             ids = np.concatenate([t.ids[p] for t, p in zip(teachers, picks, strict=True)])
             lp = np.concatenate([t.logprobs[p] for t, p in zip(teachers, picks, strict=True)])
             tail = np.concatenate([t.tail[p] for t, p in zip(teachers, picks, strict=True)])
+            temperatures = teachers[0].temperatures if teachers[0].tempered_tails is not None else ()
+            tempered = (
+                np.concatenate([t.tempered_tails[p] for t, p in zip(teachers, picks, strict=True)])
+                if temperatures
+                else None
+            )
             if self.identity:
                 mapped_mass = listed_mass = float(np.exp(lp.astype(np.float64)).sum())
             else:
+                if tempered is not None:  # before map_topk: it needs the teacher's own rows
+                    tempered = map_tempered_tails(ids, lp, tempered, temperatures, self.vocab_map)
                 ids, lp, tail, mapped, listed = map_topk(ids, lp, tail, self.vocab_map)
                 mapped_mass, listed_mass = float(mapped.sum()), float(listed.sum())
             bounds = np.cumsum([len(p) for p in picks])[:-1]
+            tempered_parts = np.split(tempered, bounds) if tempered is not None else [None] * len(picks)
             out = [
-                TopKTargets(i, v, t)
-                for i, v, t in zip(np.split(ids, bounds), np.split(lp, bounds), np.split(tail, bounds), strict=True)
+                TopKTargets(i, v, t, tt, temperatures if tt is not None else ())
+                for i, v, t, tt in zip(
+                    np.split(ids, bounds), np.split(lp, bounds), np.split(tail, bounds), tempered_parts, strict=True
+                )
             ]
         else:
             out, mapped_mass, listed_mass = [], 0.0, 0.0
