@@ -227,27 +227,41 @@ def test_vocab_map_identity_for_the_same_tokenizer(smollm2_tokenizer):
     assert sum(t is None for t in vocab_texts(smollm2_tokenizer)) < 1000
 
 
-def test_map_topk_against_a_dense_reference():
+@pytest.mark.parametrize("rows", ["as-cached", "unsorted"])
+@pytest.mark.parametrize("merges", ["many", "few"])
+def test_map_topk_against_a_dense_reference(rows, merges):
+    """Rows as readers give them (descending: a row where no two candidates merge takes the no-sort
+    path) and unsorted rows (the general path), with many or few merges, against a dense sum."""
     rng = np.random.default_rng(1)
-    vocab_map = rng.integers(-1, 6, 30)  # many teacher ids per student id, some nowhere
+    if merges == "many":
+        vocab_map = rng.integers(-1, 6, 30)  # many teacher ids per student id, some nowhere
+    else:
+        vocab_map = rng.permutation(30)  # one teacher id per student id, but for a few
+        vocab_map[[3, 7, 11]] = -1
+        vocab_map[5] = vocab_map[9]
+    student_vocab = int(vocab_map.max()) + 1
     n, k = 50, 8
     ids = np.stack([rng.choice(30, k, replace=False) for _ in range(n)])
     logits = rng.normal(size=(n, k + 1))
+    if rows == "as-cached":
+        logits[:, :k] = -np.sort(-logits[:, :k], axis=1)
     lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
     lp[3, 5:] = -np.inf  # short rows (adaptive top-k)
     out_ids, out_lp, out_tail, mapped, listed = map_topk(ids, lp[:, :k].astype(np.float32), lp[:, k], vocab_map)
     for r in range(n):
-        dense = np.zeros(7)  # student ids 0..5, then the tail
+        dense = np.zeros(student_vocab + 1)  # the student's ids, then the tail
         for i, v in zip(ids[r], lp[r, :k], strict=True):
-            dense[vocab_map[i] if vocab_map[i] >= 0 else 6] += np.exp(v)
-        dense[6] += np.exp(lp[r, k])
-        got = np.zeros(7)
+            dense[vocab_map[i] if vocab_map[i] >= 0 else student_vocab] += np.exp(v)
+        dense[student_vocab] += np.exp(lp[r, k])
+        got = np.zeros(student_vocab + 1)
         for i, v in zip(out_ids[r], out_lp[r], strict=True):
             got[i] += np.exp(v) if np.isfinite(v) else 0.0
-        got[6] = np.exp(out_tail[r])
+        got[student_vocab] = np.exp(out_tail[r])
         np.testing.assert_allclose(got, dense, atol=1e-6)
-        assert np.all(np.diff(out_lp[r][np.isfinite(out_lp[r])]) <= 0)  # descending, as readers give rows
-        assert len(set(out_ids[r][np.isfinite(out_lp[r])].tolist())) == np.isfinite(out_lp[r]).sum()
+        valid = np.isfinite(out_lp[r])
+        assert valid[: valid.sum()].all()  # empty slots last
+        assert np.all(np.diff(out_lp[r][valid]) <= 0)  # descending, as readers give rows
+        assert len(set(out_ids[r][valid].tolist())) == valid.sum()
     assert np.all(mapped <= listed + 1e-12)
 
 

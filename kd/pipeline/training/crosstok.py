@@ -123,26 +123,46 @@ def map_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_map:
     out_ids = np.zeros((n, k), dtype=np.int64)
     out_lp = np.full((n, k), -np.inf, dtype=np.float32)
     if n and k and mapped.any():
-        # group equal student ids inside each row: sort the row by id (unmapped last), then one
-        # log-sum-exp per run of equal ids, written at the run's first slot
         key = np.where(mapped, student, np.iinfo(np.int64).max)
-        by_id = np.argsort(key, axis=1, kind="stable")
-        key = np.take_along_axis(key, by_id, 1)
-        lp_sorted = np.take_along_axis(np.where(mapped, lp, -np.inf), by_id, 1)
-        first = np.ones((n, k), dtype=bool)
-        first[:, 1:] = key[:, 1:] != key[:, :-1]
-        starts = np.flatnonzero(first)
-        merged = np.full(n * k, -np.inf)
-        merged[starts] = np.logaddexp.reduceat(lp_sorted.ravel(), starts)
-        merged = merged.reshape(n, k).astype(np.float32)  # sort as stored: float32 ties keep id order
-        merged[~first | (key == np.iinfo(np.int64).max)] = -np.inf
-        # keep each row in descending probability order, as readers hand rows out
-        order = np.argsort(-merged, axis=1, kind="stable")
-        out_lp = np.take_along_axis(merged, order, 1)
-        out_ids = np.where(np.isfinite(out_lp), np.take_along_axis(key, order, 1), 0)
+        by_value = np.sort(key, axis=1)
+        merges = ((by_value[:, 1:] == by_value[:, :-1]) & (by_value[:, 1:] != np.iinfo(np.int64).max)).any(1)
+        # Rows in descending order (as readers give them) where no two candidates land on one student
+        # id (most rows): drop the unmapped slots and keep the order -- no sort. Others: the general path.
+        descending = np.where(valid[:, 1:], lp[:, 1:] <= lp[:, :-1], True).all(1)
+        merges |= ~descending
+        clean = ~merges
+        rows, cols = np.nonzero(mapped & clean[:, None])
+        slot = (np.cumsum(mapped, axis=1) - 1)[rows, cols]
+        out_ids[rows, slot] = student[rows, cols]
+        out_lp[rows, slot] = logprobs[rows, cols]
+        if merges.any():
+            merged_ids, merged_lp = _merge_rows(key[merges], lp[merges], mapped[merges])
+            out_ids[merges], out_lp[merges] = merged_ids, merged_lp
     with np.errstate(divide="ignore"):
         out_tail = np.logaddexp(tail.astype(np.float64), np.log(np.maximum(unmapped_prob, 0.0))).astype(np.float32)
     return out_ids, out_lp, out_tail, mapped_prob, listed_prob
+
+
+def _merge_rows(key: np.ndarray, lp: np.ndarray, mapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows where several candidates share a student id: one log-sum-exp per id, rows re-sorted descending."""
+    n, k = key.shape
+    # group equal student ids inside each row: sort the row by id (unmapped last), then one
+    # log-sum-exp per run of equal ids, written at the run's first slot
+    by_id = np.argsort(key, axis=1, kind="stable")
+    key = np.take_along_axis(key, by_id, 1)
+    lp_sorted = np.take_along_axis(np.where(mapped, lp, -np.inf), by_id, 1)
+    first = np.ones((n, k), dtype=bool)
+    first[:, 1:] = key[:, 1:] != key[:, :-1]
+    starts = np.flatnonzero(first)
+    merged = np.full(n * k, -np.inf)
+    merged[starts] = np.logaddexp.reduceat(lp_sorted.ravel(), starts)
+    merged = merged.reshape(n, k).astype(np.float32)  # sort as stored: float32 ties keep id order
+    merged[~first | (key == np.iinfo(np.int64).max)] = -np.inf
+    # keep each row in descending probability order, as readers hand rows out
+    order = np.argsort(-merged, axis=1, kind="stable")
+    out_lp = np.take_along_axis(merged, order, 1)
+    out_ids = np.where(np.isfinite(out_lp), np.take_along_axis(key, order, 1), 0)
+    return out_ids, out_lp
 
 
 def map_tempered_tails(
