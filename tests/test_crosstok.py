@@ -545,3 +545,22 @@ def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(sm
         assert row["kl"] == pytest.approx(got["kl"], rel=1e-6) and row["ce"] == pytest.approx(got["ce"], rel=1e-6)
         assert row["crosstok_target_coverage"] == pytest.approx(got["crosstok_target_coverage"])
     assert compared["comparisons"][0]["metrics"]["kl"]["difference"] == 0.0
+
+
+def test_inspect_reports_how_a_student_of_another_tokenizer_is_served(smol_cache, gemma_student, tiny_model_dir):
+    """`kd inspect CACHE --student S/`: the coverage figures a --cross-tokenizer run of S would log."""
+    from kd.cache.reader import CacheReader
+    from kd.pipeline.models import load_tokenizer, resolve_model
+    from kd.pipeline.training.crosstok import aligner_for
+
+    proc = run_kd_in_process("inspect", str(smol_cache), "--student", str(gemma_student), "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)["cross_tokenizer"]
+    reader = CacheReader(smol_cache)
+    aligner = aligner_for(reader, load_tokenizer(resolve_model(str(gemma_student))), load_tokenizer)
+    aligner(list(reader.iter_sequences()))
+    assert got["same_tokenizer"] is False and got["student_targets"] == aligner.stats.student_targets
+    for key, value in aligner.stats.metrics().items():
+        assert got[key] == pytest.approx(value)
+    same = json.loads(run_kd_in_process("inspect", str(smol_cache), "--student", str(tiny_model_dir), "--json").stdout)
+    assert same["cross_tokenizer"]["same_tokenizer"] is True

@@ -1,6 +1,7 @@
-"""`kd inspect CACHE [--verify] [--json]`: what a logit cache holds, and whether it is intact.
+"""`kd inspect CACHE [--verify] [--student S/] [--json]`: what a logit cache holds, and whether it is intact.
 
 kd inspect cache/ --verify
+kd inspect cache/ --student gemma-student/   # + how a student of another tokenizer is served (--cross-tokenizer)
 """
 
 from __future__ import annotations
@@ -75,6 +76,27 @@ def cache_report(reader: CacheReader, verify: bool, sample_shards: int | None = 
     return report
 
 
+def student_coverage(reader: CacheReader, student: str, sample_shards: int | None = None) -> dict[str, Any]:
+    """How `kd train --cross-tokenizer` serves a student with its own tokenizer: the coverage figures of its run.
+
+    The records of the sampled shards go through the same Aligner as training (crosstok.aligner_for);
+    a student with the cache's tokenizer is served as is (coverage 1).
+    """
+    from kd.pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from kd.pipeline.training.crosstok import aligner_for
+
+    tokenizer = load_tokenizer(resolve_model(student, "--student"))
+    out: dict[str, Any] = {"student": student, "same_tokenizer": False}
+    if tokenizer_fingerprint(tokenizer) == reader.settings["tokenizer_fingerprint"]:
+        return {**out, "same_tokenizer": True, "crosstok_target_coverage": 1.0, "crosstok_mass_mapped": 1.0}
+    aligner = aligner_for(reader, tokenizer, load_tokenizer, flag="--student")
+    for shard in reader.shards[: sample_shards or len(reader.shards)]:
+        seqs = list(decode_table(reader.read_table(shard, verify=False), reader.mode, reader.value_encoding))
+        for start in range(0, len(seqs), 64):
+            aligner(seqs[start : start + 64])
+    return {**out, "student_targets": aligner.stats.student_targets, **aligner.stats.metrics()}
+
+
 def _mode_line(report: dict[str, Any]) -> str:
     if report["mode"] == "topk":
         return f"topk k={report['k']}"
@@ -98,12 +120,20 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(
             False, "--verify", help="Check every shard's size and sha256 against the manifest."
         ),
+        student: str | None = typer.Option(
+            None,
+            "--student",
+            help="A student (HF dir, .gguf, config.json beside its tokenizer): report how --cross-tokenizer "
+            "serves its tokenizer (share of its targets with a teacher distribution, teacher mass mapped).",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Show a cache's manifest, bytes per target token and top-k mass coverage; verify checksums."""
         reader = CacheReader(cache, require_complete=False, flag="kd inspect")
         report = cache_report(reader, verify)
+        if student is not None:
+            report["cross_tokenizer"] = student_coverage(reader, student)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
@@ -141,6 +171,14 @@ def register(app: typer.Typer) -> None:
                 rows.append(("teacher mass in top-k", f"{report['topk_mass_mean']:.4f}"))
             if "unique_ids_per_token" in report:
                 rows.append(("unique ids per token", f"{report['unique_ids_per_token']:.2f}"))
+            if "cross_tokenizer" in report:
+                cross = report["cross_tokenizer"]
+                kind = "the cache's tokenizer" if cross["same_tokenizer"] else "another tokenizer: --cross-tokenizer"
+                rows.append(("student", f"{cross['student']} ({kind})"))
+                rows.append(("  its targets with a teacher row", f"{cross['crosstok_target_coverage']:.4f}"))
+                rows.append(("  teacher mass mapped to its ids", f"{cross['crosstok_mass_mapped']:.4f}"))
+                if "crosstok_records_not_round_tripped" in cross:
+                    rows.append(("  records not round-tripped", f"{cross['crosstok_records_not_round_tripped']:.4f}"))
             if verify:
                 rows.append(("checksums", "ok" if report["verified"] else f"{len(report['problems'])} problem(s)"))
             for key, value in rows:
