@@ -249,7 +249,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(
         )
         fragments = (f"{bad_prompts}:2", "question")
     elif case == "other-tokenizer":
-        student, fragments = other_tokenizer_model, ("different tokenizers",)
+        student, fragments = other_tokenizer_model, ("different tokenizers", "--cross-tokenizer")
     else:
         student = tmp_path / "broken"
         shutil.copytree(tiny_model_dir, student)
@@ -369,3 +369,110 @@ def test_mix_adds_off_policy_records_that_are_trained_on_not_judged(tmp_path, ti
     assert CacheReader(out / "round-000" / "cache").num_rows == 2 * on_policy  # the teacher scores both
     judged = lines(out / "round-000" / "metrics.jsonl")[0]
     assert judged["judged_sequences"] == on_policy  # only the student's own samples are judged
+
+
+# ----------------------------------------------------------------------------- across tokenizers
+
+
+@pytest.fixture(scope="module")
+def gemma_teacher(tmp_path_factory, gemma_tokenizer_dir, gemma_tokenizer) -> Path:
+    """A 1-layer, hidden-64 random Llama on Gemma-3's tokenizer (262,144 ids): the teacher side, which
+    only scores, since a 262k-vocabulary student would train slowly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(gemma_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("gemma-teacher")
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    gemma_tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol_student(tmp_path_factory, smollm2_dir) -> Path:
+    """A 1-layer, hidden-64 random Llama with SmolLM2's tokenizer (and chat template)."""
+    from tests.conftest import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("smol-student"), smollm2_dir, seed=1, layers=1, hidden=64)
+
+
+def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targets_and_trains(
+    tmp_path, gemma_teacher, smol_student, prompts, smollm2_tokenizer, gemma_tokenizer
+):
+    """A SmolLM2-tokenizer student, a Gemma-3-tokenizer teacher, --cross-tokenizer (without it: the
+    other-tokenizer case above): one round, plus --mix records, is scored in the teacher's tokens, judged
+    on the aligned targets (the reverse KL recomputed here from the model's own forward) and trained."""
+    from transformers import AutoModelForCausalLM
+
+    from kd.cache.format import target_positions
+    from kd.cache.reader import CacheReader
+    from kd.pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from kd.pipeline.training.crosstok import aligner_for
+
+    corpus = tmp_path / "off-policy.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"question": f"{i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(2))
+    )
+    out = tmp_path / "crossed"
+    args = on_policy_args(
+        gemma_teacher, smol_student, prompts, out, "--json", "--mix", "0.5", "--mix-data", str(corpus)
+    )
+    args[args.index("--rounds") + 1] = "1"
+    args[args.index("--prompts-per-round") + 1] = "2"
+    args[args.index("--steps-per-round") + 1] = "2"
+    proc = run_kd_in_process(*args, "--cross-tokenizer")
+    assert proc.returncode == 0, proc.stderr
+    (round_0,) = json.loads(proc.stdout)["rounds"]
+    assert round_0["steps"] == 2 and np.isfinite(round_0["train_loss"])
+    assert json.loads((out / "settings.json").read_text())["cross_tokenizer"] is True
+    here = out / "round-000"
+    samples, scored = lines(here / "samples.jsonl"), lines(here / "samples.teacher.jsonl")
+    on_policy = 2 * SAMPLES
+    assert [r["meta"]["kind"] for r in samples] == ["on-policy"] * on_policy + ["off-policy"] * on_policy
+    reader = CacheReader(here / "cache")
+    assert reader.verify() == [] and reader.num_rows == len(samples)
+    assert reader.settings["tokenizer_fingerprint"] == tokenizer_fingerprint(gemma_tokenizer)
+    # Each cached row is its sample's text in Gemma's tokens (after Gemma's <bos>); its targets spell the
+    # end of the sampled completion (a Gemma token that starts inside the prompt is no target).
+    for row in reader.iter_sequences():
+        sample = samples[row.row]
+        ids = row.input_ids.tolist()
+        assert ids[0] == gemma_tokenizer.bos_token_id and ids == scored[row.row]["input_ids"]
+        student_text = smollm2_tokenizer.decode(sample["input_ids"], skip_special_tokens=False)
+        assert gemma_tokenizer.decode(ids[1:], skip_special_tokens=False) == student_text
+        completion = np.asarray(sample["input_ids"])[np.asarray(sample["loss_mask"], bool)]
+        completion_text = smollm2_tokenizer.decode(completion, skip_special_tokens=False)
+        targets = gemma_tokenizer.decode(row.input_ids[target_positions(row.loss_mask)], skip_special_tokens=False)
+        assert targets and completion_text.endswith(targets), (completion_text, targets)
+
+    # Judged on the aligned targets only, with the coverage beside: recomputed from the sampling
+    # student's own forward over the aligned sequences (dense buckets: the mapped top-k, then the rest).
+    assert round_0["judged_sequences"] == on_policy and "tokens_as_sampled_share" not in round_0
+    assert 0.3 < round_0["crosstok_target_coverage"] <= 1.0 and 0 < round_0["crosstok_mass_mapped"] <= 1.0
+    student_tokenizer = load_tokenizer(resolve_model(str(smol_student), "--student"))
+    own = [s for s in reader.iter_sequences() if s.row < on_policy]
+    aligned_seqs = aligner_for(reader, student_tokenizer, load_tokenizer)(own)
+    model = AutoModelForCausalLM.from_pretrained(str(smol_student), torch_dtype=torch.float32).eval()
+    total, aligned, student_targets = 0.0, 0, 0
+    with torch.no_grad():
+        for seq in aligned_seqs:
+            positions = target_positions(seq.loss_mask)
+            student_targets += len(positions)
+            logits = model(torch.from_numpy(seq.input_ids)[None]).logits[0, torch.from_numpy(positions - 1)]
+            for q_row, j in zip(torch.log_softmax(logits.double(), -1)[torch.from_numpy(seq.teacher_rows)],
+                                range(len(seq.teacher.ids)), strict=True):  # fmt: skip
+                keep = np.isfinite(seq.teacher.logprobs[j])
+                p = np.exp(seq.teacher.logprobs[j][keep].astype(np.float64))
+                p_tail = np.exp(float(seq.teacher.tail[j]))
+                p, p_tail = p / (p.sum() + p_tail), p_tail / (p.sum() + p_tail)
+                q = q_row[torch.from_numpy(seq.teacher.ids[j][keep])].exp().numpy()
+                q_tail = 1.0 - q.sum()
+                total += float((q * np.log(q / p)).sum() + q_tail * np.log(q_tail / p_tail))
+                aligned += 1
+    assert round_0["judged_tokens"] == aligned
+    assert round_0["crosstok_target_coverage"] == pytest.approx(aligned / student_targets)
+    assert round_0["reverse_kl"] == pytest.approx(total / aligned, rel=1e-4)

@@ -59,7 +59,7 @@ def measure_on_policy(model: ModelSource, settings: MeasureSettings, device: str
         raise KdError(f"--engine {settings.engine}: expected vllm, transformers or auto")
     prompts = load_prompts(settings.prompts, settings.limit)
     teacher = resolve_model(settings.teacher, "--teacher")
-    check_tokenizers(teacher, model)
+    check_tokenizers(teacher, model, flag="--model")
     work = Path(settings.out) if settings.out else Path(tempfile.mkdtemp(prefix="kd-on-policy-"))
     try:
         _check_work_dir(work, model, teacher, settings)

@@ -15,8 +15,10 @@ from typing import Any
 from kd.cache.manifest import read_manifest
 from kd.cache.reader import CacheReader
 from kd.pipeline.capture import CacheConfig, run_cache_logits
+from kd.pipeline.evaluation.model_eval import aligned_stream
 from kd.pipeline.models import ModelSource, load_causal_lm
 from kd.pipeline.onpolicy.judge import judge_sequences
+from kd.pipeline.training.crosstok import Aligner
 from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
 
 
@@ -76,11 +78,15 @@ def judge_samples(
     device: str,
     batch_size: int = 8,
     chunk_size: int = 1024,
+    aligner: Aligner | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """The teacher-judged metrics of the student that sampled `records` (samples.jsonl, in order).
 
     Only on-policy rows are judged (cache row i is line i of samples.jsonl); --mix rows are not the
-    student's own samples.
+    student's own samples. `aligner` (--cross-tokenizer): the cache is in the teacher's tokens
+    (retokenize.py); each row is aligned to the student's tokenizer as `kd eval --cache --cross-tokenizer`
+    does (`aligned_stream`), judged on the aligned targets only, and the coverage (``crosstok_*``: the
+    share of the student's targets judged, the teacher mass its vocabulary holds) reported beside.
     """
     group_of_row, expected = {}, {}
     for row, record in enumerate(records):
@@ -93,9 +99,13 @@ def judge_samples(
     reader = CacheReader(cache_dir)
     try:
         head = load_cached_teacher_head(reader, device)  # None unless the round stored hidden states
-        return judge_sequences(
-            model, reader.iter_sequences(), group_of_row, expected, batch_size, chunk_size, device, head
-        )
+        seqs = reader.iter_sequences()
+        if aligner is None:
+            return judge_sequences(model, seqs, group_of_row, expected, batch_size, chunk_size, device, head)
+        # Only the student's own samples are aligned, so the coverage describes them (not --mix rows).
+        seqs = aligned_stream((s for s in seqs if s.row in group_of_row), aligner, batch_size)
+        metrics, per_prompt = judge_sequences(model, seqs, group_of_row, None, batch_size, chunk_size, device)
+        return {**metrics, **aligner.stats.metrics()}, per_prompt
     finally:
         reader.close()
         del model
