@@ -410,8 +410,8 @@ def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targe
 
     from kd.cache.format import target_positions
     from kd.cache.reader import CacheReader
-    from kd.pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from kd.pipeline.training.crosstok import aligner_for
+    from kd.pipeline.models import tokenizer_fingerprint
+    from kd.pipeline.training.crosstok import Aligner
 
     corpus = tmp_path / "off-policy.jsonl"
     corpus.write_text(
@@ -453,9 +453,8 @@ def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targe
     # student's own forward over the aligned sequences (dense buckets: the mapped top-k, then the rest).
     assert round_0["judged_sequences"] == on_policy and "tokens_as_sampled_share" not in round_0
     assert 0.3 < round_0["crosstok_target_coverage"] <= 1.0 and 0 < round_0["crosstok_mass_mapped"] <= 1.0
-    student_tokenizer = load_tokenizer(resolve_model(str(smol_student), "--student"))
     own = [s for s in reader.iter_sequences() if s.row < on_policy]
-    aligned_seqs = aligner_for(reader, student_tokenizer, load_tokenizer)(own)
+    aligned_seqs = Aligner(gemma_tokenizer, smollm2_tokenizer)(own)
     model = AutoModelForCausalLM.from_pretrained(str(smol_student), torch_dtype=torch.float32).eval()
     total, aligned, student_targets = 0.0, 0, 0
     with torch.no_grad():
