@@ -400,6 +400,46 @@ def smol_student(tmp_path_factory, smollm2_dir) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("smol-student"), smollm2_dir, seed=1, layers=1, hidden=64)
 
 
+@pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
+def test_samples_in_the_teachers_tokens(direction, smollm2_tokenizer, gemma_tokenizer):
+    """A sample drawn as a non-canonical tokenization ("T", "h", "e" for "The"), with the student's end of
+    turn: the teacher's record is the same text in its tokens (its BOS in front, the student's dropped),
+    and its targets spell exactly the completion, which the Aligner carries back onto the student's
+    canonical tokens."""
+    from kd.cache.format import TopKTargets, target_positions
+    from kd.pipeline.onpolicy.retokenize import Retokenizer
+    from kd.pipeline.training.crosstok import Aligner
+
+    student, teacher = (
+        (smollm2_tokenizer, gemma_tokenizer) if direction == "smol->gemma" else (gemma_tokenizer, smollm2_tokenizer)
+    )
+    student_bos = [2] if direction == "gemma->smol" else []
+    prompt = (
+        student_bos + student("<|user|>\nWhat is 2 + 3? 中文\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    )
+    answer = "The sum is 5 😀 done."
+    completion = [i for ch in "The" for i in student(ch, add_special_tokens=False)["input_ids"]]
+    completion += student(answer[3:], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    assert completion[:3] != student(answer, add_special_tokens=False)["input_ids"][:3]  # not canonical
+    sample = {"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * len(completion), "meta": {}}
+    (record,) = Retokenizer(student, teacher).convert([sample])
+
+    ids, mask = np.array(record["input_ids"]), np.array(record["loss_mask"], np.uint8)
+    teacher_bos = [2] if direction == "smol->gemma" else []
+    assert ids[: len(teacher_bos)].tolist() == teacher_bos and record["meta"] == {}
+    text = student.decode(sample["input_ids"][len(student_bos) :], skip_special_tokens=False)
+    assert teacher.decode(ids[len(teacher_bos) :], skip_special_tokens=False) == text
+    completion_text = answer + student.eos_token
+    assert teacher.decode(ids[target_positions(mask)], skip_special_tokens=False) == completion_text
+    positions = target_positions(mask)
+    rows = TopKTargets(
+        ids[positions][:, None], np.zeros((len(positions), 1), np.float32), np.full(len(positions), -np.inf)
+    )
+    back = Aligner(teacher, student).align(ids, mask, rows)
+    canonical = student(answer, add_special_tokens=False)["input_ids"]
+    assert back.input_ids[target_positions(back.loss_mask)].tolist()[: len(canonical)] == canonical
+
+
 def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targets_and_trains(
     tmp_path, gemma_teacher, smol_student, prompts, smollm2_tokenizer, gemma_tokenizer
 ):
