@@ -515,3 +515,26 @@ def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targe
     assert round_0["judged_tokens"] == aligned
     assert round_0["crosstok_target_coverage"] == pytest.approx(aligned / student_targets)
     assert round_0["reverse_kl"] == pytest.approx(total / aligned, rel=1e-4)
+
+
+def test_eval_on_policy_prompts_across_tokenizers(tmp_path, gemma_teacher, smol_student, prompts):
+    """`kd eval --on-policy-prompts` with a teacher of another tokenizer: refused in one line naming
+    --cross-tokenizer, and with it judged on the aligned targets with the coverage beside. The random
+    student's greedy answers are runs of newlines, which Gemma merges with the template's last one: no
+    sample keeps a teacher target, a one-line error; sampled at temperature 1 they do."""
+    args = ["eval", "--model", str(smol_student), "--teacher", str(gemma_teacher), "--on-policy-prompts",
+            str(prompts), "--limit", "2", "--max-new-tokens", "8", "--engine", "transformers", "--top-k", "8",
+            "--json"]  # fmt: skip
+    assert_one_line_error(run_kd_in_process(*args), "--model", "different tokenizers", "--cross-tokenizer")
+    greedy = run_kd_in_process(*args, "--cross-tokenizer")
+    assert_one_line_error(greedy, "no sample keeps a target in the teacher's tokens")
+    proc = run_kd_in_process(
+        *args, "--cross-tokenizer", "--temperature", "1", "--on-policy-out", str(tmp_path / "kept")
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["on_policy_judged_prompts"] == 2 and got["on_policy_reverse_kl"] > 0
+    assert 0.3 < got["on_policy_crosstok_target_coverage"] <= 1.0
+    assert 0 <= got["on_policy_crosstok_unscored_share"] < 1
+    assert (tmp_path / "kept" / "samples.teacher.jsonl").is_file()
+    assert json.loads((tmp_path / "kept" / "settings.json").read_text())["cross_tokenizer"] is True

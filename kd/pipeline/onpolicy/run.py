@@ -39,9 +39,14 @@ from kd.pipeline.models import ModelSource, hf_dir_for, load_tokenizer, resolve_
 from kd.pipeline.models import weights_fingerprint as model_fingerprint
 from kd.pipeline.onpolicy.config import OnPolicyConfig
 from kd.pipeline.onpolicy.plan import MixSource, round_prompt_indices
-from kd.pipeline.onpolicy.retokenize import Retokenizer
 from kd.pipeline.onpolicy.sampling import SamplerSettings, read_samples, sample_round, summarize_samples
-from kd.pipeline.onpolicy.scoring import ScoringSettings, cache_is_complete, judge_samples, score_samples
+from kd.pipeline.onpolicy.scoring import (
+    ScoringSettings,
+    cache_is_complete,
+    judge_samples,
+    score_samples,
+    teacher_samples,
+)
 from kd.pipeline.onpolicy.state import RunDirectory, round_dir, settings_record
 from kd.pipeline.progress import log
 from kd.pipeline.traces.run import Prompt, load_prompts
@@ -51,8 +56,6 @@ from kd.pipeline.training.crosstok import Aligner
 from kd.pipeline.training.trainer import TrainConfig, train
 
 ROUND_DONE = "round.json"
-TEACHER_SAMPLES = "samples.teacher.jsonl"
-"""--cross-tokenizer: samples.jsonl in the teacher's tokens, what the round's cache scores."""
 INITIAL_STUDENT = "student-init"
 
 
@@ -222,13 +225,7 @@ def run_round(
         stored = f"top-{cfg.top_k}" if cfg.store == "topk" else f"{cfg.hidden_encoding} hidden states"
         log(f"round {index}: the teacher scores {len(records)} sequences ({stored})")
         started = time.perf_counter()
-        scored = samples
-        if crossed is not None:  # a pure function of samples.jsonl: rewritten whole if absent
-            scored = here / TEACHER_SAMPLES
-            if not scored.is_file():
-                teacher_records = Retokenizer(*crossed).convert(records)
-                atomic_write_lines(scored, (json.dumps(r, ensure_ascii=False) + "\n" for r in teacher_records))
-        score_samples(scored, here / "cache", scoring)
+        score_samples(teacher_samples(samples, records, crossed), here / "cache", scoring)
         timings = _record_time(here, timings, "scoring_seconds", started)
 
     judged_path = here / "judge.json"
