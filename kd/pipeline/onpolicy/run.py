@@ -261,7 +261,8 @@ def run_round(
         **timings,
     }
     atomic_write_lines(here / "metrics.jsonl", [json.dumps(on_policy) + "\n", json.dumps(trained) + "\n"])
-    result = {**on_policy, **trained, "off_policy_sequences": len(records) - judged.get("judged_sequences", 0)}
+    off_policy = sum(r["meta"].get("kind") != "on-policy" for r in records)  # not judged_sequences: across
+    result = {**on_policy, **trained, "off_policy_sequences": off_policy}  # tokenizers a sample may go unscored
     atomic_write_text(done, json.dumps(result, indent=2) + "\n")
     log(f"round {index}: trained to step {summary['steps']} (loss {last.get('loss', float('nan')):.4f})")
     # The judged figures describe the student that sampled (index * steps trained steps); reported
