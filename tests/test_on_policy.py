@@ -234,7 +234,9 @@ def other_tokenizer_model(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["rounds-0", "no-question", "other-tokenizer", "engine-cannot-load"])
+@pytest.mark.parametrize(
+    "case", ["rounds-0", "no-question", "other-tokenizer", "cross-tokenizer-temperature", "engine-cannot-load"]
+)
 def test_bad_input_is_one_line_and_leaves_nothing_trusted(
     case, tmp_path, tiny_model_dir, student_config, prompts, other_tokenizer_model
 ):
@@ -248,6 +250,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(
             json.dumps({"question": "What is 1 + 1?"}) + "\n" + json.dumps({"answer": "#### 2"}) + "\n"
         )
         fragments = (f"{bad_prompts}:2", "question")
+    elif case == "cross-tokenizer-temperature":  # mapped rows keep no tempered tail
+        extra, fragments = ["--cross-tokenizer", "--distill-temperature", "2"], ("--distill-temperature 2", "--cross")
     elif case == "other-tokenizer":
         student, fragments = other_tokenizer_model, ("different tokenizers", "--cross-tokenizer")
     else:

@@ -140,6 +140,11 @@ class OnPolicyConfig(OptimizerSettings):
             raise KdError(
                 "--store hidden with --cross-tokenizer: a hidden cache's head speaks only the teacher's vocabulary"
             )
+        if self.cross_tokenizer and self.distill_temperature != 1.0:
+            raise KdError(
+                f"--distill-temperature {self.distill_temperature:g} with --cross-tokenizer: the teacher's rows "
+                "mapped onto the student's vocabulary keep no tempered tail; use 1"
+            )
         if self.hidden_encoding not in fmt.HIDDEN_ENCODINGS:
             raise KdError(
                 f"--hidden-encoding {self.hidden_encoding}: expected one of {', '.join(fmt.HIDDEN_ENCODINGS)}"
