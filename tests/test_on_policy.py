@@ -140,7 +140,8 @@ def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
         assert_cache_holds_the_sampled_tokens(here)
         assert judged["tokens_as_sampled_share"] == 1.0
     assert len(lines(reference / "metrics.jsonl")) == ROUNDS
-    assert "store" not in json.loads((reference / "settings.json").read_text())  # as runs before --store wrote
+    settings = json.loads((reference / "settings.json").read_text())
+    assert "store" not in settings and "cross_tokenizer" not in settings  # as runs before those flags wrote
     # --report-to tensorboard: one point per round, at the step count the sampling student had.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
