@@ -543,3 +543,25 @@ def test_eval_on_policy_prompts_across_tokenizers(tmp_path, gemma_teacher, smol_
     assert 0 <= got["on_policy_crosstok_unscored_share"] < 1
     assert (tmp_path / "kept" / "samples.teacher.jsonl").is_file()
     assert json.loads((tmp_path / "kept" / "settings.json").read_text())["cross_tokenizer"] is True
+
+
+def test_a_config_student_keeps_its_own_tokenizer(tmp_path, gemma_teacher, smollm2_dir, smollm2_tokenizer, prompts):
+    """--student config.json beside a tokenizer of its own (SmolLM2's), a Gemma-tokenizer teacher: the
+    initial student is written with its own tokenizer, not the teacher's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kd.pipeline.models import resolve_model, tokenizer_fingerprint
+    from kd.pipeline.onpolicy.config import OnPolicyConfig
+    from kd.pipeline.onpolicy.run import initial_student
+
+    config = AutoConfig.from_pretrained(str(smollm2_dir))
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 1, 64, 128
+    config.num_attention_heads = config.num_key_value_heads = 1
+    config.to_json_file(str(tmp_path / "config.json"))
+    smollm2_tokenizer.save_pretrained(str(tmp_path))
+    cfg = OnPolicyConfig(out=str(tmp_path / "run"), prompts=str(prompts), student=str(tmp_path / "config.json"))
+    (tmp_path / "run").mkdir()
+    teacher, student = resolve_model(str(gemma_teacher), "--teacher"), resolve_model(cfg.student, "--student")
+    built = initial_student(tmp_path / "run", cfg, teacher, student, "cpu")
+    saved = AutoTokenizer.from_pretrained(built.path)
+    assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(smollm2_tokenizer)

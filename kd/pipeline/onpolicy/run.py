@@ -98,7 +98,7 @@ def run_on_policy(cfg: OnPolicyConfig) -> dict[str, Any]:
     return {"out": str(out), "student": str(out / "student"), "rounds": rounds, "steps": steps * cfg.rounds}
 
 
-def tokenizer_source(teacher: ModelSource, student: ModelSource | None) -> ModelSource:
+def student_tokenizer_source(teacher: ModelSource, student: ModelSource | None) -> ModelSource:
     """Where the student's tokenizer comes from: a student cut from the teacher, or a config without a
     tokenizer of its own, takes the teacher's."""
     if student is None:
@@ -117,7 +117,7 @@ def check_tokenizers(
     one line, before anything is written, unless `cross_tokenizer` allows them (the samples are then
     scored as text, `retokenize`).
     """
-    source = tokenizer_source(teacher, student)
+    source = student_tokenizer_source(teacher, student)
     if source is teacher:
         return None
     teacher_tokenizer, student_tokenizer = load_tokenizer(teacher), load_tokenizer(source)
@@ -152,11 +152,10 @@ def initial_student(
         from kd.pipeline.training.students import build_student
 
         torch.manual_seed(cfg.seed)
-        model, tokenizer_source, layers = build_student(
+        model, source, layers = build_student(
             cfg.student, teacher if cfg.student_from_teacher else None, cfg.layers, "cpu"
         )
-        if tokenizer_source.kind == "config":
-            tokenizer_source = teacher
+        tokenizer_source = student_tokenizer_source(teacher, source)  # a config's own tokenizer.json, if any
         tmp = Path(tempfile.mkdtemp(prefix=f".{INITIAL_STUDENT}.", dir=out))
         try:
             model.save_pretrained(str(tmp), safe_serialization=True)
