@@ -522,6 +522,7 @@ def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targe
     assert round_0["reverse_kl"] == pytest.approx(total / aligned, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_on_policy_prompts_across_tokenizers(tmp_path, gemma_teacher, smol_student, prompts):
     """`kd eval --on-policy-prompts` with a teacher of another tokenizer: refused in one line naming
     --cross-tokenizer, and with it judged on the aligned targets with the coverage beside. The random

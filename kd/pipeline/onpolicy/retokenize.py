@@ -49,7 +49,9 @@ class Retokenizer:
         bodies = [self._body(r["input_ids"], r["loss_mask"]) for r in records]
         texts = self.student.decode_batch([ids for ids, _ in bodies], skip_special_tokens=False)
         bounds = [_run_bounds(mask) for _, mask in bodies]
-        # the text before each boundary strictly inside a record (0 and the end need no decoding)
+        # The text before each boundary strictly inside a record (0 and the end need no decoding), as far
+        # as it agrees with the whole text: a boundary inside a character (a byte-level BPE piece) falls
+        # at that character's start.
         inner = [(i, b) for i, (ids, _) in enumerate(bodies) for b in bounds[i] if 0 < b < len(ids)]
         prefixes = self.student.decode_batch([bodies[i][0][:b] for i, b in inner], skip_special_tokens=False)
         char_at = {(i, b): len(os.path.commonprefix([p, texts[i]])) for (i, b), p in zip(inner, prefixes, strict=True)}
