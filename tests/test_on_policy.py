@@ -140,7 +140,8 @@ def test_two_rounds_sample_score_and_train(reference, prompts, tiny_model_dir):
         assert_cache_holds_the_sampled_tokens(here)
         assert judged["tokens_as_sampled_share"] == 1.0
     assert len(lines(reference / "metrics.jsonl")) == ROUNDS
-    assert "store" not in json.loads((reference / "settings.json").read_text())  # as runs before --store wrote
+    settings = json.loads((reference / "settings.json").read_text())
+    assert "store" not in settings and "cross_tokenizer" not in settings  # as runs before those flags wrote
     # --report-to tensorboard: one point per round, at the step count the sampling student had.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -249,7 +250,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(
         )
         fragments = (f"{bad_prompts}:2", "question")
     elif case == "other-tokenizer":
-        student, fragments = other_tokenizer_model, ("different tokenizers",)
+        student, fragments = other_tokenizer_model, ("different tokenizers", "--cross-tokenizer")
     else:
         student = tmp_path / "broken"
         shutil.copytree(tiny_model_dir, student)
@@ -369,3 +370,197 @@ def test_mix_adds_off_policy_records_that_are_trained_on_not_judged(tmp_path, ti
     assert CacheReader(out / "round-000" / "cache").num_rows == 2 * on_policy  # the teacher scores both
     judged = lines(out / "round-000" / "metrics.jsonl")[0]
     assert judged["judged_sequences"] == on_policy  # only the student's own samples are judged
+
+
+# ----------------------------------------------------------------------------- across tokenizers
+
+
+@pytest.fixture(scope="module")
+def gemma_teacher(tmp_path_factory, gemma_tokenizer_dir, gemma_tokenizer) -> Path:
+    """A 1-layer, hidden-64 random Llama on Gemma-3's tokenizer (262,144 ids): the teacher side, which
+    only scores, since a 262k-vocabulary student would train slowly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(gemma_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("gemma-teacher")
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    gemma_tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol_student(tmp_path_factory, smollm2_dir) -> Path:
+    """A 1-layer, hidden-64 random Llama with SmolLM2's tokenizer (and chat template)."""
+    from tests.conftest import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("smol-student"), smollm2_dir, seed=1, layers=1, hidden=64)
+
+
+@pytest.mark.parametrize("direction", ["smol->gemma", "gemma->smol"])
+def test_samples_in_the_teachers_tokens(direction, smollm2_tokenizer, gemma_tokenizer):
+    """A sample drawn as a non-canonical tokenization ("T", "h", "e" for "The"), closed by the student's EOS:
+    the teacher's record is the same text in its tokens (its BOS in front, the student's dropped) closed
+    by the teacher's EOS, and its targets spell exactly the completion, which the Aligner carries back
+    onto the student's canonical tokens and its EOS."""
+    from kd.cache.format import TopKTargets, target_positions
+    from kd.pipeline.onpolicy.retokenize import Retokenizer
+    from kd.pipeline.training.crosstok import Aligner
+
+    student, teacher = (
+        (smollm2_tokenizer, gemma_tokenizer) if direction == "smol->gemma" else (gemma_tokenizer, smollm2_tokenizer)
+    )
+    student_bos = [2] if direction == "gemma->smol" else []
+    prompt = (
+        student_bos + student("<|user|>\nWhat is 2 + 3? 中文\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    )
+    answer = "The sum is 5 😀 done."
+    completion = [i for ch in "The" for i in student(ch, add_special_tokens=False)["input_ids"]]
+    completion += student(answer[3:], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    assert completion[:3] != student(answer, add_special_tokens=False)["input_ids"][:3]  # not canonical
+    sample = {"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * len(completion), "meta": {}}
+    (record,) = Retokenizer(student, teacher).convert([sample])
+
+    ids, mask = np.array(record["input_ids"]), np.array(record["loss_mask"], np.uint8)
+    teacher_bos = [2] if direction == "smol->gemma" else []
+    assert ids[: len(teacher_bos)].tolist() == teacher_bos and record["meta"] == {}
+    text = student.decode(sample["input_ids"][len(student_bos) : -1], skip_special_tokens=False)
+    assert teacher.decode(ids[len(teacher_bos) : -1], skip_special_tokens=False) == text
+    assert ids[-1] == teacher.eos_token_id  # the student's closing EOS is the teacher's, a target
+    completion_text = answer + teacher.eos_token
+    assert teacher.decode(ids[target_positions(mask)], skip_special_tokens=False) == completion_text
+    positions = target_positions(mask)
+    rows = TopKTargets(
+        ids[positions][:, None], np.zeros((len(positions), 1), np.float32), np.full(len(positions), -np.inf)
+    )
+    back = Aligner(teacher, student).align(ids, mask, rows)
+    canonical = student(answer, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    assert back.input_ids[target_positions(back.loss_mask)].tolist() == canonical
+    assert back.teacher_rows[-1]  # and the teacher's EOS row is the student's EOS row
+
+
+def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targets_and_trains(
+    tmp_path, gemma_teacher, smol_student, prompts, smollm2_tokenizer, gemma_tokenizer
+):
+    """A SmolLM2-tokenizer student, a Gemma-3-tokenizer teacher, --cross-tokenizer (without it: the
+    other-tokenizer case above): one round, plus --mix records, is scored in the teacher's tokens, judged
+    on the aligned targets (the reverse KL recomputed here from the model's own forward) and trained."""
+    from transformers import AutoModelForCausalLM
+
+    from kd.cache.format import target_positions
+    from kd.cache.reader import CacheReader
+    from kd.pipeline.models import tokenizer_fingerprint
+    from kd.pipeline.training.crosstok import Aligner
+
+    corpus = tmp_path / "off-policy.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"question": f"{i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(2))
+    )
+    out = tmp_path / "crossed"
+    args = on_policy_args(
+        gemma_teacher, smol_student, prompts, out, "--json", "--mix", "0.5", "--mix-data", str(corpus)
+    )
+    args[args.index("--rounds") + 1] = "1"
+    args[args.index("--prompts-per-round") + 1] = "2"
+    args[args.index("--steps-per-round") + 1] = "2"
+    proc = run_kd_in_process(*args, "--cross-tokenizer", "--distill-temperature", "2")  # rows keep tempered tails
+    assert proc.returncode == 0, proc.stderr
+    (round_0,) = json.loads(proc.stdout)["rounds"]
+    assert round_0["steps"] == 2 and np.isfinite(round_0["train_loss"])
+    assert json.loads((out / "settings.json").read_text())["cross_tokenizer"] is True
+    here = out / "round-000"
+    samples, scored = lines(here / "samples.jsonl"), lines(here / "samples.teacher.jsonl")
+    on_policy = 2 * SAMPLES
+    assert [r["meta"]["kind"] for r in samples] == ["on-policy"] * on_policy + ["off-policy"] * on_policy
+    reader = CacheReader(here / "cache")
+    assert reader.verify() == [] and reader.num_rows == len(samples)
+    assert reader.settings["tokenizer_fingerprint"] == tokenizer_fingerprint(gemma_tokenizer)
+    # Each cached row is its sample's text in Gemma's tokens (after Gemma's <bos>); its targets spell the
+    # end of the sampled completion (a Gemma token that starts inside the prompt is no target).
+    for row in reader.iter_sequences():
+        sample = samples[row.row]
+        ids = row.input_ids.tolist()
+        assert ids[0] == gemma_tokenizer.bos_token_id and ids == scored[row.row]["input_ids"]
+        student_text = smollm2_tokenizer.decode(sample["input_ids"], skip_special_tokens=False)
+        assert gemma_tokenizer.decode(ids[1:], skip_special_tokens=False) == student_text
+        completion = np.asarray(sample["input_ids"])[np.asarray(sample["loss_mask"], bool)]
+        completion_text = smollm2_tokenizer.decode(completion, skip_special_tokens=False)
+        targets = gemma_tokenizer.decode(row.input_ids[target_positions(row.loss_mask)], skip_special_tokens=False)
+        assert targets and completion_text.endswith(targets), (completion_text, targets)
+
+    # Judged on the aligned targets only, with the coverage beside: recomputed from the sampling
+    # student's own forward over the aligned sequences (dense buckets: the mapped top-k, then the rest).
+    assert round_0["judged_sequences"] == on_policy and "tokens_as_sampled_share" not in round_0
+    assert 0.3 < round_0["crosstok_target_coverage"] <= 1.0 and 0 < round_0["crosstok_mass_mapped"] <= 1.0
+    own = [s for s in reader.iter_sequences() if s.row < on_policy]
+    aligned_seqs = Aligner(gemma_tokenizer, smollm2_tokenizer)(own)
+    model = AutoModelForCausalLM.from_pretrained(str(smol_student), torch_dtype=torch.float32).eval()
+    total, aligned, student_targets = 0.0, 0, 0
+    with torch.no_grad():
+        for seq in aligned_seqs:
+            positions = target_positions(seq.loss_mask)
+            student_targets += len(positions)
+            logits = model(torch.from_numpy(seq.input_ids)[None]).logits[0, torch.from_numpy(positions - 1)]
+            for q_row, j in zip(torch.log_softmax(logits.double(), -1)[torch.from_numpy(seq.teacher_rows)],
+                                range(len(seq.teacher.ids)), strict=True):  # fmt: skip
+                keep = np.isfinite(seq.teacher.logprobs[j])
+                p = np.exp(seq.teacher.logprobs[j][keep].astype(np.float64))
+                p_tail = np.exp(float(seq.teacher.tail[j]))
+                p, p_tail = p / (p.sum() + p_tail), p_tail / (p.sum() + p_tail)
+                q = q_row[torch.from_numpy(seq.teacher.ids[j][keep])].exp().numpy()
+                q_tail = 1.0 - q.sum()
+                total += float((q * np.log(q / p)).sum() + q_tail * np.log(q_tail / p_tail))
+                aligned += 1
+    assert round_0["judged_tokens"] == aligned
+    assert round_0["crosstok_target_coverage"] == pytest.approx(aligned / student_targets)
+    assert round_0["reverse_kl"] == pytest.approx(total / aligned, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_on_policy_prompts_across_tokenizers(tmp_path, gemma_teacher, smol_student, prompts):
+    """`kd eval --on-policy-prompts` with a teacher of another tokenizer: refused in one line naming
+    --cross-tokenizer, and with it judged on the aligned targets with the coverage beside. The random
+    student's greedy answers are runs of newlines, which Gemma merges with the template's last one: no
+    sample keeps a teacher target, a one-line error; sampled at temperature 1 they do."""
+    args = ["eval", "--model", str(smol_student), "--teacher", str(gemma_teacher), "--on-policy-prompts",
+            str(prompts), "--limit", "2", "--max-new-tokens", "8", "--engine", "transformers", "--top-k", "8",
+            "--json"]  # fmt: skip
+    assert_one_line_error(run_kd_in_process(*args), "--model", "different tokenizers", "--cross-tokenizer")
+    greedy = run_kd_in_process(*args, "--cross-tokenizer")
+    assert_one_line_error(greedy, "no sample keeps a target in the teacher's tokens")
+    proc = run_kd_in_process(
+        *args, "--cross-tokenizer", "--temperature", "1", "--on-policy-out", str(tmp_path / "kept")
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["on_policy_judged_prompts"] == 2 and got["on_policy_reverse_kl"] > 0
+    assert 0.3 < got["on_policy_crosstok_target_coverage"] <= 1.0
+    assert 0 <= got["on_policy_crosstok_unscored_share"] < 1
+    assert (tmp_path / "kept" / "samples.teacher.jsonl").is_file()
+    assert json.loads((tmp_path / "kept" / "settings.json").read_text())["cross_tokenizer"] is True
+
+
+def test_a_config_student_keeps_its_own_tokenizer(tmp_path, gemma_teacher, smollm2_dir, smollm2_tokenizer, prompts):
+    """--student config.json beside a tokenizer of its own (SmolLM2's), a Gemma-tokenizer teacher: the
+    initial student is written with its own tokenizer, not the teacher's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kd.pipeline.models import resolve_model, tokenizer_fingerprint
+    from kd.pipeline.onpolicy.config import OnPolicyConfig
+    from kd.pipeline.onpolicy.run import initial_student
+
+    config = AutoConfig.from_pretrained(str(smollm2_dir))
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 1, 64, 128
+    config.num_attention_heads = config.num_key_value_heads = 1
+    config.to_json_file(str(tmp_path / "config.json"))
+    smollm2_tokenizer.save_pretrained(str(tmp_path))
+    cfg = OnPolicyConfig(out=str(tmp_path / "run"), prompts=str(prompts), student=str(tmp_path / "config.json"))
+    (tmp_path / "run").mkdir()
+    teacher, student = resolve_model(str(gemma_teacher), "--teacher"), resolve_model(cfg.student, "--student")
+    built = initial_student(tmp_path / "run", cfg, teacher, student, "cpu")
+    saved = AutoTokenizer.from_pretrained(built.path)
+    assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(smollm2_tokenizer)

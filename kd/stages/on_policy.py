@@ -3,6 +3,7 @@
 kd on-policy --prompts gsm8k.jsonl --student-from-teacher --layers even:8 --out run/ --rounds 4
 kd on-policy --teacher T/ --student S/ --prompts p.jsonl --out run/ --engine vllm --teacher-engine vllm
 kd on-policy ... --mix 0.25 --mix-data traces.jsonl      # a quarter of each round off-policy (GKD's lambda)
+kd on-policy --teacher T/ --student S/ ... --cross-tokenizer  # T's tokenizer differs: samples scored as text
 
 Rerunning the same command resumes a killed run; other settings into the same --out are refused.
 Every flag is a field of kd.pipeline.onpolicy.OnPolicyConfig (see kd/stages/options.py).

@@ -43,7 +43,8 @@ class EvalConfig:
     cross_tokenizer: bool = False
     """--cache was made by a teacher with another tokenizer: each record is re-tokenized by --model's
     tokenizer (as `kd train --cross-tokenizer` does); KL and agreement on the aligned targets, CE on all,
-    and the coverage (crosstok_*) reported beside them."""
+    and the coverage (crosstok_*) reported beside them. With --on-policy-prompts: a --teacher with
+    another tokenizer scores the model's samples as text (as `kd on-policy --cross-tokenizer` does)."""
     teacher: str | None = None
     """Teacher run live over --data for KL and agreement (and the judge of --on-policy-prompts)."""
     data_format: str | None = None
@@ -81,8 +82,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.cache is None and self.data is None and self.on_policy_prompts is None:
             raise KdError("give --cache CACHE, --data PATH or --on-policy-prompts PATH")
-        if self.cross_tokenizer and self.cache is None:
-            raise KdError("--cross-tokenizer applies to --cache (a cache made with another tokenizer)")
+        if self.cross_tokenizer and self.cache is None and self.on_policy_prompts is None:
+            raise KdError(
+                "--cross-tokenizer applies to --cache (a cache made with another tokenizer) or --on-policy-prompts"
+            )
         if self.cache is not None and self.teacher is not None and self.on_policy_prompts is None:
             raise KdError("--cache already holds the teacher's log-probs; drop --teacher")
         check_device(self.device)
@@ -122,6 +125,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
             batch_size=cfg.batch_size,
             limit=cfg.limit,
             out=cfg.on_policy_out,
+            cross_tokenizer=cfg.cross_tokenizer,
         )
         metrics.update(measure_on_policy(source, settings, device))
         if not cfg.cache and not cfg.data:

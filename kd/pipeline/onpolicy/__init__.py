@@ -4,9 +4,10 @@
     run_on_policy(OnPolicyConfig(out="run/", prompts="gsm8k.jsonl", student_from_teacher=True, rounds=4))
 
 Modules: `config` (settings), `plan` (each round's prompts and --mix records), `sampling` (the
-student answers, through gen-traces' engines and ledger), `scoring` (stage one over the samples, and
-the judge's inputs), `judge` (reverse KL and teacher log-likelihood of a student's own tokens),
-`state` (the run directory: settings, lock), `run` (the rounds), `measure` (the same verdict for
+student answers, through gen-traces' engines and ledger), `retokenize` (the samples in a teacher's
+tokens, for --cross-tokenizer), `scoring` (stage one over the samples, and the judge's inputs),
+`judge` (reverse KL and teacher log-likelihood of a student's own tokens), `state` (the run
+directory: settings, lock), `run` (the rounds), `measure` (the same verdict for
 `kd eval --on-policy-prompts`).
 
 May import: every other wing (it composes sampling, capture and training) but never kd.stages.

@@ -30,6 +30,10 @@ class OnPolicyConfig(OptimizerSettings):
     """Teacher that scores the samples: HF dir, .gguf or hub id [default: embedded SmolLM2-135M-Instruct]."""
     student: str | None = None
     """Initial student: HF dir, .gguf or config.json (random init)."""
+    cross_tokenizer: bool = False
+    """--student's tokenizer differs from --teacher's: each sample's text is re-tokenized for the teacher to
+    score; the student is judged and trained on its text re-tokenized canonically, with the divergence on
+    the targets the two tokenizations share (training/crosstok.py) and their coverage reported."""
     student_from_teacher: bool = False
     """Cut the initial student from the teacher's embeddings, chosen --layers, final norm and head."""
     layers: str | None = None
@@ -113,6 +117,10 @@ class OnPolicyConfig(OptimizerSettings):
             raise KdError("give --student (model dir, .gguf or config.json) or --student-from-teacher")
         if self.student is not None and self.student_from_teacher:
             raise KdError("--student and --student-from-teacher are exclusive")
+        if self.cross_tokenizer and self.student_from_teacher:
+            raise KdError(
+                "--cross-tokenizer with --student-from-teacher: a student cut from the teacher has its tokenizer"
+            )
         if self.layers is not None and not self.student_from_teacher:
             raise KdError("--layers applies only with --student-from-teacher")
         if "{question}" not in self.template:
@@ -128,6 +136,10 @@ class OnPolicyConfig(OptimizerSettings):
             raise KdError(f"--value-encoding {self.value_encoding}: expected one of {', '.join(fmt.VALUE_ENCODINGS)}")
         if self.store not in ("topk", "hidden"):
             raise KdError(f"--store {self.store}: expected topk or hidden")
+        if self.store == "hidden" and self.cross_tokenizer:
+            raise KdError(
+                "--store hidden with --cross-tokenizer: a hidden cache's head speaks only the teacher's vocabulary"
+            )
         if self.hidden_encoding not in fmt.HIDDEN_ENCODINGS:
             raise KdError(
                 f"--hidden-encoding {self.hidden_encoding}: expected one of {', '.join(fmt.HIDDEN_ENCODINGS)}"

@@ -15,6 +15,11 @@ log-probs, which reaches 0 for a confident teacher). Judged as exactly 0, any st
 would cost ~1000 nats (the log floor); it is judged as UNRESOLVED_TAIL instead, the most it can be,
 and ``teacher_unresolved_tail_share`` counts those tokens.
 
+Across tokenizers (`kd on-policy --cross-tokenizer`) the sequences come aligned to the student's
+tokenizer (training/crosstok.py: its text re-tokenized canonically, the teacher's rows mapped onto its
+vocabulary) and carry a teacher row at some targets only (``teacher_rows``): every figure is then over
+those aligned targets, the only ones the teacher's distribution is known at.
+
 From a hidden-state cache (`--store hidden`) every figure is exact: the teacher's full-vocabulary
 log-probs are rebuilt from its stored final hidden state and head, chunk by chunk, so coverage is 1
 and no tail is assumed.
@@ -41,7 +46,12 @@ from kd.losses import (
     student_buckets,
 )
 from kd.losses.fused import checked_teacher_logits
-from kd.pipeline.evaluation.sequences import bootstrap_ratio_ci, paired_ratio_difference_ci, unwrap_causal_lm
+from kd.pipeline.evaluation.sequences import (
+    aligned_rows,
+    bootstrap_ratio_ci,
+    paired_ratio_difference_ci,
+    unwrap_causal_lm,
+)
 from kd.pipeline.heads import head_logits, split_body_and_head
 from kd.pipeline.training.batches import collate
 
@@ -98,13 +108,17 @@ def judge_sequences(
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = hidden[batch.hidden_rows, batch.hidden_cols]
         teacher = teacher_head.attach(batch.teacher, device) if exact else fold_out_of_vocab(batch.teacher, vocab)
-        rows = batch.hidden_rows.cpu().numpy()
+        rows, labels_all = batch.hidden_rows, batch.labels
+        aligned = aligned_rows(chunk, hidden.device)  # cross-tokenizer: teacher rows (in order) at these only
+        if aligned is not None:
+            hidden, rows, labels_all = hidden[aligned], rows[aligned], labels_all[aligned]
+        rows = rows.cpu().numpy()
         sums = {k: np.zeros(len(chunk)) for k in SUMS}
         for lo in range(0, hidden.shape[0], chunk_size):
             hi = min(lo + chunk_size, hidden.shape[0])
             logits = head_logits(head, transform, hidden[lo:hi])
             lse = torch.logsumexp(logits, dim=-1)
-            labels = batch.labels[lo:hi]
+            labels = labels_all[lo:hi]
             if exact:
                 parts = _exact_token_terms(logits, lse, labels, checked_teacher_logits(teacher, lo, hi, vocab))
             else:

@@ -22,8 +22,9 @@ from kd.pipeline.engines.generation import DEFAULT_TEMPLATE, GenerationSettings,
 from kd.pipeline.models import ModelSource, resolve_model, weights_fingerprint
 from kd.pipeline.onpolicy.run import check_tokenizers
 from kd.pipeline.onpolicy.sampling import SamplerSettings, read_samples, sample_round, summarize_samples
-from kd.pipeline.onpolicy.scoring import ScoringSettings, judge_samples, score_samples
+from kd.pipeline.onpolicy.scoring import ScoringSettings, judge_samples, score_samples, teacher_samples
 from kd.pipeline.traces.run import load_prompts
+from kd.pipeline.training.crosstok import Aligner
 
 
 @dataclass
@@ -47,6 +48,8 @@ class MeasureSettings:
     system: str | None = None
     out: str | None = None
     """Keep samples, cache and per-prompt sums here (a rerun reuses them); None: a temporary directory."""
+    cross_tokenizer: bool = False
+    """The teacher's tokenizer differs from the model's: samples scored as text (`kd on-policy`'s way)."""
 
 
 def measure_on_policy(model: ModelSource, settings: MeasureSettings, device: str) -> dict[str, Any]:
@@ -59,7 +62,7 @@ def measure_on_policy(model: ModelSource, settings: MeasureSettings, device: str
         raise KdError(f"--engine {settings.engine}: expected vllm, transformers or auto")
     prompts = load_prompts(settings.prompts, settings.limit)
     teacher = resolve_model(settings.teacher, "--teacher")
-    check_tokenizers(teacher, model)
+    crossed = check_tokenizers(teacher, model, settings.cross_tokenizer, flag="--model")
     work = Path(settings.out) if settings.out else Path(tempfile.mkdtemp(prefix="kd-on-policy-"))
     try:
         _check_work_dir(work, model, teacher, settings)
@@ -75,9 +78,10 @@ def measure_on_policy(model: ModelSource, settings: MeasureSettings, device: str
             device,
             settings.seed,
         )
-        score_samples(work / "samples.jsonl", work / "cache", scoring)
         records = read_samples(work / "samples.jsonl")
-        judged, per_prompt = judge_samples(model, records, work / "cache", device, settings.batch_size)
+        score_samples(teacher_samples(work / "samples.jsonl", records, crossed), work / "cache", scoring)
+        aligner = Aligner(crossed[1], crossed[0]) if crossed else None
+        judged, per_prompt = judge_samples(model, records, work / "cache", device, settings.batch_size, aligner=aligner)
         if settings.out:
             atomic_write_text(work / "per_prompt.json", json.dumps(per_prompt) + "\n")
     finally:
@@ -96,6 +100,8 @@ def _check_work_dir(work: Path, model: ModelSource, teacher: ModelSource, settin
         "teacher": weights_fingerprint(teacher),
         "prompts": corpus_fingerprint(settings.prompts),
     }
+    if not settings.cross_tokenizer:  # recorded only when set, as kept directories made before it were
+        record.pop("cross_tokenizer")
     path = work / "settings.json"
     if path.is_file():
         old = json.loads(path.read_text())

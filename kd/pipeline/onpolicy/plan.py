@@ -37,8 +37,9 @@ def round_prompt_indices(num_prompts: int, per_round: int, round_index: int, see
 class MixSource:
     """The off-policy corpus of --mix as token records (ids + loss mask, chat turns beside), read once.
 
-    Tokenized here, with the tokenizer the student and teacher share, because a round's samples.jsonl
-    is in the ``tokens`` format (the student's exact samples) and one file has one format.
+    Tokenized here, with the student's tokenizer (the teacher's too, unless --cross-tokenizer), because
+    a round's samples.jsonl is in the ``tokens`` format (the student's exact samples) and one file has one
+    format and one tokenization; across tokenizers the whole file is then re-tokenized for the teacher.
     """
 
     path: str

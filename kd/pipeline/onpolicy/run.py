@@ -7,7 +7,10 @@ Round r, in OUT/round-NNN/:
 
 1. ``samples.jsonl``: the current student (round r−1's trained student, or the initial one) answers
    the round's prompts with gen-traces' engines (`sampling`);
-2. ``cache/``: the teacher's top-k over exactly those sequences, by stage one's `run_cache_logits`;
+2. ``cache/``: the teacher's top-k over exactly those sequences, by stage one's `run_cache_logits`
+   (with --cross-tokenizer, over ``samples.teacher.jsonl``: the same samples as text in the teacher's
+   tokens, `retokenize`; the cache is then in the teacher's tokenization, and steps 3 and 4 align it
+   back to the student's tokenizer as `kd eval --cross-tokenizer` and `kd train --cross-tokenizer` do);
 3. ``metrics.jsonl``: the teacher's verdict on the student's own samples, judged from that cache
    (`judge`), then the training summary;
 4. ``train/``: `kd train --from-cache` as a library call, started from round r−1's checkpoint
@@ -37,12 +40,19 @@ from kd.pipeline.models import weights_fingerprint as model_fingerprint
 from kd.pipeline.onpolicy.config import OnPolicyConfig
 from kd.pipeline.onpolicy.plan import MixSource, round_prompt_indices
 from kd.pipeline.onpolicy.sampling import SamplerSettings, read_samples, sample_round, summarize_samples
-from kd.pipeline.onpolicy.scoring import ScoringSettings, cache_is_complete, judge_samples, score_samples
+from kd.pipeline.onpolicy.scoring import (
+    ScoringSettings,
+    cache_is_complete,
+    judge_samples,
+    score_samples,
+    teacher_samples,
+)
 from kd.pipeline.onpolicy.state import RunDirectory, round_dir, settings_record
 from kd.pipeline.progress import log
 from kd.pipeline.traces.run import Prompt, load_prompts
 from kd.pipeline.tracking import report_scalars
 from kd.pipeline.training.checkpoint import checkpoint_dir, latest_checkpoint
+from kd.pipeline.training.crosstok import Aligner
 from kd.pipeline.training.trainer import TrainConfig, train
 
 ROUND_DONE = "round.json"
@@ -56,8 +66,10 @@ def run_on_policy(cfg: OnPolicyConfig) -> dict[str, Any]:
         raise KdError(f"--prompts-per-round {cfg.prompts_per_round} exceeds the {len(prompts)} prompts in --prompts")
     teacher = resolve_model(cfg.teacher, "--teacher")
     student = None if cfg.student_from_teacher else resolve_model(cfg.student, "--student")
-    check_tokenizers(teacher, student)
-    mix = MixSource.load(cfg.mix_data, load_tokenizer(teacher)) if cfg.mix else None
+    crossed = check_tokenizers(teacher, student, cfg.cross_tokenizer)  # (student's, teacher's) or None
+    # In the student's tokens, as its samples are (samples.jsonl holds one tokenization); with one
+    # tokenizer the teacher's directory is read, as before --cross-tokenizer existed (its chat template).
+    mix = MixSource.load(cfg.mix_data, crossed[0] if crossed else load_tokenizer(teacher)) if cfg.mix else None
     device = cfg.device or default_device()
     fingerprints = {
         "teacher_fingerprint": model_fingerprint(teacher),
@@ -75,7 +87,7 @@ def run_on_policy(cfg: OnPolicyConfig) -> dict[str, Any]:
         steps = cfg.resolved_steps_per_round()
         rounds = []
         for index in range(cfg.rounds):
-            rounds.append(run_round(cfg, index, prompts, mix, initial, steps, device))
+            rounds.append(run_round(cfg, index, prompts, mix, initial, steps, device, crossed))
             write_run_metrics(out, rounds)
             if index > 0:  # round index trained from round index-1's checkpoint; nothing else needs it
                 shutil.rmtree(checkpoint_dir(round_dir(out, index - 1) / "train"), ignore_errors=True)
@@ -86,19 +98,38 @@ def run_on_policy(cfg: OnPolicyConfig) -> dict[str, Any]:
     return {"out": str(out), "student": str(out / "student"), "rounds": rounds, "steps": steps * cfg.rounds}
 
 
-def check_tokenizers(teacher: ModelSource, student: ModelSource | None) -> None:
-    """The teacher scores the student's tokens: one tokenizer, or a one-line error before anything is written."""
+def student_tokenizer_source(teacher: ModelSource, student: ModelSource | None) -> ModelSource:
+    """Where the student's tokenizer comes from: a student cut from the teacher, or a config without a
+    tokenizer of its own, takes the teacher's."""
     if student is None:
-        return
-    teacher_id = tokenizer_fingerprint(load_tokenizer(teacher))
+        return teacher
     if student.kind == "config" and not (Path(student.path).parent / "tokenizer.json").is_file():
-        return  # a config without a tokenizer takes the teacher's
-    student_id = tokenizer_fingerprint(load_tokenizer(student))
-    if student_id != teacher_id:
+        return teacher
+    return student
+
+
+def check_tokenizers(
+    teacher: ModelSource, student: ModelSource | None, cross_tokenizer: bool = False, flag: str = "--student"
+) -> tuple[Any, Any] | None:
+    """The (student's, teacher's) tokenizers where they differ, None where they are one.
+
+    The teacher scores the student's own tokens only with one tokenizer: different ones are refused in
+    one line, before anything is written, unless `cross_tokenizer` allows them (the samples are then
+    scored as text, `retokenize`).
+    """
+    source = student_tokenizer_source(teacher, student)
+    if source is teacher:
+        return None
+    teacher_tokenizer, student_tokenizer = load_tokenizer(teacher), load_tokenizer(source)
+    teacher_id, student_id = tokenizer_fingerprint(teacher_tokenizer), tokenizer_fingerprint(student_tokenizer)
+    if student_id == teacher_id:
+        return None
+    if not cross_tokenizer:
         raise KdError(
-            f"--student {student.path} and --teacher {teacher.path} use different tokenizers "
-            f"({student_id} vs {teacher_id}); the teacher must score the student's own tokens"
+            f"{flag} {source.path} and --teacher {teacher.path} use different tokenizers "
+            f"({student_id} vs {teacher_id}); pass --cross-tokenizer to score its samples as text"
         )
+    return student_tokenizer, teacher_tokenizer
 
 
 def initial_student(
@@ -121,11 +152,10 @@ def initial_student(
         from kd.pipeline.training.students import build_student
 
         torch.manual_seed(cfg.seed)
-        model, tokenizer_source, layers = build_student(
+        model, source, layers = build_student(
             cfg.student, teacher if cfg.student_from_teacher else None, cfg.layers, "cpu"
         )
-        if tokenizer_source.kind == "config":
-            tokenizer_source = teacher
+        tokenizer_source = student_tokenizer_source(teacher, source)  # a config's own tokenizer.json, if any
         tmp = Path(tempfile.mkdtemp(prefix=f".{INITIAL_STUDENT}.", dir=out))
         try:
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -148,8 +178,12 @@ def run_round(
     initial: ModelSource,
     steps: int,
     device: str,
+    crossed: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """One round, each step skipped when its output is already complete."""
+    """One round, each step skipped when its output is already complete.
+
+    `crossed`: the (student's, teacher's) tokenizers where they differ (--cross-tokenizer).
+    """
     out = Path(cfg.out)
     here = round_dir(out, index)
     done = here / ROUND_DONE
@@ -190,13 +224,17 @@ def run_round(
         stored = f"top-{cfg.top_k}" if cfg.store == "topk" else f"{cfg.hidden_encoding} hidden states"
         log(f"round {index}: the teacher scores {len(records)} sequences ({stored})")
         started = time.perf_counter()
-        score_samples(samples, here / "cache", scoring)
+        score_samples(teacher_samples(samples, records, crossed), here / "cache", scoring)
         timings = _record_time(here, timings, "scoring_seconds", started)
 
     judged_path = here / "judge.json"
     if not judged_path.is_file():
         started = time.perf_counter()
-        metrics, per_prompt = judge_samples(sampler, records, here / "cache", device, cfg.sample_batch_size)
+        # Aligned as `kd eval --cross-tokenizer` aligns (a fresh Aligner: its coverage counts this round only).
+        aligner = Aligner(crossed[1], crossed[0]) if crossed else None
+        metrics, per_prompt = judge_samples(
+            sampler, records, here / "cache", device, cfg.sample_batch_size, aligner=aligner
+        )
         atomic_write_text(judged_path, json.dumps({"metrics": metrics, "per_prompt": per_prompt}) + "\n")
         timings = _record_time(here, timings, "judging_seconds", started)
     judged = json.loads(judged_path.read_text())["metrics"]
@@ -222,7 +260,8 @@ def run_round(
         **timings,
     }
     atomic_write_lines(here / "metrics.jsonl", [json.dumps(on_policy) + "\n", json.dumps(trained) + "\n"])
-    result = {**on_policy, **trained, "off_policy_sequences": len(records) - judged.get("judged_sequences", 0)}
+    off_policy = sum(r["meta"].get("kind") != "on-policy" for r in records)  # not judged_sequences: across
+    result = {**on_policy, **trained, "off_policy_sequences": off_policy}  # tokenizers a sample may go unscored
     atomic_write_text(done, json.dumps(result, indent=2) + "\n")
     log(f"round {index}: trained to step {summary['steps']} (loss {last.get('loss', float('nan')):.4f})")
     # The judged figures describe the student that sampled (index * steps trained steps); reported
@@ -271,6 +310,7 @@ def train_config(
         report_to=cfg.report_to,
         device=cfg.device,
         seed=cfg.seed + index,
+        cross_tokenizer=cfg.cross_tokenizer,  # the student trains on its text re-tokenized canonically
     )
 
 

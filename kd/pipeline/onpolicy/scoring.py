@@ -8,15 +8,20 @@ and manifest as `kd cache-logits`, so a round's cache is an ordinary cache (`kd 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.cache.manifest import read_manifest
+from kd.cache.manifest import atomic_write_lines, read_manifest
 from kd.cache.reader import CacheReader
+from kd.errors import KdError
 from kd.pipeline.capture import CacheConfig, run_cache_logits
+from kd.pipeline.evaluation.model_eval import aligned_stream
 from kd.pipeline.models import ModelSource, load_causal_lm
 from kd.pipeline.onpolicy.judge import judge_sequences
+from kd.pipeline.onpolicy.retokenize import Retokenizer
+from kd.pipeline.training.crosstok import Aligner
 from kd.pipeline.training.hidden_teacher import load_cached_teacher_head
 
 
@@ -57,6 +62,33 @@ class ScoringSettings:
         )
 
 
+TEACHER_SAMPLES = "samples.teacher.jsonl"
+"""Across tokenizers: samples.jsonl's records in the teacher's tokens, the file the teacher scores."""
+
+
+def teacher_samples(samples: Path, records: list[dict[str, Any]], crossed: tuple[Any, Any] | None) -> Path:
+    """The file the teacher scores: SAMPLES itself, or across tokenizers (`crossed`: the student's and the
+    teacher's tokenizers) its records in the teacher's tokens (retokenize.py), written beside it once.
+
+    A pure function of samples.jsonl, written atomically: a rerun finds it whole or writes it again.
+    A sample whose completion merges into the teacher's token before it (a run of newlines after the
+    template's) keeps no teacher target; stage one leaves it out and the judge counts it
+    (``crosstok_unscored_share``). If no record keeps one there is nothing to score: a one-line error.
+    """
+    if crossed is None:
+        return samples
+    path = samples.with_name(TEACHER_SAMPLES)
+    if not path.is_file():
+        converted = Retokenizer(*crossed).convert(records)
+        if not any(any(r["loss_mask"]) for r in converted):
+            raise KdError(
+                f"{samples}: no sample keeps a target in the teacher's tokens (--cross-tokenizer: each completion "
+                "merges into the teacher's token before it); sample longer answers (--max-new-tokens, --temperature)"
+            )
+        atomic_write_lines(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in converted))
+    return path
+
+
 def cache_is_complete(cache_dir: Path) -> bool:
     manifest = read_manifest(cache_dir) if cache_dir.is_dir() else None
     return bool(manifest and manifest.get("complete"))
@@ -76,11 +108,15 @@ def judge_samples(
     device: str,
     batch_size: int = 8,
     chunk_size: int = 1024,
+    aligner: Aligner | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """The teacher-judged metrics of the student that sampled `records` (samples.jsonl, in order).
 
     Only on-policy rows are judged (cache row i is line i of samples.jsonl); --mix rows are not the
-    student's own samples.
+    student's own samples. `aligner` (--cross-tokenizer): the cache is in the teacher's tokens
+    (retokenize.py); each row is aligned to the student's tokenizer as `kd eval --cache --cross-tokenizer`
+    does (`aligned_stream`), judged on the aligned targets only, and the coverage (``crosstok_*``: the
+    share of the student's targets judged, the teacher mass its vocabulary holds) reported beside.
     """
     group_of_row, expected = {}, {}
     for row, record in enumerate(records):
@@ -93,9 +129,14 @@ def judge_samples(
     reader = CacheReader(cache_dir)
     try:
         head = load_cached_teacher_head(reader, device)  # None unless the round stored hidden states
-        return judge_sequences(
-            model, reader.iter_sequences(), group_of_row, expected, batch_size, chunk_size, device, head
-        )
+        seqs = reader.iter_sequences()
+        if aligner is None:
+            return judge_sequences(model, seqs, group_of_row, expected, batch_size, chunk_size, device, head)
+        # Only the student's own samples are aligned, so the coverage describes them (not --mix rows).
+        seqs = aligned_stream((s for s in seqs if s.row in group_of_row), aligner, batch_size)
+        metrics, per_prompt = judge_sequences(model, seqs, group_of_row, None, batch_size, chunk_size, device)
+        unscored = 1.0 - metrics["judged_sequences"] / max(len(group_of_row), 1)  # no target in the teacher's tokens
+        return {**metrics, **aligner.stats.metrics(), "crosstok_unscored_share": unscored}, per_prompt
     finally:
         reader.close()
         del model

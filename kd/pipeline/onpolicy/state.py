@@ -36,6 +36,8 @@ def settings_record(cfg: OnPolicyConfig, fingerprints: dict[str, str]) -> dict[s
     if cfg.store == "topk":  # as runs made before --store existed recorded them: they still resume
         values.pop("store")
         values.pop("hidden_encoding")
+    if not cfg.cross_tokenizer:  # likewise for runs made before --cross-tokenizer existed
+        values.pop("cross_tokenizer")
     values["steps_per_round"] = cfg.resolved_steps_per_round()
     return {**values, **fingerprints, "paths": {k: getattr(cfg, k) for k in PATHS}}
 

@@ -53,6 +53,35 @@ def leading_special_ids(tokenizer) -> list[int]:
     return [i for i in ids if i != eos]
 
 
+def token_spans(offsets) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of each token from an encoding's offsets: a token spans [end of the previous token,
+    its end), so offsets trimmed of leading spaces (byte-level BPE) still tile the text."""
+    ends = np.array([e for _, e in offsets], dtype=np.int64)
+    starts = np.r_[0, ends[:-1]] if len(ends) else ends
+    return starts, ends
+
+
+def covered_characters(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """bool[length + 1]: the characters of a text inside any of the spans [starts[i], ends[i])."""
+    edges = np.zeros(length + 2, dtype=np.int64)  # +1 at each start, -1 at each end, cumulated
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, ends, -1)
+    return np.cumsum(edges)[: length + 1] > 0
+
+
+def by_first_character(starts: np.ndarray, ends: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """bool per token: its first character is `covered` (the rule that carries targets across tokenizers).
+
+    A token of zero width is a later byte of the character the token before it started (byte-level
+    BPE splits a Chinese character or an emoji into 2-4 ids): it goes with that token.
+    """
+    if not len(ends):
+        return np.zeros(0, dtype=bool)
+    width = ends > starts
+    owner = np.maximum.accumulate(np.where(width, np.arange(len(ends)), 0))
+    return covered[starts[owner]]
+
+
 def vocab_texts(tokenizer) -> list[str | None]:
     """Text of each id alone, or None where it has none (special/added tokens, partial UTF-8 bytes)."""
     backend = tokenizer.backend_tokenizer
@@ -216,6 +245,8 @@ class AlignedSequence(TrainSequence):
 
     teacher_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     """bool per student target (in target order): True where a teacher row exists."""
+    row: int | None = None
+    """The cache row it was aligned from (kept by `Aligner.__call__`: the on-policy judge groups by it)."""
 
 
 @dataclass
@@ -290,8 +321,7 @@ class Aligner:
     def _spans(body: list[int], skip: int, text: str, enc) -> tuple[str, np.ndarray, np.ndarray, int] | None:
         if enc.ids != body:
             return None
-        ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
-        starts = np.r_[0, ends[:-1]] if len(ends) else ends
+        starts, ends = token_spans(enc.offsets)
         return text, starts, ends, skip
 
     def align(self, input_ids: np.ndarray, loss_mask: np.ndarray, teacher) -> AlignedSequence:
@@ -340,25 +370,18 @@ class Aligner:
             inside = (t_targets - skip >= 0) & (t_targets - skip < len(starts))
             ordinal = np.flatnonzero(inside)  # index among the teacher's targets
             b = t_targets[ordinal] - skip
-            # characters covered by a teacher target: +1 at each start, -1 at each end, cumulated
-            edges = np.zeros(len(text) + 2, dtype=np.int64)
-            np.add.at(edges, starts[b], 1)
-            np.add.at(edges, ends[b], -1)
-            masked = np.cumsum(edges)[: len(text) + 1] > 0
+            masked = covered_characters(starts[b], ends[b], len(text))  # characters of a teacher target
             wide = ends[b] > starts[b]  # starts are increasing over tokens of non-zero width
             start_of, target_of = starts[b][wide], ordinal[wide]
-        s_ends = np.array([e for _, e in enc.offsets], dtype=np.int64)
-        s_starts = np.r_[0, s_ends[:-1]] if len(s_ends) else s_ends
+        s_starts, s_ends = token_spans(enc.offsets)
         prefix = len(self.student_prefix)
         suffix = [self.student_eos] if closing else []
         s_ids = np.array(self.student_prefix + list(enc.ids) + suffix, dtype=np.int64)
         s_mask = np.zeros(len(s_ids), dtype=np.uint8)
-        # A token of zero width is a later byte of the character the token before it started
-        # (byte-level BPE splits a Chinese character or an emoji into 2-4 ids): it is a target
-        # with that token, and never aligned (its "start" is the next character's).
+        # A zero-width token (a later byte of a character) is a target with the token that started the
+        # character, and never aligned (its "start" is the next character's).
         width = s_ends > s_starts
-        owner = np.maximum.accumulate(np.where(width, np.arange(len(s_ends)), 0)) if len(s_ends) else s_ends
-        s_mask[prefix : prefix + len(s_ends)] = masked[s_starts[owner]] if len(s_ends) else 0
+        s_mask[prefix : prefix + len(s_ends)] = by_first_character(s_starts, s_ends, masked)
         eos_is_target = closing and len(t_targets) > 0 and t_targets[-1] == len(input_ids) - 1
         if closing:
             s_mask[-1] = eos_is_target
@@ -421,8 +444,11 @@ class Aligner:
         return out
 
     def __call__(self, seqs: list) -> list[AlignedSequence]:
-        """The loader's hook: cached sequences in, student sequences out (same order)."""
-        return self.align_many([(s.input_ids, s.loss_mask, s.teacher) for s in seqs])
+        """The loader's hook: cached sequences in, student sequences out (same order, same rows)."""
+        out = self.align_many([(s.input_ids, s.loss_mask, s.teacher) for s in seqs])
+        for seq, aligned in zip(seqs, out, strict=True):
+            aligned.row = getattr(seq, "row", None)
+        return out
 
     def collate(self, seqs: list[AlignedSequence], pad_id: int = 0) -> Batch:
         """`collate`, plus the per-target mask of rows that carry a teacher distribution."""
