@@ -8,7 +8,8 @@ Checked: the sum mode's loss at the first step is the weighted sum of the single
 is that cache; the loader reads the caches side by side in the single cache's order with bounded
 memory; RS and top-k caches combine in either mode; a mixture of a cache with itself across
 tokenizers is that cache's cross-tokenizer run; the one-line refusals; kill -9 and --resume equal
-an uninterrupted run (a real process); 2 DDP ranks log each teacher's divergence as 1 process does.
+an uninterrupted run (a real process) and 2 DDP ranks equal 1 process, both with the teachers aligned
+onto a Gemma-3-tokenizer student.
 The losses themselves: tests/test_multi_teacher_losses.py.
 """
 
@@ -35,7 +36,7 @@ from tests.helpers import (
     run_torchrun,
 )
 from tests.test_cache_logits import make_corpus
-from tests.test_crosstok import gemma_student, gemma_tokenizer, gemma_tokenizer_dir, maps  # noqa: F401 - fixtures
+from tests.test_crosstok import gemma_student, maps  # noqa: F401 - fixtures
 from tests.test_train import assert_same_weights, metrics
 
 
@@ -253,7 +254,8 @@ def test_teachers_across_tokenizers_sum_their_cross_tokenizer_runs(tmp_path, cac
     assert itself["divergence"] == pytest.approx(alone[0]["divergence"], rel=1e-5)
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, student_config):
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_student):
+    """Two SmolLM2 caches aligned onto a Gemma-3-tokenizer student: the loader's alignment resumes exactly."""
     common = [
         "train",
         "--from-cache",
@@ -262,8 +264,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, student_c
         str(caches["b"]),
         "--teacher-weights",
         "0.7,0.3",
+        "--cross-tokenizer",
     ]
-    common += ["--student", str(student_config), "--max-steps", "16", "--batch-size", "1", "--save-every", "4"]
+    common += ["--student", str(gemma_student), "--max-steps", "16", "--batch-size", "1", "--save-every", "4"]
     common += ["--learning-rate", "1e-3", "--log-every", "1"]
     reference = tmp_path / "reference"
     assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
@@ -281,12 +284,13 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, student_c
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, caches, student_config):
-    """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, both teachers in sum mode (DDP):
-    the losses, the weights and each teacher's logged divergence."""
+def test_two_processes_match_one(tmp_path, caches, gemma_student):
+    """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, a top-k and an RS teacher in sum
+    mode, both aligned onto a Gemma-3-tokenizer student (DDP across tokenizers): the losses, the weights
+    and each teacher's logged divergence."""
     common = ["train", "--from-cache", str(caches["a"]), "--from-cache", str(caches["rs"]), "--student"]
-    common += [str(student_config), "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1"]
-    common += ["--teacher-weights", "0.6,0.4"]
+    common += [str(gemma_student), "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1"]
+    common += ["--teacher-weights", "0.6,0.4", "--cross-tokenizer"]
     single = tmp_path / "single"
     assert run_kd_in_process(*common, "--out", str(single), "--batch-size", "4").returncode == 0
     double = tmp_path / "ddp"
