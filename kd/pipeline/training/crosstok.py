@@ -270,6 +270,14 @@ class AlignStats:
             }
 
 
+@dataclass
+class _Pieces:
+    """A teacher vocabulary's texts, one per id, and their lengths in characters (-1: part of a character)."""
+
+    texts: list[str]
+    lengths: np.ndarray
+
+
 class Aligner:
     """Turns cached teacher sequences into student sequences with mapped teacher rows (see module docstring)."""
 
@@ -288,6 +296,7 @@ class Aligner:
         self.identity = np.array_equal(self.vocab_map, np.arange(len(self.vocab_map)))
         """Same tokenizer on both sides: teacher rows pass through untouched (bit-identical loss)."""
         self.stats = AlignStats()
+        self._teacher_pieces: _Pieces | None = None
 
     def teacher_spans(self, input_ids: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, int] | None:
         """(text, starts, ends, skipped) of the teacher tokens after its leading specials; None if no round trip."""
@@ -317,6 +326,32 @@ class Aligner:
             and int(ids[-1]) == self.teacher_eos
         )
 
+    def _spans_from_pieces(
+        self, body: list[int], skip: int, text: str
+    ) -> tuple[str, np.ndarray, np.ndarray, int] | None:
+        """Token spans from each id's own text, when the text is exactly their concatenation; else None.
+
+        Why: this skips re-encoding the text (a third of the alignment's time). It holds for byte-level
+        BPE wherever every piece is whole characters; a piece that is part of a character (its text has
+        no length of its own), or a decoder that rewrites text around pieces (SentencePiece's leading
+        space), falls back to `_spans` on the re-encoded text.
+        """
+        pieces = self._pieces()
+        lengths = pieces.lengths[body] if body else np.zeros(0, dtype=np.int64)
+        if (lengths < 0).any() or int(lengths.sum()) != len(text) or "".join(pieces.texts[i] for i in body) != text:
+            return None
+        ends = np.cumsum(lengths)
+        return text, np.r_[0, ends[:-1]] if len(ends) else ends, ends, skip
+
+    def _pieces(self) -> _Pieces:
+        """Each teacher id's text alone and its length (-1: not whole characters), computed on first use."""
+        if self._teacher_pieces is None:
+            size = self.teacher.get_vocab_size(with_added_tokens=True)
+            texts = self.teacher.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+            lengths = np.array([-1 if "\ufffd" in t else len(t) for t in texts], dtype=np.int64)
+            self._teacher_pieces = _Pieces(texts, lengths)
+        return self._teacher_pieces
+
     @staticmethod
     def _spans(body: list[int], skip: int, text: str, enc) -> tuple[str, np.ndarray, np.ndarray, int] | None:
         if enc.ids != body:
@@ -337,8 +372,12 @@ class Aligner:
         """
         bodies = [self._body(ids) for ids, _, _ in records]
         texts = self.teacher.decode_batch([b for b, _ in bodies], skip_special_tokens=False)
-        round_trips = self.teacher.encode_batch(texts, add_special_tokens=False)
-        spans = [self._spans(b, skip, t, e) for (b, skip), t, e in zip(bodies, texts, round_trips, strict=True)]
+        spans = [self._spans_from_pieces(b, skip, t) for (b, skip), t in zip(bodies, texts, strict=True)]
+        again = [i for i, span in enumerate(spans) if span is None]
+        if again:  # pieces that are not whole characters: offsets from re-encoding the text
+            round_trips = self.teacher.encode_batch([texts[i] for i in again], add_special_tokens=False)
+            for i, enc in zip(again, round_trips, strict=True):
+                spans[i] = self._spans(bodies[i][0], bodies[i][1], texts[i], enc)
         for i, span in enumerate(spans):
             if span is None:  # the record's text with its leading specials, CE only
                 texts[i] = self.teacher.decode([int(x) for x in records[i][0]], skip_special_tokens=False)
