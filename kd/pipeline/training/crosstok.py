@@ -4,10 +4,12 @@ A cache holds the teacher's top-k (or RS draws) per teacher token. A student wit
 is served by three pure steps (numpy + tokenizers; no model), run on the loader's thread:
 
 1. **Text and spans.** The teacher's ids of a record are decoded to text (special tokens kept as
-   text, the teacher's own leading BOS dropped) and re-encoded by the teacher's tokenizer with
-   offsets; the round trip must give the cached ids back, else the record keeps its student targets
-   as CE only (counted in ``records_not_round_tripped``). Each token's span is [end of the previous
-   token, its end), so offsets trimmed of leading spaces (byte-level BPE) still tile the text.
+   text, the teacher's own leading BOS dropped). Where that text is exactly the concatenation of
+   each id's own text (byte-level BPE whose pieces are whole characters), the spans are those
+   pieces' lengths, cumulated. Otherwise the text is re-encoded by the teacher's tokenizer with
+   offsets; that round trip must give the cached ids back, else the record keeps its student
+   targets as CE only (counted in ``records_not_round_tripped``). Each token's span is [end of the
+   previous token, its end), so offsets trimmed of leading spaces (byte-level BPE) still tile the text.
 2. **The student's sequence** is the same text, tokenized by the student's tokenizer with whatever it
    adds in front of a text (its BOS: Gemma's ``<bos>``). Teacher chat-template tokens are part of
    that text, as text: the student sees exactly what the teacher saw. A student token is a target
