@@ -120,7 +120,7 @@ def main() -> None:
     common = ["--student", student, "--epochs", "1", "--batch-size", str(args.batch_size), "--learning-rate",
               str(args.learning_rate), "--warmup-steps", "3", "--dtype", "auto", "--log-every", "1",
               "--shuffle-window", "100000"]  # fmt: skip
-    per_seed = {}
+    per_seed = earlier_seeds(args)
     for seed in [int(s) for s in args.seeds.split(",")]:
         students = {}
         for row in rows:
@@ -146,6 +146,20 @@ def main() -> None:
         per_seed[seed] = results
         write_results("crosstok_quality", {"settings": vars(args), "seeds": per_seed})
     report(per_seed)
+
+
+def earlier_seeds(args: argparse.Namespace) -> dict:
+    """Seeds an earlier run of the same settings wrote to the results file (a later --seeds adds to them)."""
+    from common import RESULTS
+
+    path = RESULTS / "crosstok_quality.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = {k: v for k, v in earlier.get("settings", {}).items() if k != "seeds"} == {
+        k: v for k, v in vars(args).items() if k != "seeds"
+    }
+    return {int(seed): rows for seed, rows in earlier.get("seeds", {}).items()} if same else {}
 
 
 def report(per_seed: dict) -> None:
