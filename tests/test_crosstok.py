@@ -375,10 +375,14 @@ def test_cross_tokenizer_training_run(smol_cache, gemma_student, maps, tmp_path)
     args += ["--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--learning-rate", "1e-3", "--json"]
     refused = run_kd_in_process(*args)
     assert_one_line_error(refused, "another tokenizer", "--cross-tokenizer")
-    proc = run_kd_in_process(*args, "--cross-tokenizer")
+    proc = run_kd_in_process(*args, "--cross-tokenizer", "--eval-cache", str(smol_cache), "--eval-every", "3")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["steps"] == 3
+    # --eval-cache in the teacher's tokenizer: scored on the aligned targets, as kd eval --cross-tokenizer does
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (evaluated,) = [m for m in logged if "eval_kl" in m]
+    assert evaluated["eval_kl"] > 0 and 0.5 < evaluated["eval_crosstok_target_coverage"] <= 1.0
     assert 0.5 < summary["crosstok_target_coverage"] <= 1.0
     assert 0.5 < summary["crosstok_mass_mapped"] <= 1.0
     assert summary["crosstok_records_not_round_tripped"] == 0.0

@@ -254,7 +254,7 @@ def test_teachers_across_tokenizers_sum_their_cross_tokenizer_runs(tmp_path, cac
     assert itself["divergence"] == pytest.approx(alone[0]["divergence"], rel=1e-5)
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_student):
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_student):  # noqa: F811
     """Two SmolLM2 caches aligned onto a Gemma-3-tokenizer student: the loader's alignment resumes exactly."""
     common = [
         "train",
@@ -284,7 +284,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_stu
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, caches, gemma_student):
+def test_two_processes_match_one(tmp_path, caches, gemma_student):  # noqa: F811
     """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, a top-k and an RS teacher in sum
     mode, both aligned onto a Gemma-3-tokenizer student (DDP across tokenizers): the losses, the weights
     and each teacher's logged divergence."""

@@ -165,8 +165,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
 
 def aligned_stream(seqs, aligner, batch_size: int):
     """Cached sequences in the teacher's tokenization -> the model's, aligned a batch at a time (streamed)."""
-    while chunk := list(itertools.islice(seqs, batch_size)):
-        yield from aligner(chunk)
+    return aligner.stream(seqs, batch_size)
 
 
 def attach_live_teacher(

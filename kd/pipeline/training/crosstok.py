@@ -34,6 +34,7 @@ The divergence is computed on aligned targets only (`loss_sum`); CE covers every
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -483,6 +484,12 @@ class Aligner:
             self.stats.teacher_mass_mapped += mapped_mass
             self.stats.teacher_mass_listed += listed_mass
         return out
+
+    def stream(self, seqs, batch_size: int):
+        """Cached sequences (any iterable) -> aligned ones, `batch_size` records at a time (streamed)."""
+        seqs = iter(seqs)
+        while chunk := list(itertools.islice(seqs, batch_size)):
+            yield from self(chunk)
 
     def __call__(self, seqs: list) -> list[AlignedSequence]:
         """The loader's hook: cached sequences in, student sequences out (same order, same rows)."""

@@ -187,16 +187,21 @@ def step_metrics(
 
 def evaluate(run: Run, learner: Learner, logger: MetricsLogger, step: int) -> dict[str, float]:
     """Held-out metrics at `step` (every rank takes part: under FSDP2 the head is gathered)."""
+    seqs = run.eval_reader.iter_sequences()
+    if run.eval_aligner is not None:  # another tokenizer: re-tokenized and aligned a batch at a time
+        seqs = run.eval_aligner.stream(seqs, run.cfg.batch_size)
     with gathered(learner.module):
         metrics = evaluate_sequences(
             learner.module.student,
-            run.eval_reader.iter_sequences(),
+            seqs,
             run.cfg.batch_size,
             run.cfg.chunk_size,
             run.device,
             run.amp,
             teacher_head=run.eval_head,
         )
+    if run.eval_aligner is not None:
+        metrics.update(run.eval_aligner.stats.metrics())  # coverage of the held-out targets
     prefixed = {f"eval_{k}": v for k, v in metrics.items()}
     logger.log({"step": step, **prefixed}, console=False)
     return prefixed

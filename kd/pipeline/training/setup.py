@@ -47,6 +47,8 @@ class Run:
     aligner: Any
     """Cross-tokenizer aligner of the cache to the student's tokenizer (None: same tokenizer)."""
     eval_reader: CacheReader | None
+    eval_aligner: Any
+    """--eval-cache in another tokenizer (--cross-tokenizer): its aligner to the student's (None: same)."""
     cached_head: CachedTeacherHead | None
     """The teacher head of a hidden-state --from-cache (None for any other data)."""
     eval_head: CachedTeacherHead | None
@@ -102,7 +104,7 @@ def set_up(cfg: TrainConfig) -> Run:
         train_flag = "--data"
     train_units = limited_units(train_reader, cfg.limit)
     teacher_model, teacher_device = load_online_teacher(cfg, teacher_source, fingerprint, device)
-    eval_reader = open_eval_set(cfg, out, tokenizer, fingerprint, env)
+    eval_reader, eval_aligner = open_eval_set(cfg, out, tokenizer, fingerprint, env)
     cached_head = load_cached_teacher_head(train_reader, device, train_flag)  # None unless a hidden cache
     eval_head = load_cached_teacher_head(eval_reader, device) if eval_reader is not None else None
 
@@ -128,6 +130,7 @@ def set_up(cfg: TrainConfig) -> Run:
         train_flag=train_flag,
         aligner=aligner,
         eval_reader=eval_reader,
+        eval_aligner=eval_aligner,
         cached_head=cached_head,
         eval_head=eval_head,
         features=features,
@@ -197,16 +200,25 @@ def load_online_teacher(
     return teacher_model, teacher_device
 
 
-def open_eval_set(cfg: TrainConfig, out: Path, tokenizer, fingerprint: str, env: DistEnv) -> CacheReader | None:
-    """The held-out set: --eval-cache, or --eval-data tokenized into OUT/prepared/eval."""
+def open_eval_set(cfg: TrainConfig, out: Path, tokenizer, fingerprint: str, env: DistEnv) -> tuple[Any, Any]:
+    """The held-out set (--eval-cache, or --eval-data tokenized into OUT/prepared/eval) and its aligner.
+
+    An --eval-cache in another tokenizer is scored as `kd eval --cache --cross-tokenizer` scores it
+    (KL and agreement on the aligned targets, CE on all), so --cross-tokenizer covers it too.
+    """
     if cfg.eval_cache:
         eval_reader = CacheReader(cfg.eval_cache, flag="--eval-cache")
-        if eval_reader.settings["tokenizer_fingerprint"] != fingerprint:
-            raise KdError(f"--eval-cache {cfg.eval_cache}: made with another tokenizer than the student's")
-        return eval_reader
+        if eval_reader.settings["tokenizer_fingerprint"] == fingerprint:
+            return eval_reader, None
+        if not cfg.cross_tokenizer:
+            raise KdError(
+                f"--eval-cache {cfg.eval_cache}: made with another tokenizer than the student's "
+                "(--cross-tokenizer scores it on the targets the two tokenizations share)"
+            )
+        return eval_reader, crosstok.aligner_for(eval_reader, tokenizer, load_tokenizer, flag="--eval-cache")
     if cfg.eval_data:
-        return open_data(cfg.eval_data, "--eval-data", out, "eval", tokenizer, cfg, env, weighted=False)
-    return None
+        return open_data(cfg.eval_data, "--eval-data", out, "eval", tokenizer, cfg, env, weighted=False), None
+    return None, None
 
 
 def build_learner(run: Run) -> Learner:
