@@ -78,7 +78,8 @@ class TrainConfig(OptimizerSettings):
     """Dtype of the exported student's weights: auto (as trained: float32 on CPU), bfloat16, float16 or
     float32. bfloat16 halves a CPU-trained student on disk; checkpoints keep the training dtype (exact resume)."""
     cross_tokenizer: bool = False
-    """Train a student whose tokenizer differs from the cache's teacher, aligned by text (training/crosstok.py)."""
+    """Train a student whose tokenizer differs from a --from-cache (or --eval-cache) teacher's: records
+    re-tokenized and aligned by text, the divergence on the aligned targets (training/crosstok.py)."""
     teacher_weights: str | None = None
     """With several --from-cache: each teacher's weight in their order, e.g. 0.7,0.3; positive, divided by
     their sum (7,3 is 0.7,0.3) [default: equal]."""
