@@ -21,12 +21,17 @@ class DistEnv:
 
 
 def init_distributed() -> DistEnv:
-    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    """Join the torchrun process group if launched by torchrun (gloo on CPU; on CUDA nccl, and gloo beside it).
+
+    Why gloo beside nccl: the step's counts and the logged sums are tiny float64 CPU tensors
+    (`sum_over_ranks`), and an nccl-only group refuses CPU tensors; "cpu:gloo,cuda:nccl" routes
+    each collective by its tensor's device (GPU tensors, the gradients, still go over nccl).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:
         return DistEnv()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
