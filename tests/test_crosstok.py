@@ -248,6 +248,46 @@ def test_map_topk_against_a_dense_reference(rows, merges):
     assert np.all(mapped <= listed + 1e-12)
 
 
+def test_rows_whose_candidates_all_map_nowhere_are_all_tail_at_any_temperature():
+    """Every candidate unmapped (partial UTF-8 bytes, specials) or beyond the teacher's tokenizer (a padded
+    embedding): the row is all tail, and the loss at T = 2 is finite (log_softmax of an empty row is NaN)."""
+    from kd.pipeline.training.crosstok import map_tempered_tails
+
+    vocab_map = np.array([-1, -1, 5, 6])
+    ids = np.array([[0, 1, 7], [2, 9, 3]])  # 7 and 9: beyond the teacher's tokenizer
+    lp = np.log(np.array([[0.5, 0.2, 0.1], [0.3, 0.2, 0.1]], dtype=np.float32))
+    tail = np.log(np.array([0.2, 0.4], dtype=np.float32))
+    tempered = np.log(np.array([[0.3], [0.5]]))
+    new_tempered = map_tempered_tails(ids, lp, tempered, (2.0,), vocab_map)
+    s_ids, s_lp, s_tail, mapped, listed = map_topk(ids, lp, tail, vocab_map)
+    assert not np.isfinite(s_lp[0]).any() and np.exp(s_tail[0]) == pytest.approx(1.0)
+    assert np.exp(new_tempered[0, 0]) == pytest.approx(1.0) and mapped[0] == 0.0
+    assert sorted(s_ids[1][np.isfinite(s_lp[1])].tolist()) == [5, 6]
+    assert np.exp(s_tail[1]) == pytest.approx(0.6, rel=1e-5)  # 0.4 + the id beyond the tokenizer
+    teacher = SparseTeacher(torch.from_numpy(s_ids), torch.from_numpy(s_lp), torch.from_numpy(s_tail),
+                            torch.from_numpy(new_tempered.astype(np.float32)), (2.0,))  # fmt: skip
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 8), torch.randn(10, 8)
+    loss = distill_loss_sum(hidden, weight, None, torch.tensor([5, 6]), teacher, LossConfig(temperature=2.0))
+    assert torch.isfinite(loss.total) and torch.isfinite(loss.divergence)
+
+
+def test_an_eos_inside_a_record_is_not_aligned_to_the_characters_of_its_name(smollm2_tokenizer, gemma_tokenizer, maps):
+    """A chat turn's end followed by more text: the teacher's EOS reaches the Gemma student as the text
+    "<|im_end|>", whose first token must not get the teacher's EOS row (its mass on "stop")."""
+    teacher, student = smollm2_tokenizer, gemma_tokenizer
+    eos = teacher.eos_token_id
+    ids = np.array(teacher("Hi there")["input_ids"] + [eos] + teacher("\nmore text")["input_ids"], dtype=np.int64)
+    mask = np.ones(len(ids), dtype=np.uint8)
+    seq = Aligner(teacher, student, maps["smol->gemma"]).align(ids, mask, uniform_topk(ids, mask))
+    text = teacher.decode(ids, skip_special_tokens=False)
+    enc = student(text, return_offsets_mapping=True)
+    at_eos = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= text.index(teacher.eos_token) < b)
+    targets = target_positions(seq.loss_mask).tolist()
+    assert at_eos in targets and not seq.teacher_rows[targets.index(at_eos)]
+    assert seq.teacher_rows.sum() >= len(targets) - 6  # the rest stays aligned
+
+
 def test_tempered_tails_follow_the_ids_that_join_the_tail():
     """At τ = 2 the mapped rows re-tempered (`retemper_sparse`) are the dense tempered teacher on the student's
     ids, when the map is injective on the row: unmapped ids' tempered share has moved into the tail."""

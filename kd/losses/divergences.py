@@ -99,6 +99,9 @@ def retemper_sparse(
     else:
         tempered_tail = upcast_logits(teacher_tempered_tail_logmass).to(logp.dtype)
     cached = torch.log_softmax(logp / temperature, dim=1) + log1mexp(tempered_tail.clamp(max=0.0))[:, None]
+    # A row listing nothing (every candidate moved to the tail: ids another vocabulary lacks) is all
+    # tail; log_softmax of an all -inf row would be NaN.
+    cached = torch.where(torch.isneginf(logp).all(dim=1, keepdim=True), logp, cached)
     return cached, tempered_tail
 
 

@@ -7,8 +7,9 @@ is served by three pure steps (numpy + tokenizers; no model), run on the loader'
    text, the teacher's own leading BOS dropped). Where that text is exactly the concatenation of
    each id's own text (byte-level BPE whose pieces are whole characters), the spans are those
    pieces' lengths, cumulated. Otherwise the text is re-encoded by the teacher's tokenizer with
-   offsets; that round trip must give the cached ids back, else the record keeps its student
-   targets as CE only (counted in ``records_not_round_tripped``). Each token's span is [end of the
+   offsets; that round trip must give the cached ids back, else the record gives the student no
+   targets at all (its teacher targets cannot be placed in the text; counted in
+   ``records_not_round_tripped``). Each token's span is [end of the
    previous token, its end), so offsets trimmed of leading spaces (byte-level BPE) still tile the text.
 2. **The student's sequence** is the same text, tokenized by the student's tokenizer with whatever it
    adds in front of a text (its BOS: Gemma's ``<bos>``). Teacher chat-template tokens are part of
@@ -135,6 +136,17 @@ def cached_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     return vocab_map
 
 
+def student_ids(vocab_map: np.ndarray, ids) -> np.ndarray:
+    """vocab_map[ids], with -1 for ids beyond the teacher tokenizer (padding rows of a larger embedding).
+
+    Why: a teacher whose embedding is padded past its tokenizer (Qwen: 151,936 logits, 151,665
+    tokens) can list such an id in its top-k; it has no text, so its mass joins the tail.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    inside = ids < len(vocab_map)
+    return np.where(inside, vocab_map[np.where(inside, ids, 0)], -1)
+
+
 def map_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_map: np.ndarray):
     """Teacher top-k rows [N, K] -> student rows [N, K] (merged by logsumexp, -inf padded), tail [N], mapped mass [N].
 
@@ -144,7 +156,7 @@ def map_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_map:
     record batch in one call, and a global sort of that grows faster than the batch.
     """
     n, k = ids.shape
-    student = vocab_map[ids.astype(np.int64)]
+    student = student_ids(vocab_map, ids)
     lp = logprobs.astype(np.float64)
     valid = np.isfinite(lp)
     mapped = valid & (student >= 0)
@@ -211,7 +223,7 @@ def map_tempered_tails(
     """
     lp = logprobs.astype(np.float64)
     valid = np.isfinite(lp)
-    unmapped = valid & (vocab_map[ids.astype(np.int64)] < 0)
+    unmapped = valid & (student_ids(vocab_map, ids) < 0)
     out = tempered_tails.astype(np.float64).copy()
     if not unmapped.any():
         return tempered_tails
@@ -231,7 +243,7 @@ def map_sampled(ids: list[np.ndarray], counts: list[np.ndarray], vocab_map: np.n
     """RS rows: map ids, sum counts of ids that merge, drop draws that map nowhere."""
     out_ids, out_counts, mapped, total = [], [], 0.0, 0.0
     for i, c in zip(ids, counts, strict=True):
-        s = vocab_map[np.asarray(i, dtype=np.int64)]
+        s = student_ids(vocab_map, i)
         c = np.asarray(c, dtype=np.float64)
         keep = s >= 0
         u, inv = np.unique(s[keep], return_inverse=True)
@@ -436,7 +448,12 @@ class Aligner:
             k = np.minimum(np.searchsorted(start_of, s_starts[at]), len(start_of) - 1)
             j = target_of[k]
             teacher_target_ids = np.asarray(input_ids, dtype=np.int64)[t_targets]
-            hit = width[at] & (start_of[k] == s_starts[at]) & (self.vocab_map[teacher_target_ids[j]] >= 0)
+            hit = width[at] & (start_of[k] == s_starts[at]) & (student_ids(self.vocab_map, teacher_target_ids[j]) >= 0)
+            if not self.identity and self.teacher_eos is not None:
+                # an EOS inside a record (a chat turn's end, then more text) reaches the student as the
+                # characters of its name: the teacher's row (its mass on "stop", mapped to the student's
+                # EOS) is not a distribution over those characters' first token. CE only there.
+                hit &= teacher_target_ids[j] != self.teacher_eos
             rows[:body_targets] = np.where(hit, j, -1)
         if eos_is_target and len(s_ids) > 1 and self.vocab_map[self.teacher_eos] >= 0:
             rows[-1] = len(t_targets) - 1  # the teacher's EOS row, its EOS mass now on the student's EOS
