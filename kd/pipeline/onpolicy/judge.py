@@ -127,6 +127,8 @@ def judge_sequences(
                 np.add.at(sums[key], rows[lo:hi], values.double().cpu().numpy())
             np.add.at(sums["tokens"], rows[lo:hi], 1.0)
         for b, seq in enumerate(chunk):
+            if aligned is not None and not sums["tokens"][b]:
+                continue  # across tokenizers, no target of this sample got a teacher row: not judged
             judged += 1
             if expected_targets is not None:
                 same_length += int(sums["tokens"][b]) == expected_targets.get(seq.row)

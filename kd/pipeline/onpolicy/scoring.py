@@ -80,7 +80,8 @@ def teacher_samples(samples: Path, records: list[dict[str, Any]], crossed: tuple
     path = samples.with_name(TEACHER_SAMPLES)
     if not path.is_file():
         converted = Retokenizer(*crossed).convert(records)
-        if not any(any(r["loss_mask"]) for r in converted):
+        own = [r for r in converted if r["meta"].get("kind") == "on-policy"]  # not the --mix rows
+        if not any(any(r["loss_mask"][1:]) for r in own):
             raise KdError(
                 f"{samples}: no sample keeps a target in the teacher's tokens (--cross-tokenizer: each completion "
                 "merges into the teacher's token before it); sample longer answers (--max-new-tokens, --temperature)"
