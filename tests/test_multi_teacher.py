@@ -284,17 +284,19 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_stu
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, caches, gemma_student):  # noqa: F811
+@pytest.mark.parametrize("sharding, port", [("ddp", "29537"), ("fsdp", "29538")])
+def test_two_processes_match_one(tmp_path, caches, gemma_student, sharding, port):  # noqa: F811
     """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, a top-k and an RS teacher in sum
-    mode, both aligned onto a Gemma-3-tokenizer student (DDP across tokenizers): the losses, the weights
-    and each teacher's logged divergence."""
+    mode, both aligned onto a Gemma-3-tokenizer student (DDP and FSDP2 across tokenizers): the losses, the
+    weights and each teacher's logged divergence."""
     common = ["train", "--from-cache", str(caches["a"]), "--from-cache", str(caches["rs"]), "--student"]
     common += [str(gemma_student), "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1"]
     common += ["--teacher-weights", "0.6,0.4", "--cross-tokenizer"]
     single = tmp_path / "single"
     assert run_kd_in_process(*common, "--out", str(single), "--batch-size", "4").returncode == 0
     double = tmp_path / "ddp"
-    proc = run_torchrun(*common, "--out", str(double), "--batch-size", "2", port="29537")
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    proc = run_torchrun(*common, *extra, "--out", str(double), "--batch-size", "2", port=port)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = [m["loss"] for m in metrics(single) if "loss" in m]
     assert len(want) == 3
