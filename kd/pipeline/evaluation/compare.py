@@ -162,7 +162,7 @@ def resolve_compared_model(spec: str) -> ComparedModel:
                 "take the architecture and tokenizer from); compare the run once it has finished"
             )
         return ComparedModel(spec, resolve_model(str(run), spec), state)
-    return ComparedModel(spec, resolve_model(spec, spec))
+    return ComparedModel(spec, resolve_model(spec, "kd compare"))
 
 
 def load_compared_model(model: ComparedModel, device: str):
