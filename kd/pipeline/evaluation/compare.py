@@ -195,13 +195,12 @@ def _sequences(cfg: CompareConfig, tokenizer, device: str, aligned: dict | None 
         reader = CacheReader(cfg.cache, flag="--cache")
         seqs = itertools.islice(reader.iter_sequences(), cfg.limit)
         if cfg.cross_tokenizer and reader.settings["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-            from kd.pipeline.evaluation.model_eval import aligned_stream
             from kd.pipeline.training.crosstok import aligner_for
 
             aligner = aligner_for(reader, tokenizer, load_tokenizer, flag="--cache")
             if aligned is not None:
                 aligned["aligner"] = aligner
-            return aligned_stream(seqs, aligner, cfg.batch_size)
+            return aligner.stream(seqs, cfg.batch_size)
         return seqs
     seqs = []
     for example in iter_examples(cfg.data, cfg.data_format, cfg.limit):

@@ -141,7 +141,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
                     "(--cross-tokenizer scores it on the targets the two tokenizations share)"
                 )
             aligner = aligner_for(reader, tokenizer, load_tokenizer, flag="--cache")
-            seqs = aligned_stream(seqs, aligner, cfg.batch_size)
+            seqs = aligner.stream(seqs, cfg.batch_size)
         teacher_head = load_cached_teacher_head(reader, device)  # a hidden cache: the exact teacher
     else:
         seqs = []
@@ -161,11 +161,6 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
             raise KdError("--generate needs --data (prompts with reference answers)")
         metrics.update(answer_accuracy(model, tokenizer, cfg, device))
     return metrics
-
-
-def aligned_stream(seqs, aligner, batch_size: int):
-    """Cached sequences in the teacher's tokenization -> the model's, aligned a batch at a time (streamed)."""
-    return aligner.stream(seqs, batch_size)
 
 
 def attach_live_teacher(

@@ -17,7 +17,6 @@ from kd.cache.manifest import atomic_write_lines, read_manifest
 from kd.cache.reader import CacheReader
 from kd.errors import KdError
 from kd.pipeline.capture import CacheConfig, run_cache_logits
-from kd.pipeline.evaluation.model_eval import aligned_stream
 from kd.pipeline.models import ModelSource, load_causal_lm
 from kd.pipeline.onpolicy.judge import judge_sequences
 from kd.pipeline.onpolicy.retokenize import Retokenizer
@@ -116,7 +115,7 @@ def judge_samples(
     Only on-policy rows are judged (cache row i is line i of samples.jsonl); --mix rows are not the
     student's own samples. `aligner` (--cross-tokenizer): the cache is in the teacher's tokens
     (retokenize.py); each row is aligned to the student's tokenizer as `kd eval --cache --cross-tokenizer`
-    does (`aligned_stream`), judged on the aligned targets only, and the coverage (``crosstok_*``: the
+    does (`Aligner.stream`), judged on the aligned targets only, and the coverage (``crosstok_*``: the
     share of the student's targets judged, the teacher mass its vocabulary holds) reported beside.
     """
     group_of_row, expected = {}, {}
@@ -134,7 +133,7 @@ def judge_samples(
         if aligner is None:
             return judge_sequences(model, seqs, group_of_row, expected, batch_size, chunk_size, device, head)
         # Only the student's own samples are aligned, so the coverage describes them (not --mix rows).
-        seqs = aligned_stream((s for s in seqs if s.row in group_of_row), aligner, batch_size)
+        seqs = aligner.stream((s for s in seqs if s.row in group_of_row), batch_size)
         metrics, per_prompt = judge_sequences(model, seqs, group_of_row, None, batch_size, chunk_size, device)
         unscored = 1.0 - metrics["judged_sequences"] / max(len(group_of_row), 1)  # no target in the teacher's tokens
         return {**metrics, **aligner.stats.metrics(), "crosstok_unscored_share": unscored}, per_prompt
