@@ -91,6 +91,25 @@ def gemma_tokenizer(gemma_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, gemma_tokenizer) -> Path:
+    """A 1-layer, hidden-64 random Llama with Gemma-3's tokenizer (262,144 ids): the other side of every
+    cross-tokenizer test, as a student or as a teacher."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(gemma_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("tiny-gemma")
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    gemma_tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     """A 2-layer random Llama (hidden 128) with the real SmolLM2 tokenizer."""
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)

@@ -392,26 +392,9 @@ def smol_cache(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def gemma_student(tmp_path_factory, gemma_tokenizer_dir, gemma_tokenizer) -> Path:
-    """A 1-layer, hidden-64 random Llama with Gemma-3's tokenizer (262,144 ids)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(gemma_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=2, eos_token_id=1, pad_token_id=0,
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("gemma-student")
-    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
-    gemma_tokenizer.save_pretrained(str(out))
-    return out
-
-
-def test_cross_tokenizer_training_run(smol_cache, gemma_student, maps, tmp_path):
+def test_cross_tokenizer_training_run(smol_cache, tiny_gemma_dir, maps, tmp_path):
     out = tmp_path / "student"
-    args = ["train", "--from-cache", str(smol_cache), "--student", str(gemma_student), "--out", str(out)]
+    args = ["train", "--from-cache", str(smol_cache), "--student", str(tiny_gemma_dir), "--out", str(out)]
     args += ["--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--learning-rate", "1e-3", "--json"]
     refused = run_kd_in_process(*args)
     assert_one_line_error(refused, "another tokenizer", "--cross-tokenizer")
@@ -443,11 +426,11 @@ def text_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def text_caches(tmp_path_factory, text_corpus, tiny_model_dir, gemma_student) -> dict[str, Path]:
+def text_caches(tmp_path_factory, text_corpus, tiny_model_dir, tiny_gemma_dir) -> dict[str, Path]:
     """top-16 caches of `text_corpus` by a SmolLM2-tokenizer teacher and by a Gemma-3-tokenizer one."""
     root = tmp_path_factory.mktemp("xtext-caches")
     out = {}
-    for name, teacher in (("smol", tiny_model_dir), ("gemma", gemma_student)):
+    for name, teacher in (("smol", tiny_model_dir), ("gemma", tiny_gemma_dir)):
         out[name] = root / name
         proc = run_kd_in_process(
             "cache-logits", "--teacher", str(teacher), "--data", str(text_corpus), "--out", str(out[name]),
@@ -514,7 +497,7 @@ def test_a_hidden_state_cache_is_refused_in_one_line(smollm2_tokenizer, tmp_path
     assert "\n" not in str(info.value)
 
 
-def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(smol_cache, gemma_student, tmp_path):
+def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(smol_cache, tiny_gemma_dir, tmp_path):
     """`kd eval --cache SMOL_CACHE --model GEMMA_STUDENT --cross-tokenizer`: KL and agreement on the aligned
     targets only (a dense bucket reference recomputed here), CE on every student target, coverage stated."""
     from transformers import AutoModelForCausalLM
@@ -523,7 +506,7 @@ def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(sm
     from kd.pipeline.models import load_tokenizer, resolve_model
     from kd.pipeline.training.crosstok import aligner_for
 
-    args = ["eval", "--model", str(gemma_student), "--cache", str(smol_cache), "--json"]
+    args = ["eval", "--model", str(tiny_gemma_dir), "--cache", str(smol_cache), "--json"]
     assert_one_line_error(run_kd_in_process(*args), "another tokenizer", "--cross-tokenizer")
     proc = run_kd_in_process(*args, "--cross-tokenizer")
     assert proc.returncode == 0, proc.stderr
@@ -531,9 +514,9 @@ def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(sm
     assert 0.5 < got["crosstok_target_coverage"] <= 1.0 and got["crosstok_records_not_round_tripped"] == 0.0
 
     reader = CacheReader(smol_cache)
-    student_tokenizer = load_tokenizer(resolve_model(str(gemma_student), "--model"))
+    student_tokenizer = load_tokenizer(resolve_model(str(tiny_gemma_dir), "--model"))
     seqs = aligner_for(reader, student_tokenizer, load_tokenizer)(list(reader.iter_sequences()))
-    model = AutoModelForCausalLM.from_pretrained(str(gemma_student), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma_dir), torch_dtype=torch.float32).eval()
     kl = agree = ce = 0.0
     targets = aligned = 0
     with torch.no_grad():
@@ -563,7 +546,7 @@ def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(sm
     assert got["top1_agreement"] == pytest.approx(agree / aligned)
 
     # `kd compare --cross-tokenizer`: the same figures per model, paired over the same aligned targets.
-    args = ["compare", str(gemma_student), str(gemma_student), "--cache", str(smol_cache), "--json"]
+    args = ["compare", str(tiny_gemma_dir), str(tiny_gemma_dir), "--cache", str(smol_cache), "--json"]
     assert_one_line_error(run_kd_in_process(*args), "another tokenizer", "--cross-tokenizer")
     proc = run_kd_in_process(*args, "--cross-tokenizer", "--bootstrap", "100")
     assert proc.returncode == 0, proc.stderr
@@ -574,17 +557,17 @@ def test_eval_and_compare_score_students_against_a_cache_of_another_tokenizer(sm
     assert compared["comparisons"][0]["metrics"]["kl"]["difference"] == 0.0
 
 
-def test_inspect_reports_how_a_student_of_another_tokenizer_is_served(smol_cache, gemma_student, tiny_model_dir):
+def test_inspect_reports_how_a_student_of_another_tokenizer_is_served(smol_cache, tiny_gemma_dir, tiny_model_dir):
     """`kd inspect CACHE --student S/`: the coverage figures a --cross-tokenizer run of S would log."""
     from kd.cache.reader import CacheReader
     from kd.pipeline.models import load_tokenizer, resolve_model
     from kd.pipeline.training.crosstok import aligner_for
 
-    proc = run_kd_in_process("inspect", str(smol_cache), "--student", str(gemma_student), "--json")
+    proc = run_kd_in_process("inspect", str(smol_cache), "--student", str(tiny_gemma_dir), "--json")
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)["cross_tokenizer"]
     reader = CacheReader(smol_cache)
-    aligner = aligner_for(reader, load_tokenizer(resolve_model(str(gemma_student))), load_tokenizer)
+    aligner = aligner_for(reader, load_tokenizer(resolve_model(str(tiny_gemma_dir))), load_tokenizer)
     aligner(list(reader.iter_sequences()))
     assert got["same_tokenizer"] is False and got["student_targets"] == aligner.stats.student_targets
     for key, value in aligner.stats.metrics().items():

@@ -36,7 +36,7 @@ from tests.helpers import (
     run_torchrun,
 )
 from tests.test_cache_logits import make_corpus
-from tests.test_crosstok import gemma_student, maps  # noqa: F401 - fixtures
+from tests.test_crosstok import maps  # noqa: F401 - fixtures
 from tests.test_train import assert_same_weights, metrics
 
 
@@ -226,12 +226,12 @@ def test_refusals_are_one_line(tmp_path, caches, student_config):
         check_student_tokenizer(cfg, readers, "another-tokenizer")  # accepted: each cache is aligned
 
 
-def test_teachers_across_tokenizers_sum_their_cross_tokenizer_runs(tmp_path, caches, gemma_student, maps):  # noqa: F811
+def test_teachers_across_tokenizers_sum_their_cross_tokenizer_runs(tmp_path, caches, tiny_gemma_dir, maps):  # noqa: F811
     """SmolLM2 caches -> a student with Gemma-3's tokenizer: each teacher aligned by text, then summed."""
 
     def run(name: str, *cache_keys: str, extra: tuple[str, ...] = ()) -> dict:
         args = ["train", *(x for k in cache_keys for x in ("--from-cache", str(caches[k])))]
-        args += ["--student", str(gemma_student), "--out", str(tmp_path / name), "--cross-tokenizer", "--alpha", "0.3"]
+        args += ["--student", str(tiny_gemma_dir), "--out", str(tmp_path / name), "--cross-tokenizer", "--alpha", "0.3"]
         return first_step(
             run_kd_in_process(*args, "--max-steps", "1", "--batch-size", "4", "--log-every", "1", "--json", *extra)
         )
@@ -254,7 +254,7 @@ def test_teachers_across_tokenizers_sum_their_cross_tokenizer_runs(tmp_path, cac
     assert itself["divergence"] == pytest.approx(alone[0]["divergence"], rel=1e-5)
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_student):  # noqa: F811
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, tiny_gemma_dir):
     """Two SmolLM2 caches aligned onto a Gemma-3-tokenizer student: the loader's alignment resumes exactly."""
     common = [
         "train",
@@ -266,7 +266,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_stu
         "0.7,0.3",
         "--cross-tokenizer",
     ]
-    common += ["--student", str(gemma_student), "--max-steps", "16", "--batch-size", "1", "--save-every", "4"]
+    common += ["--student", str(tiny_gemma_dir), "--max-steps", "16", "--batch-size", "1", "--save-every", "4"]
     common += ["--learning-rate", "1e-3", "--log-every", "1"]
     reference = tmp_path / "reference"
     assert run_kd_in_process(*common, "--out", str(reference)).returncode == 0
@@ -285,12 +285,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, caches, gemma_stu
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding, port", [("ddp", "29537"), ("fsdp", "29538")])
-def test_two_processes_match_one(tmp_path, caches, gemma_student, sharding, port):  # noqa: F811
+def test_two_processes_match_one(tmp_path, caches, tiny_gemma_dir, sharding, port):
     """torchrun, 2 gloo processes x 2 sequences == 1 process x 4 sequences, a top-k and an RS teacher in sum
     mode, both aligned onto a Gemma-3-tokenizer student (DDP and FSDP2 across tokenizers): the losses, the
     weights and each teacher's logged divergence."""
     common = ["train", "--from-cache", str(caches["a"]), "--from-cache", str(caches["rs"]), "--student"]
-    common += [str(gemma_student), "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1"]
+    common += [str(tiny_gemma_dir), "--max-steps", "3", "--learning-rate", "1e-3", "--seed", "5", "--log-every", "1"]
     common += ["--teacher-weights", "0.6,0.4", "--cross-tokenizer"]
     single = tmp_path / "single"
     assert run_kd_in_process(*common, "--out", str(single), "--batch-size", "4").returncode == 0

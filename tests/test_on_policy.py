@@ -376,24 +376,6 @@ def test_mix_adds_off_policy_records_that_are_trained_on_not_judged(tmp_path, ti
 
 
 @pytest.fixture(scope="module")
-def gemma_teacher(tmp_path_factory, gemma_tokenizer_dir, gemma_tokenizer) -> Path:
-    """A 1-layer, hidden-64 random Llama on Gemma-3's tokenizer (262,144 ids): the teacher side, which
-    only scores, since a 262k-vocabulary student would train slowly."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(gemma_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=2, eos_token_id=1, pad_token_id=0,
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("gemma-teacher")
-    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
-    gemma_tokenizer.save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
 def smol_student(tmp_path_factory, smollm2_dir) -> Path:
     """A 1-layer, hidden-64 random Llama with SmolLM2's tokenizer (and chat template)."""
     from tests.conftest import build_tiny_model_dir
@@ -444,7 +426,7 @@ def test_samples_in_the_teachers_tokens(direction, smollm2_tokenizer, gemma_toke
 
 
 def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targets_and_trains(
-    tmp_path, gemma_teacher, smol_student, prompts, smollm2_tokenizer, gemma_tokenizer
+    tmp_path, tiny_gemma_dir, smol_student, prompts, smollm2_tokenizer, gemma_tokenizer
 ):
     """A SmolLM2-tokenizer student, a Gemma-3-tokenizer teacher, --cross-tokenizer (without it: the
     other-tokenizer case above): one round, plus --mix records, is scored in the teacher's tokens, judged
@@ -462,7 +444,7 @@ def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targe
     )
     out = tmp_path / "crossed"
     args = on_policy_args(
-        gemma_teacher, smol_student, prompts, out, "--json", "--mix", "0.5", "--mix-data", str(corpus)
+        tiny_gemma_dir, smol_student, prompts, out, "--json", "--mix", "0.5", "--mix-data", str(corpus)
     )
     args[args.index("--rounds") + 1] = "1"
     args[args.index("--prompts-per-round") + 1] = "2"
@@ -521,12 +503,12 @@ def test_cross_tokenizer_round_scores_in_the_teacher_tokens_judges_aligned_targe
 
 
 @pytest.mark.slow
-def test_eval_on_policy_prompts_across_tokenizers(tmp_path, gemma_teacher, smol_student, prompts):
+def test_eval_on_policy_prompts_across_tokenizers(tmp_path, tiny_gemma_dir, smol_student, prompts):
     """`kd eval --on-policy-prompts` with a teacher of another tokenizer: refused in one line naming
     --cross-tokenizer, and with it judged on the aligned targets with the coverage beside. The random
     student's greedy answers are runs of newlines, which Gemma merges with the template's last one: no
     sample keeps a teacher target, a one-line error; sampled at temperature 1 they do."""
-    args = ["eval", "--model", str(smol_student), "--teacher", str(gemma_teacher), "--on-policy-prompts",
+    args = ["eval", "--model", str(smol_student), "--teacher", str(tiny_gemma_dir), "--on-policy-prompts",
             str(prompts), "--limit", "2", "--max-new-tokens", "8", "--engine", "transformers", "--top-k", "8",
             "--json"]  # fmt: skip
     assert_one_line_error(run_kd_in_process(*args), "--model", "different tokenizers", "--cross-tokenizer")
@@ -544,7 +526,7 @@ def test_eval_on_policy_prompts_across_tokenizers(tmp_path, gemma_teacher, smol_
     assert json.loads((tmp_path / "kept" / "settings.json").read_text())["cross_tokenizer"] is True
 
 
-def test_a_config_student_keeps_its_own_tokenizer(tmp_path, gemma_teacher, smollm2_dir, smollm2_tokenizer, prompts):
+def test_a_config_student_keeps_its_own_tokenizer(tmp_path, tiny_gemma_dir, smollm2_dir, smollm2_tokenizer, prompts):
     """--student config.json beside a tokenizer of its own (SmolLM2's), a Gemma-tokenizer teacher: the
     initial student is written with its own tokenizer, not the teacher's."""
     from transformers import AutoConfig, AutoTokenizer
@@ -560,7 +542,7 @@ def test_a_config_student_keeps_its_own_tokenizer(tmp_path, gemma_teacher, smoll
     smollm2_tokenizer.save_pretrained(str(tmp_path))
     cfg = OnPolicyConfig(out=str(tmp_path / "run"), prompts=str(prompts), student=str(tmp_path / "config.json"))
     (tmp_path / "run").mkdir()
-    teacher, student = resolve_model(str(gemma_teacher), "--teacher"), resolve_model(cfg.student, "--student")
+    teacher, student = resolve_model(str(tiny_gemma_dir), "--teacher"), resolve_model(cfg.student, "--student")
     built = initial_student(tmp_path / "run", cfg, teacher, student, "cpu")
     saved = AutoTokenizer.from_pretrained(built.path)
     assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(smollm2_tokenizer)
