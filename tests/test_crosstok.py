@@ -574,3 +574,13 @@ def test_inspect_reports_how_a_student_of_another_tokenizer_is_served(smol_cache
         assert got[key] == pytest.approx(value)
     same = json.loads(run_kd_in_process("inspect", str(smol_cache), "--student", str(tiny_model_dir), "--json").stdout)
     assert same["cross_tokenizer"]["same_tokenizer"] is True
+
+
+def test_new_cross_tokenizer_flags_refuse_bad_input_in_one_line(smol_cache, tmp_path):
+    """`kd inspect --student` of a path that is not there, `kd compare --cross-tokenizer` without a cache."""
+    missing = tmp_path / "no-student"
+    assert_one_line_error(
+        run_kd_in_process("inspect", str(smol_cache), "--student", str(missing)), "--student", "no such file"
+    )
+    proc = run_kd_in_process("compare", str(missing), str(missing), "--data", "x.jsonl", "--cross-tokenizer")
+    assert_one_line_error(proc, "--cross-tokenizer applies to --cache")
